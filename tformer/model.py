@@ -1,0 +1,194 @@
+"""The tutorial's transformer language model, rewritten batch-first with a KV cache.
+
+`TransformerLM` computes exactly what the tutorial's `TransformerModel` computes (embedding scaled
+by sqrt(d_model), sinusoidal positions, post-norm ReLU encoder layers under a causal mask, linear
+decoder), and its parameters carry exactly the tutorial's names and shapes, so
+`load_state_dict(torch.load("model.pt"), strict=True)` needs no renaming. What it adds is what
+inference needs: batch-first tensors, per-row positions for left-padded batches, and a
+preallocated KV cache written in place at a position tensor (the gpt-fast recipe, which is what
+`torch.compile` with CUDA graphs and the other backends build on).
+
+Cache layout: slot `j` of the cache holds the key/value of column `j` of the (left-padded) batch.
+Row `b` is valid from slot `start[b]` on; its token in slot `j` sits at position `j - start[b]`.
+A query in slot `s` of row `b` attends to keys `start[b] <= j <= s`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tformer.config import ModelConfig
+
+
+@dataclass
+class KVCache:
+    """Per-layer key and value buffers, each `(B, H, S, Dh)`, preallocated and updated in place.
+
+    One tensor per layer and kind (not one stacked tensor) so that a compiled step writes only the
+    slots it touches. `S` is the longest sequence this cache serves (prompt + new tokens).
+    """
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+
+    @classmethod
+    def allocate(
+        cls, config: ModelConfig, batch: int, max_len: int, device: torch.device | str, dtype: torch.dtype
+    ) -> KVCache:
+        # Zeros, not empty: masked slots get weight exactly 0, and 0 * garbage could be NaN.
+        shape = (batch, config.nhead, max_len, config.head_dim)
+        make = lambda: torch.zeros(shape, device=device, dtype=dtype)  # noqa: E731
+        return cls([make() for _ in range(config.n_layers)], [make() for _ in range(config.n_layers)])
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+
+def attention_bias(
+    input_pos: torch.Tensor, key_pos: torch.Tensor, start: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """Additive attention mask `(B or 1, 1, T, S)`: 0 where a query may attend, else a large negative.
+
+    input_pos: `(T,)` int64 slot of each query. key_pos: `(S,)` int64 slot of each key. start:
+    `(B,)` int64 first valid slot per row, or None when no row is padded. The masked value is `finfo(dtype).min`, never
+    `-inf`: a fully masked row (a padding query) then gives a uniform softmax instead of NaN, in
+    eager SDPA, onnxruntime and our kernels alike.
+    """
+    allowed = key_pos[None, None, :] <= input_pos[None, :, None]  # (1, T, S): causal
+    if start is not None:
+        allowed = allowed & (key_pos[None, None, :] >= start[:, None, None])  # (B, T, S): left padding
+    bias = torch.zeros(allowed.shape, device=input_pos.device, dtype=dtype)
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)  # (B, 1, T, S)
+
+
+class PositionalEncoding(nn.Module):
+    """The tutorial's sinusoidal table, stored as buffer `pe` of shape `(max_len, 1, d_model)`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dropout = nn.Dropout(config.dropout)
+        position = torch.arange(config.max_len).unsqueeze(1)
+        div_term = torch.exp(torch.arange(0, config.d_model, 2) * -(math.log(10000.0) / config.d_model))
+        pe = torch.zeros(config.max_len, 1, config.d_model)
+        pe[:, 0, 0::2] = torch.sin(position * div_term)
+        pe[:, 0, 1::2] = torch.cos(position * div_term)
+        self.register_buffer("pe", pe)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x: (B, T, C), positions: (B, T) -> (B, T, C)
+        return self.dropout(x + self.pe[positions, 0])
+
+
+class SelfAttention(nn.Module):
+    """Multi-head causal self-attention named like `nn.MultiheadAttention` (fused `in_proj`)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.nhead = config.nhead
+        self.dropout = config.dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * config.d_model, config.d_model))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * config.d_model))
+        self.out_proj = nn.Linear(config.d_model, config.d_model)
+        nn.init.xavier_uniform_(self.in_proj_weight)  # as nn.MultiheadAttention
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        bias: torch.Tensor | None,
+        layer_cache: tuple[torch.Tensor, torch.Tensor] | None,
+        input_pos: torch.Tensor,
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3C): one fused matmul
+        q, k, v = qkv.view(B, T, 3, self.nhead, C // self.nhead).permute(2, 0, 3, 1, 4)  # each (B, H, T, Dh)
+        if layer_cache is not None:
+            k_cache, v_cache = layer_cache  # (B, H, S, Dh)
+            k_cache.index_copy_(2, input_pos, k)
+            v_cache.index_copy_(2, input_pos, v)
+            k, v = k_cache, v_cache
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0, is_causal=bias is None
+        )  # (B, H, T, Dh)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class EncoderLayer(nn.Module):
+    """Post-norm ReLU block with `nn.TransformerEncoderLayer`'s parameter names and math."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.self_attn = SelfAttention(config)
+        self.linear1 = nn.Linear(config.d_model, config.d_ff)
+        self.linear2 = nn.Linear(config.d_ff, config.d_model)
+        self.norm1 = nn.LayerNorm(config.d_model, eps=1e-5)
+        self.norm2 = nn.LayerNorm(config.d_model, eps=1e-5)
+        self.dropout = nn.Dropout(config.dropout)
+        self.dropout1 = nn.Dropout(config.dropout)
+        self.dropout2 = nn.Dropout(config.dropout)
+
+    def forward(self, x, bias, layer_cache, input_pos):
+        x = self.norm1(x + self.dropout1(self.self_attn(x, bias, layer_cache, input_pos)))
+        return self.norm2(x + self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(x))))))
+
+
+class Encoder(nn.Module):
+    """Holds `layers` so that weight names read `transformer_encoder.layers.{i}...`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.n_layers))
+
+
+class TransformerLM(nn.Module):
+    """Decoder-only LM with the tutorial's weight names; batch-first, with an optional KV cache."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_encoder = PositionalEncoding(config)
+        self.transformer_encoder = Encoder(config)
+        self.decoder = nn.Linear(config.d_model, config.vocab_size)
+        # The tutorial's init_weights.
+        nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
+        nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+        nn.init.zeros_(self.decoder.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        start: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Logits `(B, T, V)` for `input_ids` `(B, T)` int64.
+
+        input_pos: `(T,)` int64 cache slots of the columns (default `arange(T)`, a fresh sequence).
+        start: `(B,)` int64 first valid slot per row of a left-padded batch (default: all 0).
+        cache: when given, K/V of these columns are written at `input_pos` and the queries attend
+        to every valid slot of the cache; without it they attend to these columns only (training).
+        Row `b`'s token in slot `j` gets positional encoding `j - start[b]`; padding slots
+        (`j < start[b]`) are never attended to, and their own outputs are finite but meaningless.
+        """
+        B, T = input_ids.shape
+        if input_pos is None:
+            input_pos = torch.arange(T, device=input_ids.device)
+        positions = input_pos[None, :] if start is None else (input_pos[None, :] - start[:, None]).clamp(min=0)
+        x = self.encoder(input_ids) * math.sqrt(self.config.d_model)  # (B, T, C)
+        x = self.pos_encoder(x, positions.expand(B, T))
+        if cache is None and start is None:
+            bias = None  # plain causal attention over the T columns
+        else:
+            key_pos = torch.arange(cache.max_len, device=input_ids.device) if cache is not None else input_pos
+            bias = attention_bias(input_pos, key_pos, start, x.dtype)
+        for i, layer in enumerate(self.transformer_encoder.layers):
+            layer_cache = (cache.k[i], cache.v[i]) if cache is not None else None
+            x = layer(x, bias, layer_cache, input_pos)
+        return self.decoder(x)  # (B, T, V)
