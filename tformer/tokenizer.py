@@ -8,7 +8,7 @@ is why the ONNX export ships it as is. tformer keeps the JSON inside its checkpo
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -82,10 +82,21 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
-    def decode_stream(self, ids: Iterable[int]) -> Iterator[str]:
-        """Text pieces as ids arrive; a character split across tokens is held until complete."""
-        stream = DecodeStream(skip_special_tokens=True)
-        for token in ids:
-            piece = stream.step(self._tok, token)
-            if piece:
-                yield piece
+    def text_stream(self) -> TextStream:
+        """An incremental decoder for one sequence of ids (see `TextStream`)."""
+        return TextStream(self._tok)
+
+
+class TextStream:
+    """Turns ids into text one at a time, for streaming.
+
+    Byte-level tokens can split a character (an emoji is 4 bytes, often 2 tokens): `push` returns
+    "" until the bytes add up to whole characters, so a stream never shows a broken character.
+    """
+
+    def __init__(self, tokenizer: HFTokenizer):
+        self._tok = tokenizer
+        self._stream = DecodeStream(skip_special_tokens=True)
+
+    def push(self, token: int) -> str:
+        return self._stream.step(self._tok, token) or ""

@@ -1,0 +1,42 @@
+"""The backend interface: a backend is only a decode step.
+
+Everything else (tokenizing, left padding, sampling, stopping, streaming) lives once, in
+`tformer.generate`. A backend allocates a cache and runs one step over it; a new backend is one
+short file that implements these two methods.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from tformer.config import ModelConfig
+
+
+class Backend(Protocol):
+    name: str
+    config: ModelConfig
+    device: torch.device
+
+    def allocate_cache(self, batch: int, max_len: int) -> Any:
+        """A cache for `batch` rows of up to `max_len` slots (prompt + new tokens), allocated once.
+
+        Its type is the backend's own business; the generation loop only passes it back to `step`.
+        """
+        ...
+
+    def step(
+        self, input_ids: torch.Tensor, input_pos: torch.Tensor, start: torch.Tensor, cache: Any
+    ) -> torch.Tensor:
+        """Run `input_ids` through the model, write their K/V into `cache`, return logits.
+
+        input_ids: `(B, T)` int64 on `device`; T is the prompt length at prefill, 1 when decoding.
+        input_pos: `(T,)` int64 cache slots of the T columns (shared by all rows: the batch is
+            left-padded so that its rows end together).
+        start: `(B,)` int64 first valid slot of each row; slots before it are padding, never
+            attended to. Row b's token in slot j has position `j - start[b]`.
+        Returns logits `(B, T, V)`; the loop reads the last column. Rows are independent: padding
+        rows must produce finite values (no NaN), whatever they are.
+        """
+        ...

@@ -1,0 +1,210 @@
+"""The public API: a loaded model on one backend, generating text or token ids.
+
+`tformer.load(path)` returns a `Runtime`. It turns text into ids, runs the shared generation loop
+(`tformer.generate`) on the chosen backend, and turns ids back into text, applying stop strings
+and streaming pieces as they become whole characters.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import fields
+
+import torch
+
+from tformer.backends import Backend, create_backend
+from tformer.checkpoint import load_model
+from tformer.config import ModelConfig
+from tformer.errors import TformerError
+from tformer.generate import SamplingParams, generate_tokens
+from tformer.model import TransformerLM
+from tformer.tokenizer import Tokenizer
+
+DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}  # fmt: skip
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None picks CUDA when present, else the CPU; asking for CUDA without it is an error."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise TformerError(f"unknown device '{device}'; use 'cpu' or 'cuda'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TformerError("CUDA is not available on this machine; use device='cpu' (CLI: --device cpu)")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """None means float32; names like 'bf16' or 'float16' are accepted."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise TformerError(f"unsupported dtype {dtype!r}; use one of: fp32, bf16, fp16")
+
+
+def load(
+    path: str | os.PathLike,
+    backend: str = "eager",
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    nhead: int | None = None,
+    tokenizer: str | os.PathLike | Tokenizer | None = None,
+) -> Runtime:
+    """Load a checkpoint and get a runtime that generates with it.
+
+    path: tformer's `.safetensors` checkpoint, or the tutorial's `torch.save(model.state_dict())`
+        file or a training-checkpoint dict (these need `nhead`).
+    backend: which engine runs the decode step (see `tformer.backends.BACKENDS`).
+    device: default CUDA when available, else CPU. dtype: default float32.
+    tokenizer: a `tokenizer.json` path (or Tokenizer) to use instead of, or in the absence of, the
+        checkpoint's own. Without any, use the id methods (`generate_ids`, `stream_ids`).
+    Raises TformerError for anything wrong with these inputs.
+    """
+    model, own_tokenizer = load_model(path, nhead)
+    if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
+        tokenizer = Tokenizer.from_file(tokenizer)
+    return Runtime.from_model(model, tokenizer or own_tokenizer, backend, device, dtype)
+
+
+class Runtime:
+    """A model on a backend. Sampling options, for every method: see `SamplingParams`
+    (max_new_tokens=128, temperature=0.8 (0 = greedy), top_k=50, top_p=None, seed=None)."""
+
+    def __init__(self, backend: Backend, tokenizer: Tokenizer | None):
+        if tokenizer is not None and tokenizer.vocab_size > backend.config.vocab_size:
+            raise TformerError(
+                f"tokenizer has {tokenizer.vocab_size} ids but the model only {backend.config.vocab_size}; "
+                "use the tokenizer the model was trained with"
+            )
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.eos_id = tokenizer.eos_id if tokenizer is not None else None
+
+    @classmethod
+    def from_model(
+        cls,
+        model: TransformerLM,
+        tokenizer: Tokenizer | None = None,
+        backend: str = "eager",
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> Runtime:
+        """A runtime around an in-memory model (the weights move to `device` / `dtype`)."""
+        return cls(create_backend(backend, model, resolve_device(device), resolve_dtype(dtype)), tokenizer)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.backend.config
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], **sampling) -> list[list[int]]:
+        """New token ids (EOS excluded) for each prompt, a list of ids; prompts may differ in length."""
+        out: list[list[int]] = [[] for _ in prompts]
+        for step in self._steps([list(p) for p in prompts], sampling):
+            for row, token in zip(out, step):
+                if token is not None and token != self.eos_id:
+                    row.append(token)
+        return out
+
+    def stream_ids(self, prompt: Sequence[int], **sampling) -> Iterator[int]:
+        """New token ids of one prompt, one at a time (EOS excluded)."""
+        for (token,) in self._steps([list(prompt)], sampling):
+            if token is None or token == self.eos_id:
+                return
+            yield token
+
+    def generate(self, prompts: str | Sequence[str], stop: Sequence[str] = (), **sampling) -> list[str]:
+        """Completion text for each prompt (a string or a list of strings; always returns a list).
+
+        stop: strings that end a row's completion; the completion is cut before the first one.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        rows = [_StopText(self._text_tokenizer(), stop) for _ in prompts]
+        for step in self._steps([self._encode(p) for p in prompts], sampling):
+            for row, token in zip(rows, step):
+                if token is not None:
+                    row.push(token)
+            if all(row.stopped or token is None for row, token in zip(rows, step)):
+                break
+        return [row.text for row in rows]
+
+    def stream(self, prompt: str, stop: Sequence[str] = (), **sampling) -> Iterator[str]:
+        """Pieces of the completion of one prompt as they are generated; they join to `generate`'s text."""
+        row = _StopText(self._text_tokenizer(), stop)
+        for (token,) in self._steps([self._encode(prompt)], sampling):
+            if token is None:
+                break
+            row.push(token)
+            if piece := row.ready():
+                yield piece
+            if row.stopped:
+                return
+        row.stopped = True  # generation is over: nothing more can complete a stop string
+        if piece := row.ready():
+            yield piece
+
+    def _steps(self, prompts: list[list[int]], sampling: dict) -> Iterator[list[int | None]]:
+        known = {f.name for f in fields(SamplingParams)}
+        unknown = sorted(set(sampling) - known)
+        if unknown:
+            raise TformerError(f"unknown sampling option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return generate_tokens(self.backend, prompts, SamplingParams(**sampling), self.eos_id)
+
+    def _text_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise TformerError(
+                "this model has no tokenizer: pass tokenizer='tokenizer.json' to tformer.load "
+                "(CLI: --tokenizer), or work on token ids (generate_ids / --ids)"
+            )
+        return self.tokenizer
+
+    def _encode(self, prompt: str) -> list[int]:
+        if not isinstance(prompt, str):
+            raise TformerError(f"a text prompt must be a string, got {type(prompt).__name__}; for ids use generate_ids")
+        return self._text_tokenizer().encode(prompt)
+
+
+class _StopText:
+    """One row's completion text, built piece by piece, cut at the first stop string."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]):
+        if isinstance(stop, str):
+            stop = [stop]
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise TformerError("stop strings must be non-empty strings")
+        self.stop = list(stop)
+        self.longest = max(map(len, self.stop), default=0)
+        self.pieces = tokenizer.text_stream()
+        self.text = ""
+        self.shown = 0
+        self.stopped = False
+
+    def push(self, token: int) -> None:
+        piece = self.pieces.push(token)
+        if not piece or self.stopped:
+            return
+        search_from = max(0, len(self.text) - self.longest + 1)  # a stop string may span pieces
+        self.text += piece
+        hits = [i for s in self.stop if (i := self.text.find(s, search_from)) >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.stopped = True
+
+    def ready(self) -> str:
+        """Text not yet shown, minus a tail that could still turn out to begin a stop string."""
+        hold = 0
+        if not self.stopped:
+            hold = max((n for s in self.stop for n in range(1, len(s)) if self.text.endswith(s[:n])), default=0)
+        end = max(self.shown, len(self.text) - hold)
+        piece, self.shown = self.text[self.shown : end], end
+        return piece
