@@ -85,13 +85,19 @@ def check_prompts(prompts: list[list[int]], vocab_size: int, max_len: int, max_n
 def generate_tokens(
     backend: Backend, prompts: list[list[int]], params: SamplingParams, eos_id: int | None = None
 ) -> Iterator[list[int | None]]:
-    """Yield, once per step, the new token of each row; None for rows that already ended.
+    """An iterator over steps: each gives the new token of every row, None for rows that ended.
 
     A row ends after it produces `eos_id` (which is yielded) or after `max_new_tokens`. The loop
     stops when every row has ended; a caller that stops early (stop strings) simply stops iterating.
+    The prompts are checked here, before the iterator is returned, so errors come at call time.
     """
-    config = backend.config
-    check_prompts(prompts, config.vocab_size, config.max_len, params.max_new_tokens)
+    check_prompts(prompts, backend.config.vocab_size, backend.config.max_len, params.max_new_tokens)
+    return _loop(backend, prompts, params, eos_id)
+
+
+def _loop(
+    backend: Backend, prompts: list[list[int]], params: SamplingParams, eos_id: int | None
+) -> Iterator[list[int | None]]:
     B, P, device = len(prompts), max(map(len, prompts)), backend.device
     ids = torch.zeros(B, P, dtype=torch.long)  # left padding with id 0: never attended to
     for b, prompt in enumerate(prompts):

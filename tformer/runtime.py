@@ -7,6 +7,7 @@ and streaming pieces as they become whole characters.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import fields
@@ -116,11 +117,9 @@ class Runtime:
         return out
 
     def stream_ids(self, prompt: Sequence[int], **sampling) -> Iterator[int]:
-        """New token ids of one prompt, one at a time (EOS excluded)."""
-        for (token,) in self._steps([list(prompt)], sampling):
-            if token is None or token == self.eos_id:
-                return
-            yield token
+        """New token ids of one prompt, one at a time (EOS excluded). Input errors raise at call time."""
+        steps = self._steps([list(prompt)], sampling)
+        return (token for (token,) in itertools.takewhile(lambda s: s[0] not in (None, self.eos_id), steps))
 
     def generate(self, prompts: str | Sequence[str], stop: Sequence[str] = (), **sampling) -> list[str]:
         """Completion text for each prompt (a string or a list of strings; always returns a list).
@@ -139,9 +138,16 @@ class Runtime:
         return [row.text for row in rows]
 
     def stream(self, prompt: str, stop: Sequence[str] = (), **sampling) -> Iterator[str]:
-        """Pieces of the completion of one prompt as they are generated; they join to `generate`'s text."""
+        """Pieces of the completion of one prompt as they are generated; they join to `generate`'s text.
+
+        Input errors raise at call time, before the first piece.
+        """
         row = _StopText(self._text_tokenizer(), stop)
-        for (token,) in self._steps([self._encode(prompt)], sampling):
+        return self._stream_text(row, self._steps([self._encode(prompt)], sampling))
+
+    @staticmethod
+    def _stream_text(row: _StopText, steps: Iterator[list[int | None]]) -> Iterator[str]:
+        for (token,) in steps:
             if token is None:
                 break
             row.push(token)

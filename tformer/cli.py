@@ -1,0 +1,196 @@
+"""Command line: `tformer train | generate | demo | info`, plus `tformer-export` and `tformer-bench`.
+
+Bad input ends in one line, `Error: <problem and fix>`, and exit code 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from tformer.checkpoint import load_checkpoint, save_checkpoint
+from tformer.config import ModelConfig
+from tformer.errors import TformerError
+from tformer.runtime import load
+from tformer.train import TrainConfig, default_corpus, read_corpus, train
+
+DEMO_PROMPTS = ("def ", "class ", "import os\n")
+DEFAULT_TRAIN = TrainConfig()
+DEMO_MODEL = ModelConfig(vocab_size=768, d_model=128, nhead=4, d_ff=512, n_layers=3, dropout=0.0)
+
+
+class CliError(click.ClickException):
+    exit_code = 2
+
+
+class Group(click.Group):
+    """Turns TformerError / OSError from any command into a one-line error with exit code 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except TformerError as exc:
+            raise CliError(str(exc)) from None
+        except OSError as exc:
+            raise CliError(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")) from None
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tformer")
+def cli() -> None:
+    """Train, run and inspect transformer language models from the classic PyTorch tutorial.
+
+    Start with `tformer demo`: it trains a small model on Python's own standard library
+    (about two minutes on a laptop CPU) and generates from it.
+    """
+
+
+def _options(*options):
+    """Apply click options so that --help lists them in the order given."""
+
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+model_options = _options(
+    click.option("--backend", default="eager", show_default=True, help="Engine that runs the model."),
+    click.option("--device", help="cpu or cuda [default: cuda if available]."),
+    click.option("--dtype", help="fp32, bf16 or fp16 [default: fp32]."),
+    click.option("--nhead", type=int, help="Head count; required for a tutorial state_dict (.pt)."),
+    click.option("--tokenizer", type=click.Path(dir_okay=False), help="tokenizer.json to use."),
+)
+sampling_options = _options(
+    click.option("--max-new-tokens", "-n", default=128, show_default=True, help="Tokens to generate."),
+    click.option("--temperature", "-t", default=0.8, show_default=True, help="Sampling temperature; 0 = greedy."),
+    click.option("--top-k", default=50, show_default=True, help="Sample among the k likeliest (0 = all)."),
+    click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass (1 = off)."),
+    click.option("--seed", type=int, help="Seed for reproducible sampling."),
+)
+
+
+def _sampling(max_new_tokens, temperature, top_k, top_p, seed) -> dict:
+    return dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None,
+                top_p=None if top_p == 1.0 else top_p, seed=seed)  # fmt: skip
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("prompt", required=False)
+@click.option("--ids", help='Prompt as token ids, e.g. "1 2 3"; prints ids back (no tokenizer needed).')
+@click.option("--stop", multiple=True, help="Stop at this string (repeatable).")
+@model_options
+@sampling_options
+def generate(model, prompt, ids, stop, backend, device, dtype, nhead, tokenizer, **sampling) -> None:
+    """Continue PROMPT with MODEL, streaming the text to stdout."""
+    if (prompt is None) == (ids is None):
+        raise CliError('give either a PROMPT or --ids "1 2 3"')
+    runtime = load(model, backend=backend, device=device, dtype=dtype, nhead=nhead, tokenizer=tokenizer)
+    params = _sampling(**sampling)
+    if ids is not None:
+        try:
+            prompt_ids = [int(t) for t in ids.replace(",", " ").split()]
+        except ValueError:
+            raise CliError(f'--ids must be integers separated by spaces, got "{ids}"') from None
+        for token in runtime.stream_ids(prompt_ids, **params):  # checks its input before returning
+            click.echo(f"{token} ", nl=False)
+    else:
+        pieces = runtime.stream(prompt, stop=stop, **params)  # checks its input before returning
+        click.echo(prompt, nl=False)
+        for piece in pieces:
+            click.echo(piece, nl=False)
+    click.echo()
+
+
+@cli.command(name="train")
+@click.argument("corpus", nargs=-1, type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write (.safetensors).")
+@click.option("--layers", default=DEMO_MODEL.n_layers, show_default=True)
+@click.option("--d-model", default=DEMO_MODEL.d_model, show_default=True)
+@click.option("--heads", default=DEMO_MODEL.nhead, show_default=True)
+@click.option("--d-ff", default=DEMO_MODEL.d_ff, show_default=True)
+@click.option("--vocab-size", default=DEMO_MODEL.vocab_size, show_default=True, help="BPE vocabulary (>= 257).")
+@click.option("--max-len", default=DEMO_MODEL.max_len, show_default=True, help="Context length (positional table size).")
+@click.option("--dropout", default=DEMO_MODEL.dropout, show_default=True, help="Raise for long runs on small corpora.")
+@click.option("--seq-len", default=DEFAULT_TRAIN.seq_len, show_default=True)
+@click.option("--batch-size", default=DEFAULT_TRAIN.batch_size, show_default=True)
+@click.option("--steps", default=DEFAULT_TRAIN.steps, show_default=True)
+@click.option("--lr", default=DEFAULT_TRAIN.lr, show_default=True)
+@click.option("--seed", default=DEFAULT_TRAIN.seed, show_default=True)
+def train_cmd(corpus, output, layers, d_model, heads, d_ff, vocab_size, max_len, dropout, **train_args) -> None:
+    """Train a model on CORPUS files or directories (default: Python's standard library).
+
+    The defaults train in about two minutes on two CPU cores.
+    """
+    model_config = ModelConfig(vocab_size, d_model, heads, d_ff, layers, max_len, dropout)
+    _train_and_save(corpus, Path(output), model_config, TrainConfig(**train_args))
+
+
+def _train_and_save(corpus, output: Path, model_config: ModelConfig, train_config: TrainConfig) -> None:
+    texts = read_corpus(corpus or default_corpus())
+    click.echo(f"corpus: {len(texts)} files, {sum(map(len, texts)) / 1e6:.1f} M characters", err=True)
+    model, tokenizer, report = train(texts, model_config, train_config)
+    save_checkpoint(output, model, tokenizer)
+    click.echo(
+        f"trained in {report.seconds:.0f} s: train loss {report.train_loss:.3f}, "
+        f"validation loss {report.val_loss:.3f}; wrote {output}",
+        err=True,
+    )
+
+
+@cli.command()
+@click.option("-o", "--output", default="tformer-demo.safetensors", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--steps", default=DEFAULT_TRAIN.steps, show_default=True, help="Training steps (fewer = faster, worse).")
+def demo(output, steps) -> None:
+    """Train a small model on Python's standard library, then generate from it."""
+    _train_and_save((), Path(output), DEMO_MODEL, TrainConfig(steps=steps))
+    runtime = load(output)
+    for prompt in DEMO_PROMPTS:
+        click.secho(f"\n--- sample (prompt {prompt!r}) ---", fg="cyan")
+        click.echo(prompt, nl=False)
+        for piece in runtime.stream(prompt, max_new_tokens=120, seed=0):
+            click.echo(piece, nl=False)
+        click.echo()
+    click.echo(f"\nTry: tformer generate {output} \"def main(\" --temperature 0.7")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--nhead", type=int, help="Head count; required for a tutorial state_dict (.pt).")
+def info(model, nhead) -> None:
+    """Show MODEL's configuration, size and tokenizer."""
+    ckpt = load_checkpoint(model, nhead)
+    c = ckpt.config
+    params = sum(t.numel() for k, t in ckpt.state_dict.items() if k != "pos_encoder.pe")
+    rows = [
+        ("file", f"{model} ({ckpt.kind})"),
+        ("parameters", f"{params:,}"),
+        ("layers", c.n_layers), ("d_model", c.d_model), ("heads", c.nhead), ("d_ff", c.d_ff),
+        ("vocab", c.vocab_size),
+        ("context", f"{c.max_len} tokens"),
+        ("dtype", str(next(iter(ckpt.state_dict.values())).dtype).removeprefix("torch.")),
+        ("tokenizer", f"yes ({ckpt.tokenizer.vocab_size} ids)" if ckpt.tokenizer else "no (use --tokenizer or --ids)"),
+    ]  # fmt: skip
+    for key, value in rows:
+        click.echo(f"{key:<11} {value}")
+
+
+def main() -> None:
+    cli(prog_name="tformer")
+
+
+def export_main() -> None:
+    click.echo("Error: tformer-export is not built yet (ONNX and .pt2 export are planned)", err=True)
+    sys.exit(2)
+
+
+def bench_main() -> None:
+    from tformer.bench.decode import main as bench
+
+    bench(prog_name="tformer-bench")
+
