@@ -64,19 +64,17 @@ class PositionalEncoding(nn.Module):
 
 
 @torch.no_grad()
-def generate_full_recompute(model: TransformerModel, prompt: list[int], max_new_tokens: int) -> list[int]:
+def generate_full_recompute(model: TransformerModel, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """The tutorial's step 5, greedy: re-run the whole sequence for every new token (no cache).
 
-    Returns the new token ids only. This is the loop tformer replaces; it costs O(T^2) per token.
+    prompts: equal-length lists of ids. Returns the new ids of each prompt. This is the loop that
+    tformer replaces; every token costs a full forward pass over everything before it.
     """
     model.eval()
     device = model.decoder.weight.device
-    seq = torch.tensor(prompt, dtype=torch.long, device=device).unsqueeze(1)  # (T, 1), seq-first
-    new: list[int] = []
+    seq = torch.tensor(prompts, dtype=torch.long, device=device).T  # (T, B), seq-first
     for _ in range(max_new_tokens):
         mask = model.generate_square_subsequent_mask(seq.size(0)).to(device)
-        logits = model(seq, mask)  # (T, 1, V)
-        token = logits[-1, 0].argmax()
-        new.append(int(token))
-        seq = torch.cat([seq, token.view(1, 1)], dim=0)
-    return new
+        logits = model(seq, mask)  # (T, B, V)
+        seq = torch.cat([seq, logits[-1].argmax(dim=-1)[None]], dim=0)
+    return seq[len(prompts[0]):].T.tolist()
