@@ -29,7 +29,7 @@ TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst"}
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 500
+    steps: int = 450
     batch_size: int = 16
     seq_len: int = 128
     lr: float = 2e-3

@@ -1,0 +1,146 @@
+"""The generation loop: KV cache vs full recompute, batching with padding, sampling, stopping."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tformer.config import ModelConfig
+from tformer.errors import TformerError
+from tformer.generate import SamplingParams, sample
+from tformer.model import TransformerLM
+from tformer.runtime import Runtime
+from tformer.seed import TransformerModel, generate_full_recompute
+
+
+def stock_copy(model) -> TransformerModel:
+    c = model.config
+    ref = TransformerModel(c.vocab_size, c.d_model, c.nhead, c.d_ff, c.n_layers, 0.0)
+    # The tutorial hard-codes a 5000-row table; its first max_len rows are this model's table.
+    assert torch.equal(ref.pos_encoder.pe[: c.max_len], model.pos_encoder.pe)
+    ref.pos_encoder.pe = ref.pos_encoder.pe[: c.max_len]
+    ref.load_state_dict(model.state_dict())
+    return ref.eval()
+
+
+def test_cached_greedy_equals_full_recompute(trained):
+    model, tokenizer = trained
+    runtime = Runtime.from_model(model, device="cpu")
+    ref = stock_copy(model)
+    for text in ("def ", "import os\nclass "):
+        prompt = tokenizer.encode(text)
+        ours = runtime.generate_ids([prompt], max_new_tokens=64, temperature=0)[0]
+        assert ours == generate_full_recompute(ref, [prompt], 64)[0]
+        assert len(set(ours)) >= 5, "degenerate output would make this comparison meaningless"
+
+
+def test_batched_with_padding_equals_one_by_one(trained):
+    model, tokenizer = trained
+    runtime = Runtime.from_model(model, device="cpu")
+    prompts = [tokenizer.encode(t) for t in ("x", "    def __init__(self, ", "import sys\nfrom os import path\n")]
+    assert len({len(p) for p in prompts}) == 3
+    batched = runtime.generate_ids(prompts, max_new_tokens=40, temperature=0)
+    assert batched == [runtime.generate_ids([p], max_new_tokens=40, temperature=0)[0] for p in prompts]
+
+
+def test_seed_makes_sampling_reproducible(trained):
+    runtime = Runtime.from_model(trained[0], device="cpu")
+    a = runtime.generate_ids([[5, 6, 7]], max_new_tokens=30, temperature=1.0, seed=1)
+    assert a == runtime.generate_ids([[5, 6, 7]], max_new_tokens=30, temperature=1.0, seed=1)
+    assert a != runtime.generate_ids([[5, 6, 7]], max_new_tokens=30, temperature=1.0, seed=2)
+
+
+@pytest.mark.parametrize("sampling", [dict(top_k=1), dict(top_p=1e-6), dict(temperature=1e-4, top_k=None)])
+def test_degenerate_sampling_equals_greedy(trained, sampling):
+    runtime = Runtime.from_model(trained[0], device="cpu")
+    greedy = runtime.generate_ids([[5, 6, 7]], max_new_tokens=20, temperature=0)
+    assert runtime.generate_ids([[5, 6, 7]], max_new_tokens=20, seed=0, **{"temperature": 1.0, **sampling}) == greedy
+
+
+def test_top_k_and_top_p_keep_only_the_allowed_tokens():
+    probs = torch.tensor([[0.5, 0.3, 0.1, 0.06, 0.04]])
+    logits = probs.log().expand(2000, 5)
+    g = torch.Generator().manual_seed(0)
+    by_k = sample(logits, SamplingParams(temperature=1.0, top_k=2), g)
+    assert set(by_k.tolist()) == {0, 1}
+    by_p = sample(logits, SamplingParams(temperature=1.0, top_k=None, top_p=0.85), g)
+    assert set(by_p.tolist()) == {0, 1, 2}  # 0.5 + 0.3 < 0.85: the third token is needed
+    free = sample(logits, SamplingParams(temperature=1.0, top_k=None), g)
+    assert set(free.tolist()) == {0, 1, 2, 3, 4}
+    share = (free == 0).float().mean().item()
+    assert abs(share - 0.5) < 0.05
+
+
+class ScriptedBackend:
+    """Emits a fixed script of tokens per row; records how many steps ran."""
+
+    name = "scripted"
+
+    def __init__(self, scripts: list[list[int]], vocab_size: int = 10):
+        self.config = ModelConfig(vocab_size=vocab_size, d_model=4, nhead=1, d_ff=4, n_layers=1, max_len=64)
+        self.device = torch.device("cpu")
+        self.scripts = scripts
+        self.steps = 0
+
+    def allocate_cache(self, batch, max_len):
+        return None
+
+    def step(self, input_ids, input_pos, start, cache):
+        logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.config.vocab_size)
+        for b, script in enumerate(self.scripts):
+            logits[b, -1, script[min(self.steps, len(script) - 1)]] = 1.0
+        self.steps += 1
+        return logits
+
+
+def test_rows_end_at_eos_and_the_loop_stops_when_all_have():
+    backend = ScriptedBackend([[3, 9, 4, 4, 4], [5, 6, 7, 9, 4]])
+    runtime = Runtime(backend, tokenizer=None)
+    runtime.eos_id = 9
+    assert runtime.generate_ids([[1], [1, 2]], max_new_tokens=50, temperature=0) == [[3], [5, 6, 7]]
+    assert backend.steps == 4  # prefill + 3 decode steps; not 50
+
+
+@pytest.mark.parametrize(
+    "prompts, message",
+    [
+        ([], "no prompts given"),
+        ([[1, 2], []], "prompt 1 is empty"),
+        ([[1, 61]], r"prompt 0: token id 61 is outside the vocabulary \[0, 61\)"),
+        ([[-1]], "token id -1 is outside"),
+        ([[1.5]], "token id 1.5 is outside"),
+        ([[1] * 40], "prompt 0 has 40 tokens; with max_new_tokens=30 that exceeds the model's context of 64"),
+    ],
+)
+def test_bad_prompts(prompts, message):
+    short_context = ModelConfig(vocab_size=61, d_model=32, nhead=4, d_ff=64, n_layers=2, max_len=64)
+    runtime = Runtime.from_model(TransformerLM(short_context), device="cpu")
+    with pytest.raises(TformerError, match=message):
+        runtime.generate_ids(prompts, max_new_tokens=30)
+
+
+def test_prompt_filling_the_context_exactly_is_fine(trained):
+    runtime = Runtime.from_model(trained[0], device="cpu")
+    out = runtime.generate_ids([[7] * 500], max_new_tokens=12, temperature=0)  # 500 + 12 == max_len 512
+    assert len(out[0]) == 12
+
+
+@pytest.mark.parametrize(
+    "sampling, message",
+    [
+        (dict(temperature=-1), "temperature must be a finite number >= 0"),
+        (dict(temperature=math.nan), "temperature must be a finite number >= 0"),
+        (dict(top_k=0), "top_k must be a positive integer"),
+        (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
+        (dict(seed="x"), "seed must be an integer"),
+        (dict(temprature=0.5), "unknown sampling option"),
+    ],
+)
+def test_bad_sampling_values(trained, sampling, message):
+    runtime = Runtime.from_model(trained[0], device="cpu")
+    with pytest.raises(TformerError, match=message):
+        runtime.generate_ids([[1, 2]], **sampling)

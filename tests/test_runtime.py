@@ -1,0 +1,107 @@
+"""The public API: tformer.load, text generation, streaming, stop strings, tokenizer handling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tformer
+from tformer.checkpoint import save_checkpoint
+from tformer.errors import TformerError
+from tformer.tokenizer import Tokenizer
+
+
+@pytest.fixture
+def saved(tmp_path, trained):
+    model, tokenizer = trained
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, model, tokenizer)
+    return path
+
+
+def test_tokenizer_is_lossless_for_any_unicode(trained):
+    tokenizer = trained[1]
+    text = "héllo wörld 🌍 中文\tdef f(x):\r\n    return x ** 2  # ☃\x00"
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text
+    stream = tokenizer.text_stream()
+    pieces = [stream.push(i) for i in ids]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)  # no broken character shown mid-stream
+
+
+def test_tokenizer_json_round_trip(tmp_path, trained):
+    tokenizer = trained[1]
+    tokenizer.save(tmp_path / "tokenizer.json")
+    again = Tokenizer.from_file(tmp_path / "tokenizer.json")
+    assert again.encode("import os") == tokenizer.encode("import os") and again.eos_id == tokenizer.eos_id
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(TformerError, match="bad.json: not a valid tokenizer.json"):
+        Tokenizer.from_file(tmp_path / "bad.json")
+
+
+def test_generate_stream_and_ids_agree(saved):
+    runtime = tformer.load(saved, device="cpu")
+    texts = runtime.generate(["def ", "import "], max_new_tokens=30, temperature=0)
+    assert len(texts) == 2 and all(texts)
+    assert "".join(runtime.stream("def ", max_new_tokens=30, temperature=0)) == texts[0]
+    ids = runtime.generate_ids([runtime.tokenizer.encode("def ")], max_new_tokens=30, temperature=0)[0]
+    assert runtime.tokenizer.decode(ids) == texts[0]
+    assert list(runtime.stream_ids(runtime.tokenizer.encode("def "), max_new_tokens=30, temperature=0)) == ids
+    assert runtime.generate("def ", max_new_tokens=30, temperature=0) == texts[:1]
+
+
+def test_stop_strings_cut_generate_and_stream_alike(saved):
+    runtime = tformer.load(saved, device="cpu")
+    full = runtime.generate("def ", max_new_tokens=40, temperature=0)[0]
+    stop = full[10:13]
+    cut = full[: full.index(stop)]
+    assert runtime.generate("def ", stop=[stop], max_new_tokens=40, temperature=0) == [cut]
+    assert "".join(runtime.stream("def ", stop=[stop], max_new_tokens=40, temperature=0)) == cut
+    with pytest.raises(TformerError, match="stop strings must be non-empty"):
+        runtime.generate("def ", stop=[""])
+
+
+def test_tutorial_checkpoint_without_tokenizer(tmp_path, seed_model, trained):
+    path = tmp_path / "model.pt"
+    torch.save(seed_model.state_dict(), path)
+    runtime = tformer.load(path, nhead=4, device="cpu")
+    assert len(runtime.generate_ids([[1, 2, 3]], max_new_tokens=5)[0]) == 5
+    with pytest.raises(TformerError, match="no tokenizer: pass tokenizer='tokenizer.json'"):
+        runtime.generate("hello")
+    trained[1].save(tmp_path / "tokenizer.json")
+    with pytest.raises(TformerError, match="tokenizer has 320 ids but the model only 61"):
+        tformer.load(path, nhead=4, tokenizer=tmp_path / "tokenizer.json", device="cpu")
+
+
+def test_external_tokenizer_replaces_the_missing_one(tmp_path, trained):
+    model, tokenizer = trained
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    tokenizer.save(tmp_path / "tokenizer.json")
+    runtime = tformer.load(tmp_path / "model.pt", nhead=4, tokenizer=tmp_path / "tokenizer.json", device="cpu")
+    assert runtime.generate("def ", max_new_tokens=5, temperature=0)[0]
+
+
+def test_half_precision_runs(saved):
+    runtime = tformer.load(saved, device="cpu", dtype="bf16")
+    assert runtime.backend.model.decoder.weight.dtype == torch.bfloat16
+    assert len(runtime.generate_ids([[5, 6], [7]], max_new_tokens=8)[1]) == 8
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(backend="tensorrt"), "unknown backend 'tensorrt'; choose one of: eager"),
+        (dict(dtype="int8"), "unsupported dtype 'int8'"),
+        (dict(device="tpu"), "unknown device 'tpu'"),
+    ],
+)
+def test_bad_load_options(saved, kwargs, message):
+    with pytest.raises(TformerError, match=message):
+        tformer.load(saved, **{"device": "cpu", **kwargs})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_cuda_requested_without_cuda(saved):
+    with pytest.raises(TformerError, match="CUDA is not available on this machine; use device='cpu'"):
+        tformer.load(saved, device="cuda")
