@@ -42,8 +42,8 @@ class KVCache:
     ) -> KVCache:
         # Zeros, not empty: masked slots get weight exactly 0, and 0 * garbage could be NaN.
         shape = (batch, config.nhead, max_len, config.head_dim)
-        make = lambda: torch.zeros(shape, device=device, dtype=dtype)  # noqa: E731
-        return cls([make() for _ in range(config.n_layers)], [make() for _ in range(config.n_layers)])
+        k, v = ([torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)] for _ in range(2))
+        return cls(k, v)
 
     @property
     def max_len(self) -> int:
