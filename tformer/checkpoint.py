@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from safetensors.torch import save_file
 
 from tformer.config import ModelConfig
 from tformer.errors import TformerError
+from tformer.files import atomic_path
 from tformer.model import TransformerLM
 from tformer.tokenizer import Tokenizer
 
@@ -52,10 +52,8 @@ def save_checkpoint(
 ) -> None:
     """Write `model` (and its tokenizer) in tformer's safetensors format, atomically.
 
-    The file appears complete or not at all: it is written to a temporary file in the same
-    directory and renamed over `path`.
+    The file appears complete or not at all (see `atomic_path`).
     """
-    path = Path(path)
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
@@ -64,15 +62,8 @@ def save_checkpoint(
     if tokenizer is not None:
         metadata["tokenizer"] = tokenizer.to_json()
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def load_checkpoint(path: str | os.PathLike, nhead: int | None = None) -> Checkpoint:

@@ -25,8 +25,8 @@ class CliError(click.ClickException):
     exit_code = 2
 
 
-class Group(click.Group):
-    """Turns TformerError / OSError from any command into a one-line error with exit code 2."""
+class FriendlyErrors:
+    """Turns TformerError / OSError from a command into a one-line error with exit code 2."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -35,6 +35,14 @@ class Group(click.Group):
             raise CliError(str(exc)) from None
         except OSError as exc:
             raise CliError(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")) from None
+
+
+class Group(FriendlyErrors, click.Group):
+    pass
+
+
+class Command(FriendlyErrors, click.Command):
+    pass
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -187,10 +195,3 @@ def main() -> None:
 def export_main() -> None:
     click.echo("Error: tformer-export is not built yet (ONNX and .pt2 export are planned)", err=True)
     sys.exit(2)
-
-
-def bench_main() -> None:
-    from tformer.bench.decode import main as bench
-
-    bench(prog_name="tformer-bench")
-

@@ -16,8 +16,10 @@ from tformer.config import ModelConfig
 
 class Backend(Protocol):
     name: str
+    attention: str  # which attention implementation runs, for benchmark records
     config: ModelConfig
     device: torch.device
+    dtype: torch.dtype  # of the weights and the cache
 
     def allocate_cache(self, batch: int, max_len: int) -> Any:
         """A cache for `batch` rows of up to `max_len` slots (prompt + new tokens), allocated once.

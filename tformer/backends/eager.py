@@ -23,6 +23,7 @@ def transpose_weights_in_memory(model: TransformerLM) -> None:
 
 class EagerBackend:
     name = "eager"
+    attention = "torch scaled_dot_product_attention (float mask)"
 
     def __init__(self, model: TransformerLM, device: torch.device, dtype: torch.dtype):
         self.model = model.to(device=device, dtype=dtype).eval()

@@ -1,0 +1,145 @@
+"""The benchmark harness: statistics, skip path, correctness guard, output schema. No timing asserts."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+from rich.console import Console
+
+from tformer.backends.eager import EagerBackend
+from tformer.bench.cli import main as bench
+from tformer.bench.harness import Record, benchmark_runtime, run_benchmarks
+from tformer.bench.report import print_table
+from tformer.bench.stats import Spread, percentiles
+from tformer.checkpoint import save_checkpoint
+from tformer.config import ModelConfig
+from tformer.model import TransformerLM
+from tformer.runtime import Runtime
+
+SMALL = ModelConfig(vocab_size=64, d_model=32, nhead=4, d_ff=64, n_layers=1, max_len=128)
+FAST = dict(batch_sizes=(1, 2), prompt_len=4, new_tokens=5, repeats=2, warmup=1)
+
+
+@pytest.fixture
+def model() -> TransformerLM:
+    torch.manual_seed(0)
+    return TransformerLM(SMALL).eval()
+
+
+def test_percentiles_on_known_samples():
+    assert percentiles(range(1, 101)) == pytest.approx({"p50": 50.5, "p90": 90.1, "p99": 99.01})
+    assert percentiles([4.0]) == {"p50": 4.0, "p90": 4.0, "p99": 4.0}
+    assert percentiles([10, 20], qs=(0, 25, 100)) == {"p0": 10.0, "p25": 12.5, "p100": 20.0}
+    assert Spread.of([3.0, 1.0, 2.0, 10.0]) == Spread(median=2.5, min=1.0, max=10.0)
+    with pytest.raises(ValueError):
+        percentiles([])
+
+
+def test_unavailable_backends_are_skipped_with_the_reason(model, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
+    records = run_benchmarks(model, ["eager", "onnx", "hf"], **FAST)
+    by_name = {(r.backend, r.batch_size): r for r in records}
+    assert by_name["onnx", 1].status == "skipped" and "not built" in by_name["onnx", 1].reason
+    assert by_name["hf", 2].status == "skipped" and "transformers is not installed" in by_name["hf", 2].reason
+    assert by_name["hf", 1].e2e_tok_s is None
+    assert by_name["eager", 2].status == "ok" and by_name["eager", 2].e2e_tok_s.median > 0
+
+
+class WrongBackend(EagerBackend):
+    """Deliberately wrong, and faster than any real row: predicts the input id + 1, no model."""
+
+    name = "wrong"
+
+    def step(self, input_ids, input_pos, start, cache):
+        return torch.nn.functional.one_hot((input_ids + 1) % self.config.vocab_size, self.config.vocab_size).float()
+
+
+def build_with_wrong(model):
+    def build(name):
+        if name == "wrong":
+            return Runtime(WrongBackend(model, torch.device("cpu"), torch.float32), None)
+        return Runtime.from_model(model, backend=name, device="cpu")
+
+    return build
+
+
+def test_a_backend_that_disagrees_with_eager_is_flagged_and_never_ranked(model):
+    records = run_benchmarks(model, ["eager", "naive", "wrong"], build=build_with_wrong(model), **FAST)
+    wrong = [r for r in records if r.backend == "wrong"]
+    assert all(r.status == "mismatch" and r.flagged and r.matches_eager is False for r in wrong)
+    assert "greedy tokens differ from eager" in wrong[0].reason
+    assert all(r.matches_eager and not r.flagged for r in records if r.backend in ("eager", "naive"))
+    console = Console(record=True, width=250)
+    print_table(records, "test", console)
+    text = console.export_text()
+    assert "MISMATCH" in text and "! wrong batch 1: greedy tokens differ from eager" in text
+    assert "fastest is wrong" not in text and "batch 1: fastest is" in text
+
+
+def test_benchmark_runtime_is_a_library_call(model):
+    runtime = Runtime.from_model(model, device="cpu")
+    record = benchmark_runtime(runtime, batch_size=3, prompt_len=4, new_tokens=6, repeats=2, warmup=0)
+    assert isinstance(record, Record)
+    assert (record.backend, record.batch_size, record.status, record.dtype) == ("eager", 3, "ok", "float32")
+    assert record.ttft_ms.min <= record.ttft_ms.median <= record.ttft_ms.max
+    assert set(record.itl_ms) == {"p50", "p90", "p99"} and record.peak_mem_mib > 0
+
+
+RECORD_FIELDS = {
+    "backend", "batch_size", "prompt_len", "new_tokens", "status", "reason", "device", "device_name", "dtype",
+    "attention", "versions", "repeats", "warmup", "setup_s", "warmup_s", "ttft_ms", "itl_ms", "decode_tok_s",
+    "e2e_tok_s", "peak_mem_mib", "mem_source", "matches_eager", "vs_naive", "vs_eager", "flagged",
+}  # fmt: skip
+
+
+def test_cli_json_csv_and_plot_schema(tmp_path, model):
+    save_checkpoint(tmp_path / "m.safetensors", model)
+    out = {ext: tmp_path / f"bench.{ext}" for ext in ("json", "csv", "png")}
+    result = CliRunner().invoke(bench, [
+        str(tmp_path / "m.safetensors"), "--backends", "eager,naive,onnx", "--batch-sizes", "1,2", "--prompt-len", "4",
+        "--new-tokens", "5", "--repeats", "2", "--device", "cpu",
+        "--json", str(out["json"]), "--csv", str(out["csv"]), "--plot", str(out["png"]),
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "e2e tok/s" in result.output and "skipped onnx" in result.output
+    data = json.loads(out["json"].read_text())
+    assert data["meta"]["batch_sizes"] == [1, 2] and data["meta"]["config"]["d_model"] == 32
+    assert len(data["records"]) == 6
+    for record in data["records"]:
+        assert set(record) == RECORD_FIELDS
+        assert set(record["versions"]) == {"torch", "triton", "onnxruntime", "transformers"}
+        if record["status"] == "ok":
+            assert set(record["ttft_ms"]) == set(record["e2e_tok_s"]) == {"median", "min", "max"}
+            assert set(record["itl_ms"]) == {"p50", "p90", "p99"}
+            assert record["vs_naive"] > 0 and record["vs_eager"] > 0 and record["matches_eager"] is True
+    eager1 = next(r for r in data["records"] if r["backend"] == "eager" and r["batch_size"] == 1)
+    assert eager1["vs_eager"] == pytest.approx(1.0)
+    rows = list(csv.DictReader(out["csv"].open()))
+    assert len(rows) == 6 and "itl_ms.p99" in rows[0] and "versions.torch" in rows[0]
+    assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--backends", "eager,tensorrt"], "unknown backend(s) tensorrt"),
+        (["--batch-sizes", "1,x"], 'expected comma-separated integers, got "1,x"'),
+        (["--batch-sizes", "0"], "expected positive integers"),
+        (["--new-tokens", "6000"], "exceeds the context of 5000"),
+        (["nope.pt"], "nope.pt: file not found"),
+    ],
+)
+def test_cli_bad_input(args, message):
+    result = CliRunner().invoke(bench, args)
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    result = CliRunner().invoke(bench, ["--plot", "x.png"])
+    assert result.exit_code == 2 and "pip install 'tformer[plot]'" in result.output

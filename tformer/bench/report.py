@@ -1,0 +1,125 @@
+"""Benchmark output: a table for people, JSON and CSV for machines, a PNG plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict
+
+from rich.console import Console
+from rich.table import Table
+
+from tformer.bench.harness import Record
+from tformer.errors import TformerError
+from tformer.files import atomic_path
+
+
+def record_dict(record: Record) -> dict:
+    return {**asdict(record), "flagged": record.flagged}
+
+
+def print_table(records: Sequence[Record], title: str, console: Console | None = None) -> None:
+    """Aligned table with units in the headers; a flagged row is marked, never ranked."""
+    console = console or Console(width=max(Console().width, 170))
+    table = Table(title=title, title_justify="left")
+    headers = ("backend", "batch", "TTFT ms", "ITL p50 ms", "ITL p90 ms", "ITL p99 ms", "decode tok/s",
+               "e2e tok/s (min-max)", "x naive", "x eager", "peak MiB", "warm-up s", "check")  # fmt: skip
+    for h in headers:
+        table.add_column(h, justify="left" if h in ("backend", "check") else "right")
+    timed = [r for r in records if r.status != "skipped"]
+    for r in timed:
+        mark = "!" if r.flagged else ""
+        check = {True: "ok", False: "MISMATCH", None: "n/a"}[r.matches_eager]
+        table.add_row(
+            r.backend, str(r.batch_size), _num(r.ttft_ms.median),
+            *(_num(r.itl_ms[p]) if r.itl_ms else "-" for p in ("p50", "p90", "p99")),
+            _num(r.decode_tok_s.median) if r.decode_tok_s else "-",
+            f"{_num(r.e2e_tok_s.median)} ({_num(r.e2e_tok_s.min)}-{_num(r.e2e_tok_s.max)})",
+            _ratio(r.vs_naive) + mark, _ratio(r.vs_eager) + mark, _num(r.peak_mem_mib),
+            _num((r.setup_s or 0) + (r.warmup_s or 0)), check, style="red" if r.flagged else None,
+        )  # fmt: skip
+    console.print(table)
+    for batch in sorted({r.batch_size for r in timed}):
+        ranked = [r for r in timed if r.batch_size == batch and not r.flagged]
+        if ranked:
+            best = max(ranked, key=lambda r: r.e2e_tok_s.median)
+            console.print(f"batch {batch}: fastest is {best.backend} ({_num(best.e2e_tok_s.median)} tok/s end to end)")
+    for r in timed:
+        if r.flagged:
+            console.print(f"[red]! {r.backend} batch {r.batch_size}: {r.reason}; its figures are not ranked[/red]")
+    for name, reason in dict.fromkeys((r.backend, r.reason) for r in records if r.status == "skipped"):
+        console.print(f"skipped {name}: {reason}")
+    console.print(f"memory: {next((r.mem_source for r in timed), '-')}; warm-up s = setup + untimed warm-up runs")
+
+
+def _num(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def write_json(path: str | os.PathLike, records: Sequence[Record], meta: dict) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump({"meta": meta, "records": [record_dict(r) for r in records]}, f, indent=2)
+
+
+def flatten(record: Record) -> dict:
+    """One CSV row: nested figures become `ttft_ms.median`, `itl_ms.p99`, `versions.torch`..."""
+    flat = {}
+    for key, value in record_dict(record).items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def write_csv(path: str | os.PathLike, records: Sequence[Record]) -> None:
+    rows = [flatten(r) for r in records]
+    fields = list(dict.fromkeys(k for row in sorted(rows, key=len, reverse=True) for k in row))
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise TformerError("--plot needs matplotlib: pip install 'tformer[plot]'") from None
+
+
+def write_plot(path: str | os.PathLike, records: Sequence[Record], title: str) -> None:
+    """End-to-end tokens/s against batch size, one line per backend (min-max as error bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name in dict.fromkeys(r.backend for r in records if r.e2e_tok_s):
+        rows = sorted((r for r in records if r.backend == name and r.e2e_tok_s), key=lambda r: r.batch_size)
+        x = [r.batch_size for r in rows]
+        y = [r.e2e_tok_s.median for r in rows]
+        err = [[m - r.e2e_tok_s.min for m, r in zip(y, rows)], [r.e2e_tok_s.max - m for m, r in zip(y, rows)]]
+        flagged = any(r.flagged for r in rows)
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, linestyle="--" if flagged else "-",
+                    label=name + (" (MISMATCH)" if flagged else ""))  # fmt: skip
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("end-to-end tokens/s")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
