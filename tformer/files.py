@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from tformer.errors import TformerError
 
 
 @contextmanager
@@ -22,4 +25,35 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
+        raise
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """A temporary directory beside `path` to fill; it replaces `path` only if the block succeeds.
+
+    An existing `path` is an error unless `force`; with `force` it is replaced only once the new
+    directory is complete. On failure nothing is left behind.
+    """
+    path = Path(path)
+    if path.exists() and not force:
+        raise TformerError(f"{path} already exists; pass --force (force=True) to overwrite it")
+    if path.exists() and not path.is_dir():
+        raise TformerError(f"{path} exists and is not a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as exc:
+        raise TformerError(f"cannot write to {path.parent}: {exc.strerror or exc}") from None
+    try:
+        yield tmp
+        if path.exists():
+            old = tmp.with_name(tmp.name + ".old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise

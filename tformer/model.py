@@ -53,20 +53,30 @@ class KVCache:
         """Views of the first `length` slots: writes go through to this cache, reads skip the rest."""
         return KVCache([k[:, :, :length] for k in self.k], [v[:, :, :length] for v in self.v])
 
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write `k`, `v` `(B, H, T, Dh)` of `layer` at slots `input_pos` `(T,)`; return the whole
+        buffers `(B, H, S, Dh)` to attend over. (Any object with this method can be the cache.)"""
+        self.k[layer].index_copy_(2, input_pos, k)
+        self.v[layer].index_copy_(2, input_pos, v)
+        return self.k[layer], self.v[layer]
+
 
 def attention_bias(
-    input_pos: torch.Tensor, key_pos: torch.Tensor, start: torch.Tensor | None, dtype: torch.dtype
+    input_pos: torch.Tensor, key_pos: torch.Tensor, key_valid: torch.Tensor | None, dtype: torch.dtype
 ) -> torch.Tensor:
     """Additive attention mask `(B or 1, 1, T, S)`: 0 where a query may attend, else a large negative.
 
-    input_pos: `(T,)` int64 slot of each query. key_pos: `(S,)` int64 slot of each key. start:
-    `(B,)` int64 first valid slot per row, or None when no row is padded. The masked value is `finfo(dtype).min`, never
+    input_pos: `(T,)` int64 slot of each query. key_pos: `(S,)` int64 slot of each key.
+    key_valid: `(B, S)` bool, False for padding keys, or None when no row is padded. A query
+    attends to valid keys at or before its own slot. The masked value is `finfo(dtype).min`, never
     `-inf`: a fully masked row (a padding query) then gives a uniform softmax instead of NaN, in
     eager SDPA, onnxruntime and our kernels alike.
     """
     allowed = key_pos[None, None, :] <= input_pos[None, :, None]  # (1, T, S): causal
-    if start is not None:
-        allowed = allowed & (key_pos[None, None, :] >= start[:, None, None])  # (B, T, S): left padding
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, :]  # (B, T, S): left padding
     zero = torch.zeros((), device=input_pos.device, dtype=dtype)
     return torch.where(allowed, zero, torch.finfo(dtype).min).unsqueeze(1)  # (B, 1, T, S)
 
@@ -109,8 +119,9 @@ class PositionalEncoding(nn.Module):
 class SelfAttention(nn.Module):
     """Multi-head causal self-attention named like `nn.MultiheadAttention` (fused `in_proj`)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
+        self.layer = layer  # which of the cache's layers is ours
         self.nhead = config.nhead
         self.dropout = config.dropout
         self.in_proj_weight = nn.Parameter(torch.empty(3 * config.d_model, config.d_model))
@@ -123,17 +134,14 @@ class SelfAttention(nn.Module):
         self,
         x: torch.Tensor,
         bias: torch.Tensor | None,
-        layer_cache: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KVCache | None,
         input_pos: torch.Tensor,
     ) -> torch.Tensor:
         B, T, C = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3C): one fused matmul
         q, k, v = qkv.view(B, T, 3, self.nhead, C // self.nhead).permute(2, 0, 3, 1, 4)  # each (B, H, T, Dh)
-        if layer_cache is not None:
-            k_cache, v_cache = layer_cache  # (B, H, S, Dh)
-            k_cache.index_copy_(2, input_pos, k)
-            v_cache.index_copy_(2, input_pos, v)
-            k, v = k_cache, v_cache
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v, input_pos)  # (B, H, S, Dh)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0, is_causal=bias is None
         )  # (B, H, T, Dh)
@@ -143,18 +151,18 @@ class SelfAttention(nn.Module):
 class EncoderLayer(nn.Module):
     """Post-norm ReLU block with `nn.TransformerEncoderLayer`'s parameter names and math."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
-        self.self_attn = SelfAttention(config)
+        self.self_attn = SelfAttention(config, layer)
         self.linear1 = nn.Linear(config.d_model, config.d_ff)
         self.linear2 = nn.Linear(config.d_ff, config.d_model)
         self.norm1 = nn.LayerNorm(config.d_model, eps=1e-5)
         self.norm2 = nn.LayerNorm(config.d_model, eps=1e-5)
         self.p = config.dropout
 
-    def forward(self, x, bias, layer_cache, input_pos):
+    def forward(self, x, bias, cache, input_pos):
         p, train = self.p, self.training
-        x = layer_norm(self.norm1, x + dropout(self.self_attn(x, bias, layer_cache, input_pos), p, train))
+        x = layer_norm(self.norm1, x + dropout(self.self_attn(x, bias, cache, input_pos), p, train))
         hidden = dropout(F.relu(linear(self.linear1, x)), p, train)  # (B, T, d_ff)
         return layer_norm(self.norm2, x + dropout(linear(self.linear2, hidden), p, train))
 
@@ -164,7 +172,7 @@ class Encoder(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(EncoderLayer(config, i) for i in range(config.n_layers))
 
 
 class TransformerLM(nn.Module):
@@ -202,14 +210,30 @@ class TransformerLM(nn.Module):
         if input_pos is None:
             input_pos = torch.arange(T, device=input_ids.device)
         positions = input_pos[None, :] if start is None else (input_pos[None, :] - start[:, None]).clamp(min=0)
-        x = self.encoder(input_ids) * math.sqrt(self.config.d_model)  # (B, T, C)
-        x = self.pos_encoder(x, positions.expand(B, T))
         if cache is None and start is None:
             bias = None  # plain causal attention over the T columns
         else:
             key_pos = torch.arange(cache.max_len, device=input_ids.device) if cache is not None else input_pos
-            bias = attention_bias(input_pos, key_pos, start, x.dtype)
-        for i, layer in enumerate(self.transformer_encoder.layers):
-            layer_cache = (cache.k[i], cache.v[i]) if cache is not None else None
-            x = layer(x, bias, layer_cache, input_pos)
+            key_valid = None if start is None else key_pos[None, :] >= start[:, None]  # (B, S)
+            bias = attention_bias(input_pos, key_pos, key_valid, self.decoder.weight.dtype)
+        return self.run(input_ids, positions.expand(B, T), bias, cache, input_pos)
+
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        bias: torch.Tensor | None,
+        cache: KVCache | None,
+        input_pos: torch.Tensor,
+    ) -> torch.Tensor:
+        """The network itself, given what `forward` derives: logits `(B, T, V)`.
+
+        positions: `(B, T)` int64 positional-encoding rows. bias: `(B or 1, 1, T, S)` additive mask
+        from `attention_bias`, or None for plain causal attention over the T columns (no cache).
+        Exporters that take masks and positions as inputs (ONNX) call this directly.
+        """
+        x = self.encoder(input_ids) * math.sqrt(self.config.d_model)  # (B, T, C)
+        x = self.pos_encoder(x, positions)
+        for layer in self.transformer_encoder.layers:
+            x = layer(x, bias, cache, input_pos)
         return self.decoder(x)  # (B, T, V)

@@ -1,0 +1,1 @@
+"""Exports of a TransformerLM to portable artifacts, each validated against PyTorch."""

@@ -1,0 +1,240 @@
+"""ONNX export with a KV cache: one graph for prefill and decode, validated against PyTorch.
+
+The graph's inputs and outputs are the public contract that apps in any language code against
+(also written to `tformer.json` and the README):
+
+    input_ids        int64  [batch, seq]
+    position_ids     int64  [batch, seq]            position of each token in its row
+    attention_mask   int64  [batch, past + seq]     1 = attend, 0 = padding (as in HF)
+    past.{i}.key     dtype  [batch, heads, past, head_dim]   (and past.{i}.value), i = layer
+    -> logits        dtype  [batch, seq, vocab]
+    -> present.{i}.key / present.{i}.value  [batch, heads, past + seq, head_dim]
+
+Prefill passes past tensors with past = 0; each decode step passes the previous presents. It is
+exported with the `torch.export`-based exporter (`dynamo=True`), so batch, seq and past stay
+symbolic (the TorchScript exporter bakes lengths into reshapes).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from tformer.errors import TformerError
+from tformer.files import atomic_directory
+from tformer.model import TransformerLM, attention_bias
+from tformer.tokenizer import Tokenizer
+
+FORMAT_NAME = "tformer-onnx"
+FORMAT_VERSION = 1
+DEFAULT_OPSET = 18
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}  # max abs logit difference
+
+
+def input_names(n_layers: int) -> list[str]:
+    return ["input_ids", "position_ids", "attention_mask"] + [
+        f"past.{i}.{kind}" for i in range(n_layers) for kind in ("key", "value")
+    ]
+
+
+def output_names(n_layers: int) -> list[str]:
+    return ["logits"] + [f"present.{i}.{kind}" for i in range(n_layers) for kind in ("key", "value")]
+
+
+class GrowingCache:
+    """The cache as the ONNX contract has it: each layer's present is its past plus the new
+    columns (a Concat in the graph, not a copy into a bigger buffer)."""
+
+    def __init__(self, past: tuple[tuple[torch.Tensor, torch.Tensor], ...]):
+        self.past = past
+        self.present: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor):
+        past_k, past_v = self.past[layer]  # (B, H, P, Dh)
+        present = (torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2))  # (B, H, P + S, Dh)
+        self.present.append(present)
+        return present
+
+
+class OnnxStep(nn.Module):
+    """`TransformerLM` with HF-style cache inputs and outputs: the module that is exported."""
+
+    def __init__(self, model: TransformerLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, attention_mask, past):
+        S = input_ids.shape[1]
+        P = past[0][0].shape[2]
+        input_pos = torch.arange(S, device=input_ids.device) + P  # (S,) slots of the new tokens
+        key_pos = torch.arange(attention_mask.shape[1], device=input_ids.device)  # (P + S,)
+        bias = attention_bias(input_pos, key_pos, attention_mask.bool(), self.model.decoder.weight.dtype)
+        cache = GrowingCache(past)
+        logits = self.model.run(input_ids, position_ids, bias, cache, input_pos)
+        return logits, tuple(cache.present)
+
+
+def example_inputs(model: TransformerLM, batch: int, seq: int, past: int, padded_rows: int = 0, seed: int = 0):
+    """Inputs of the contract: random ids, `padded_rows` rows left-padded by 3, random past K/V."""
+    c, dtype = model.config, model.decoder.weight.dtype
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, c.vocab_size, (batch, seq), generator=g)
+    mask = torch.ones(batch, past + seq, dtype=torch.long)
+    mask[:padded_rows, : min(3, past + seq - 1)] = 0
+    positions = (mask.cumsum(1) - 1).clamp(min=0)[:, past:]  # position of each new token in its row
+
+    def kv() -> torch.Tensor:
+        return (0.5 * torch.randn(batch, c.nhead, past, c.head_dim, generator=g)).to(dtype)
+
+    return ids, positions, mask, tuple((kv(), kv()) for _ in range(c.n_layers))
+
+
+def weights_sha256(model: TransformerLM) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def export_onnx(
+    model: TransformerLM,
+    out_dir: str | os.PathLike,
+    tokenizer: Tokenizer | None = None,
+    opset: int = DEFAULT_OPSET,
+    dtype: torch.dtype = torch.float32,
+    validate: bool = True,
+    force: bool = False,
+    log: Callable[[str], None] = lambda _: None,
+) -> dict:
+    """Write `model.onnx`, `tokenizer.json` (when given) and `tformer.json` into `out_dir`.
+
+    The directory appears complete or not at all; an existing one needs `force`. Validation
+    (default on) runs `onnx.checker` and onnxruntime against PyTorch; a failure raises
+    TformerError naming the shape. Returns the `tformer.json` metadata.
+    """
+    import onnx  # noqa: F401  (the exporter needs onnx and onnxscript: fail early and clearly)
+
+    if dtype not in TOLERANCE:
+        raise TformerError(f"unsupported export dtype {dtype}; use fp32 or fp16")
+    model = copy.deepcopy(model).to(device="cpu", dtype=dtype).eval()
+    c = model.config
+    with atomic_directory(out_dir, force) as tmp:
+        began = time.perf_counter()
+        log(f"exporting with torch.onnx.export(dynamo=True), opset {opset}, {str(dtype).removeprefix('torch.')}")
+        _export(model, tmp / "model.onnx", opset)
+        export_s = time.perf_counter() - began
+        if tokenizer is not None:
+            tokenizer.save(tmp / "tokenizer.json")
+        meta = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "config": json.loads(c.to_json()),
+            "opset": opset,
+            "dtype": str(dtype).removeprefix("torch."),
+            "inputs": _io_spec(c, dtype, input_names(c.n_layers), outputs=False),
+            "outputs": _io_spec(c, dtype, output_names(c.n_layers), outputs=True),
+            "tokenizer": tokenizer is not None,
+            "exporter": "torch.onnx.export(dynamo=True)",
+            "versions": _versions(),
+            "weights_sha256": weights_sha256(model),
+            "export_seconds": round(export_s, 1),
+            "validation": None,
+        }
+        _write_meta(tmp, meta)
+        if validate:
+            from tformer.export.validate import validate_onnx
+
+            meta["validation"] = validate_onnx(tmp, model, log)
+            _write_meta(tmp, meta)
+    return meta
+
+
+def _export(model: TransformerLM, path: Path, opset: int) -> None:
+    from torch.export import Dim
+
+    c = model.config
+    batch, seq, past, total = Dim("batch"), Dim("seq"), Dim("past"), Dim("total")
+    dynamic = {
+        "input_ids": {0: batch, 1: seq},
+        "position_ids": {0: batch, 1: seq},
+        "attention_mask": {0: batch, 1: total},  # past + seq: its own Dim (a derived one is refused)
+        "past": tuple(({0: batch, 2: past}, {0: batch, 2: past}) for _ in range(c.n_layers)),
+    }
+    try:
+        program = torch.onnx.export(
+            OnnxStep(model), example_inputs(model, 1, 1, 0), dynamo=True, dynamic_shapes=dynamic,
+            input_names=input_names(c.n_layers), output_names=output_names(c.n_layers), opset_version=opset,
+            verbose=False,
+        )  # fmt: skip
+    except Exception as exc:  # the exporter raises many types; report one line
+        raise TformerError(f"ONNX export failed: {str(exc).splitlines()[0]}") from exc
+    program.save(path)
+
+
+def _io_spec(config, dtype, names: list[str], outputs: bool) -> list[dict]:
+    fdtype = str(dtype).removeprefix("torch.")
+    kv_len = "past + seq" if outputs else "past"
+    specs = {
+        "input_ids": ("int64", ["batch", "seq"]),
+        "position_ids": ("int64", ["batch", "seq"]),
+        "attention_mask": ("int64", ["batch", "past + seq"]),
+        "logits": (fdtype, ["batch", "seq", config.vocab_size]),
+    }
+    kv = (fdtype, ["batch", config.nhead, kv_len, config.head_dim])
+    return [dict(name=n, dtype=specs.get(n, kv)[0], shape=specs.get(n, kv)[1]) for n in names]
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxscript
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxscript": onnxscript.__version__}
+
+
+def _write_meta(directory: Path, meta: dict) -> None:
+    (directory / "tformer.json").write_text(json.dumps(meta, indent=2))
+
+
+def read_meta(directory: str | os.PathLike) -> dict:
+    """`tformer.json` of an export directory, checked to be one tformer can run."""
+    path = Path(directory) / "tformer.json"
+    if not path.is_file():
+        raise TformerError(f"{directory}: not a tformer export (no tformer.json); create one with tformer-export")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise TformerError(f"{path}: unreadable ({exc})") from None
+    if meta.get("format") != FORMAT_NAME:
+        raise TformerError(f"{path}: format {meta.get('format')!r} is not an ONNX export")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise TformerError(f"{path}: written by a newer tformer; upgrade tformer")
+    if not (Path(directory) / "model.onnx").is_file():
+        raise TformerError(f"{directory}: model.onnx is missing; export again")
+    return meta
+
+
+def cache_root() -> Path:
+    """Where `tformer.load(..., backend="onnx")` keeps its exports: $TFORMER_CACHE or ~/.cache/tformer."""
+    return Path(os.environ.get("TFORMER_CACHE") or Path.home() / ".cache" / "tformer")
+
+
+def cached_export(model: TransformerLM, dtype: torch.dtype, log: Callable[[str], None] = lambda _: None) -> Path:
+    """An export of `model` in the cache directory, made on first use, reused while the weights,
+    dtype and versions are the same."""
+    key = hashlib.sha256(
+        f"{weights_sha256(model)} {dtype} {model.config.to_json()} {torch.__version__} {FORMAT_VERSION}".encode()
+    ).hexdigest()[:20]
+    directory = cache_root() / "onnx" / key
+    if not (directory / "tformer.json").is_file():
+        log(f"exporting to {directory} (first use of these weights)")
+        export_onnx(model, directory, dtype=dtype, validate=False, force=True)
+    return directory
