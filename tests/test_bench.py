@@ -42,9 +42,11 @@ def test_percentiles_on_known_samples():
 
 def test_unavailable_backends_are_skipped_with_the_reason(model, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
-    records = run_benchmarks(model, ["eager", "onnx", "hf"], **FAST)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    records = run_benchmarks(model, ["eager", "triton", "onnx", "hf"], **FAST)
     by_name = {(r.backend, r.batch_size): r for r in records}
-    assert by_name["onnx", 1].status == "skipped" and "not built" in by_name["onnx", 1].reason
+    assert by_name["triton", 1].status == "skipped" and "not built" in by_name["triton", 1].reason
+    assert by_name["onnx", 2].status == "skipped" and "onnxruntime is not installed" in by_name["onnx", 2].reason
     assert by_name["hf", 2].status == "skipped" and "transformers is not installed" in by_name["hf", 2].reason
     assert by_name["hf", 1].e2e_tok_s is None
     assert by_name["eager", 2].status == "ok" and by_name["eager", 2].e2e_tok_s.median > 0
@@ -101,12 +103,12 @@ def test_cli_json_csv_and_plot_schema(tmp_path, model):
     save_checkpoint(tmp_path / "m.safetensors", model)
     out = {ext: tmp_path / f"bench.{ext}" for ext in ("json", "csv", "png")}
     result = CliRunner().invoke(bench, [
-        str(tmp_path / "m.safetensors"), "--backends", "eager,naive,onnx", "--batch-sizes", "1,2", "--prompt-len", "4",
+        str(tmp_path / "m.safetensors"), "--backends", "eager,naive,triton", "--batch-sizes", "1,2", "--prompt-len", "4",
         "--new-tokens", "5", "--repeats", "2", "--device", "cpu",
         "--json", str(out["json"]), "--csv", str(out["csv"]), "--plot", str(out["png"]),
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "e2e tok/s" in result.output and "skipped onnx" in result.output
+    assert "e2e tok/s" in result.output and "skipped triton" in result.output
     data = json.loads(out["json"].read_text())
     assert data["meta"]["batch_sizes"] == [1, 2] and data["meta"]["config"]["d_model"] == 32
     assert len(data["records"]) == 6

@@ -5,12 +5,12 @@ Bad input ends in one line, `Error: <problem and fix>`, and exit code 2; never a
 
 from __future__ import annotations
 
-import sys
+import time
 from pathlib import Path
 
 import click
 
-from tformer.checkpoint import load_checkpoint, save_checkpoint
+from tformer.checkpoint import load_checkpoint, load_model, save_checkpoint
 from tformer.config import ModelConfig
 from tformer.errors import TformerError
 from tformer.runtime import load
@@ -67,7 +67,7 @@ def _options(*options):
 
 
 model_options = _options(
-    click.option("--backend", default="eager", show_default=True, help="Engine that runs the model."),
+    click.option("--backend", help="Engine that runs the model: eager, naive, onnx [default: eager; onnx for an export directory]."),
     click.option("--device", help="cpu or cuda [default: cuda if available]."),
     click.option("--dtype", help="fp32, bf16 or fp16 [default: fp32]."),
     click.option("--nhead", type=int, help="Head count; required for a tutorial state_dict (.pt)."),
@@ -88,17 +88,19 @@ def _sampling(max_new_tokens, temperature, top_k, top_p, seed) -> dict:
 
 
 @cli.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @click.argument("prompt", required=False)
 @click.option("--ids", help='Prompt as token ids, e.g. "1 2 3"; prints ids back (no tokenizer needed).')
 @click.option("--stop", multiple=True, help="Stop at this string (repeatable).")
 @model_options
 @sampling_options
 def generate(model, prompt, ids, stop, backend, device, dtype, nhead, tokenizer, **sampling) -> None:
-    """Continue PROMPT with MODEL, streaming the text to stdout."""
+    """Continue PROMPT with MODEL (a checkpoint or an export directory), streaming to stdout."""
     if (prompt is None) == (ids is None):
         raise CliError('give either a PROMPT or --ids "1 2 3"')
     runtime = load(model, backend=backend, device=device, dtype=dtype, nhead=nhead, tokenizer=tokenizer)
+    if runtime.backend.name == "onnx":
+        click.echo(f"running on {runtime.backend.attention}", err=True)
     params = _sampling(**sampling)
     if ids is not None:
         try:
@@ -192,6 +194,33 @@ def main() -> None:
     cli(prog_name="tformer")
 
 
+@cli.command(name="export", cls=Command)
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(file_okay=False), help="Output directory [default: MODEL's name + '-onnx'].")
+@click.option("--nhead", type=int, help="Head count; required for a tutorial state_dict (.pt).")
+@click.option("--opset", default=18, show_default=True, help="ONNX opset version.")
+@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]), help="Weights and cache dtype.")
+@click.option("--no-validate", is_flag=True, help="Skip the comparison with PyTorch (not recommended).")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+def export_cmd(model, output, nhead, opset, dtype, no_validate, force) -> None:
+    """Export MODEL to ONNX with a KV cache, validated against PyTorch.
+
+    Writes a directory with model.onnx, tformer.json (config, input/output contract, versions,
+    validation report) and tokenizer.json when the checkpoint has one. Run it with
+    `tformer generate DIR "..."` or `tformer.load(DIR)`.
+    """
+    from tformer.export.onnx import export_onnx
+    from tformer.runtime import resolve_dtype
+
+    lm, tokenizer = load_model(model, nhead)
+    out = Path(output) if output else Path(model).with_name(Path(model).stem + "-onnx")
+    began = time.perf_counter()
+    meta = export_onnx(lm, out, tokenizer, opset, resolve_dtype(dtype), validate=not no_validate, force=force,
+                       log=lambda line: click.echo(line, err=True))  # fmt: skip
+    size = sum(f.stat().st_size for f in out.iterdir() if f.name.startswith("model.onnx")) / 2**20
+    checked = "validated" if meta["validation"] else "NOT validated"
+    click.echo(f"wrote {out}/ (model.onnx {size:.1f} MiB, {checked}) in {time.perf_counter() - began:.0f} s")
+
+
 def export_main() -> None:
-    click.echo("Error: tformer-export is not built yet (ONNX and .pt2 export are planned)", err=True)
-    sys.exit(2)
+    export_cmd(prog_name="tformer-export")

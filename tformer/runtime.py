@@ -11,6 +11,7 @@ import itertools
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import fields
+from pathlib import Path
 
 import torch
 
@@ -55,7 +56,7 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 def load(
     path: str | os.PathLike,
-    backend: str = "eager",
+    backend: str | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     nhead: int | None = None,
@@ -64,17 +65,35 @@ def load(
     """Load a checkpoint and get a runtime that generates with it.
 
     path: tformer's `.safetensors` checkpoint, or the tutorial's `torch.save(model.state_dict())`
-        file or a training-checkpoint dict (these need `nhead`).
-    backend: which engine runs the decode step (see `tformer.backends.BACKENDS`).
+        file or a training-checkpoint dict (these need `nhead`), or a `tformer-export` directory.
+    backend: which engine runs the decode step (see `tformer.backends.BACKENDS`); default "eager"
+        for checkpoints, "onnx" for an export directory (the only backend that runs one).
     device: default CUDA when available, else CPU. dtype: default float32.
     tokenizer: a `tokenizer.json` path (or Tokenizer) to use instead of, or in the absence of, the
         checkpoint's own. Without any, use the id methods (`generate_ids`, `stream_ids`).
     Raises TformerError for anything wrong with these inputs.
     """
-    model, own_tokenizer = load_model(path, nhead)
     if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
         tokenizer = Tokenizer.from_file(tokenizer)
-    return Runtime.from_model(model, tokenizer or own_tokenizer, backend, device, dtype)
+    if Path(path).is_dir():
+        return _load_export(Path(path), backend, device, dtype, tokenizer)
+    model, own_tokenizer = load_model(path, nhead)
+    return Runtime.from_model(model, tokenizer or own_tokenizer, backend or "eager", device, dtype)
+
+
+def _load_export(
+    directory: Path, backend: str | None, device, dtype, tokenizer: Tokenizer | None
+) -> Runtime:
+    from tformer.backends.onnx import OnnxBackend
+
+    if backend not in (None, "onnx"):
+        raise TformerError(f"{directory} is an ONNX export: it runs on backend 'onnx', not '{backend}'")
+    engine = OnnxBackend.from_directory(directory, resolve_device(device))
+    if dtype is not None and resolve_dtype(dtype) != engine.dtype:
+        raise TformerError(f"{directory} was exported as {engine.dtype}; export again with --dtype to change it")
+    if tokenizer is None and (directory / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.from_file(directory / "tokenizer.json")
+    return Runtime(engine, tokenizer)
 
 
 class Runtime:

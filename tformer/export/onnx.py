@@ -20,8 +20,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -169,15 +171,22 @@ def _export(model: TransformerLM, path: Path, opset: int) -> None:
         "attention_mask": {0: batch, 1: total},  # past + seq: its own Dim (a derived one is refused)
         "past": tuple(({0: batch, 2: past}, {0: batch, 2: past}) for _ in range(c.n_layers)),
     }
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
     try:
-        program = torch.onnx.export(
-            OnnxStep(model), example_inputs(model, 1, 1, 0), dynamo=True, dynamic_shapes=dynamic,
-            input_names=input_names(c.n_layers), output_names=output_names(c.n_layers), opset_version=opset,
-            verbose=False,
-        )  # fmt: skip
+        quiet.setLevel(logging.ERROR)  # the exporter's notes (axis renames, torchvision ops) are noise here
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                OnnxStep(model).eval(), example_inputs(model, 1, 1, 0), dynamo=True, dynamic_shapes=dynamic,
+                input_names=input_names(c.n_layers), output_names=output_names(c.n_layers), opset_version=opset,
+                verbose=False,
+            )  # fmt: skip
+            program.save(path)
     except Exception as exc:  # the exporter raises many types; report one line
         raise TformerError(f"ONNX export failed: {str(exc).splitlines()[0]}") from exc
-    program.save(path)
+    finally:
+        quiet.setLevel(level)
 
 
 def _io_spec(config, dtype, names: list[str], outputs: bool) -> list[dict]:
