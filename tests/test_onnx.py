@@ -149,3 +149,16 @@ def test_failed_validation_names_the_shape_and_leaves_nothing(tmp_path, monkeypa
 def test_export_directory_runs_only_on_onnx(tutorial_export):
     with pytest.raises(TformerError, match="is an ONNX export: it runs on backend 'onnx', not 'eager'"):
         tformer.load(tutorial_export[1], backend="eager")
+
+
+def test_fp16_export_validates_at_its_own_tolerance(tmp_path, seed_model):
+    from conftest import tformer_copy
+
+    meta = export_onnx(tformer_copy(seed_model), tmp_path / "fp16", dtype=torch.float16)
+    assert meta["dtype"] == "float16" and meta["inputs"][3]["dtype"] == "float16"
+    assert all(r["ok"] and r["tolerance"] == onnx_export.TOLERANCE[torch.float16] for r in meta["validation"]["shapes"])
+    runtime = tformer.load(tmp_path / "fp16", device="cpu")
+    assert runtime.backend.dtype == torch.float16
+    assert len(runtime.generate_ids([[1, 2, 3], [4]], max_new_tokens=6)[1]) == 6
+    with pytest.raises(TformerError, match="was exported as torch.float16"):
+        tformer.load(tmp_path / "fp16", device="cpu", dtype="fp32")

@@ -200,9 +200,11 @@ def main() -> None:
 @click.option("--nhead", type=int, help="Head count; required for a tutorial state_dict (.pt).")
 @click.option("--opset", default=18, show_default=True, help="ONNX opset version.")
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]), help="Weights and cache dtype.")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]),
+              help="Where validation runs PyTorch and onnxruntime (cuda needs onnxruntime-gpu).")
 @click.option("--no-validate", is_flag=True, help="Skip the comparison with PyTorch (not recommended).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
-def export_cmd(model, output, nhead, opset, dtype, no_validate, force) -> None:
+def export_cmd(model, output, nhead, opset, dtype, device, no_validate, force) -> None:
     """Export MODEL to ONNX with a KV cache, validated against PyTorch.
 
     Writes a directory with model.onnx, tformer.json (config, input/output contract, versions,
@@ -210,13 +212,13 @@ def export_cmd(model, output, nhead, opset, dtype, no_validate, force) -> None:
     `tformer generate DIR "..."` or `tformer.load(DIR)`.
     """
     from tformer.export.onnx import export_onnx
-    from tformer.runtime import resolve_dtype
+    from tformer.runtime import resolve_device, resolve_dtype
 
     lm, tokenizer = load_model(model, nhead)
     out = Path(output) if output else Path(model).with_name(Path(model).stem + "-onnx")
     began = time.perf_counter()
     meta = export_onnx(lm, out, tokenizer, opset, resolve_dtype(dtype), validate=not no_validate, force=force,
-                       log=lambda line: click.echo(line, err=True))  # fmt: skip
+                       log=lambda line: click.echo(line, err=True), device=resolve_device(device))  # fmt: skip
     size = sum(f.stat().st_size for f in out.iterdir() if f.name.startswith("model.onnx")) / 2**20
     checked = "validated" if meta["validation"] else "NOT validated"
     click.echo(f"wrote {out}/ (model.onnx {size:.1f} MiB, {checked}) in {time.perf_counter() - began:.0f} s")

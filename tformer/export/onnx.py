@@ -116,8 +116,12 @@ def export_onnx(
     validate: bool = True,
     force: bool = False,
     log: Callable[[str], None] = lambda _: None,
+    device: torch.device = torch.device("cpu"),
 ) -> dict:
     """Write `model.onnx`, `tokenizer.json` (when given) and `tformer.json` into `out_dir`.
+
+    The graph is traced on the CPU (it does not depend on the device); `device` is where
+    validation runs PyTorch and onnxruntime (CUDA: onnxruntime-gpu's CUDA provider).
 
     The directory appears complete or not at all; an existing one needs `force`. Validation
     (default on) runs `onnx.checker` and onnxruntime against PyTorch; a failure raises
@@ -155,7 +159,7 @@ def export_onnx(
         if validate:
             from tformer.export.validate import validate_onnx
 
-            meta["validation"] = validate_onnx(tmp, model, log)
+            meta["validation"] = {"device": device.type, **validate_onnx(tmp, model, log, device)}
             _write_meta(tmp, meta)
     return meta
 
