@@ -78,26 +78,26 @@ class OnnxBackend:
         self.device = device if provider == "CUDAExecutionProvider" else torch.device("cpu")
         self.provider = provider
         self.attention = f"onnxruntime {ort.__version__} ({provider})"
-        self.session = ort.InferenceSession(str(directory / "model.onnx"), self._options(ort, directory, provider),
-                                            providers=[provider])  # fmt: skip
+        options, graph = self._options(ort, directory, provider)
+        self.session = ort.InferenceSession(str(graph), options, providers=[provider])
         self._ort_device = ("cuda", self.device.index or 0) if self.device.type == "cuda" else ("cpu", 0)
 
     @staticmethod
     def _options(ort, directory: Path, provider: str):
-        """Full graph optimization, as many intra-op threads as torch uses, and the optimized graph
-        saved beside model.onnx (when writable) so a later load need not optimize again."""
+        """Session options and the graph to load: full graph optimization and as many intra-op
+        threads as torch uses; the optimized graph is saved beside model.onnx (when writable) and
+        loaded as is next time, so a later load need not optimize again."""
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: not the notice that the saved graph is machine-specific
         options.intra_op_num_threads = torch.get_num_threads()
         optimized = directory / f"model.{provider.removesuffix('ExecutionProvider').lower()}.opt.onnx"
         if optimized.is_file():
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            directory = optimized
-        else:
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            if os.access(directory, os.W_OK):
-                options.optimized_model_filepath = str(optimized)
-        return options
+            return options, optimized
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if os.access(directory, os.W_OK):
+            options.optimized_model_filepath = str(optimized)
+        return options, directory / "model.onnx"
 
     def allocate_cache(self, batch: int, max_len: int) -> OnnxCache:
         c = self.config
