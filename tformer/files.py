@@ -61,6 +61,12 @@ def atomic_directory(path: str | os.PathLike, force: bool = False) -> Iterator[P
         raise
 
 
+def cache_root() -> Path:
+    """Where tformer keeps what it builds on first use (ONNX exports, compiled kernels):
+    $TFORMER_CACHE, else ~/.cache/tformer."""
+    return Path(os.environ.get("TFORMER_CACHE") or Path.home() / ".cache" / "tformer")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

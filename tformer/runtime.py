@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -125,6 +126,15 @@ class Runtime:
     @property
     def config(self) -> ModelConfig:
         return self.backend.config
+
+    def warmup(self, batch_sizes: Sequence[int] = (1,), max_prompt_len: int = 128, max_new_tokens: int = 128) -> float:
+        """Run one generation per batch size at the longest expected request, so that compiling
+        backends compile (and size their caches) now rather than on the first user request.
+        Later requests within these bounds then run without recompiling. Returns the seconds taken."""
+        began = time.perf_counter()
+        for batch in batch_sizes:
+            self.generate_ids([[0] * max_prompt_len] * batch, max_new_tokens=max_new_tokens, temperature=0)
+        return time.perf_counter() - began
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], **sampling) -> list[list[int]]:
         """New token ids (EOS excluded) for each prompt, a list of ids; prompts may differ in length."""

@@ -13,6 +13,7 @@ from tformer.model import TransformerLM
 # name -> "module:class"; the class is built as cls(model, device, dtype).
 BACKENDS: dict[str, str] = {
     "eager": "tformer.backends.eager:EagerBackend",
+    "compile": "tformer.backends.compile:CompileBackend",
     "naive": "tformer.backends.naive:NaiveBackend",
     "onnx": "tformer.backends.onnx:OnnxBackend",
 }

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from tformer.errors import TformerError
-from tformer.files import atomic_directory
+from tformer.files import atomic_directory, cache_root
 from tformer.model import TransformerLM, attention_bias
 from tformer.tokenizer import Tokenizer
 
@@ -233,11 +233,6 @@ def read_meta(directory: str | os.PathLike) -> dict:
     if not (Path(directory) / "model.onnx").is_file():
         raise TformerError(f"{directory}: model.onnx is missing; export again")
     return meta
-
-
-def cache_root() -> Path:
-    """Where `tformer.load(..., backend="onnx")` keeps its exports: $TFORMER_CACHE or ~/.cache/tformer."""
-    return Path(os.environ.get("TFORMER_CACHE") or Path.home() / ".cache" / "tformer")
 
 
 def cached_export(model: TransformerLM, dtype: torch.dtype, log: Callable[[str], None] = lambda _: None) -> Path:
