@@ -51,7 +51,7 @@ def print_table(records: Sequence[Record], title: str, console: Console | None =
             console.print(f"[red]! {r.backend} batch {r.batch_size}: {r.reason}; its figures are not ranked[/red]")
     for name, reason in dict.fromkeys((r.backend, r.reason) for r in records if r.status == "skipped"):
         console.print(f"skipped {name}: {reason}")
-    console.print(f"memory: {next((r.mem_source for r in timed), '-')}; warm-up s = setup + untimed warm-up runs")
+    console.print(f"memory: {next((r.mem_source for r in timed), '-')}; warm-up s = setup (build, export, compile, correctness check) + untimed warm-up runs")
 
 
 def _num(value: float | None) -> str:
