@@ -67,7 +67,7 @@ def _options(*options):
 
 
 model_options = _options(
-    click.option("--backend", help="Engine that runs the model: eager, naive, onnx [default: eager; onnx for an export directory]."),
+    click.option("--backend", help="Engine that runs the model: eager, compile, onnx, naive [default: eager; onnx for an export directory]."),
     click.option("--device", help="cpu or cuda [default: cuda if available]."),
     click.option("--dtype", help="fp32, bf16 or fp16 [default: fp32]."),
     click.option("--nhead", type=int, help="Head count; required for a tutorial state_dict (.pt)."),
