@@ -13,7 +13,7 @@ import tformer
 from tformer.checkpoint import save_checkpoint
 from tformer.cli import export_cmd
 from tformer.errors import TformerError
-from tformer.export import onnx as onnx_export
+from tformer.export import artifact
 from tformer.export.onnx import export_onnx, input_names, output_names
 from tformer.runtime import Runtime
 
@@ -140,14 +140,14 @@ def test_bad_export_inputs(tmp_path, tutorial_export):
 def test_failed_validation_names_the_shape_and_leaves_nothing(tmp_path, monkeypatch, seed_model):
     from conftest import tformer_copy
 
-    monkeypatch.setitem(onnx_export.TOLERANCE, torch.float32, 0.0)  # nothing can pass
+    monkeypatch.setitem(artifact.TOLERANCE, torch.float32, 0.0)  # nothing can pass
     with pytest.raises(TformerError, match=r"validation failed at batch 1, 1 new tokens, past 0"):
         export_onnx(tformer_copy(seed_model), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_export_directory_runs_only_on_onnx(tutorial_export):
-    with pytest.raises(TformerError, match="is an ONNX export: it runs on backend 'onnx', not 'eager'"):
+    with pytest.raises(TformerError, match="is an export for backend 'onnx', not 'eager'"):
         tformer.load(tutorial_export[1], backend="eager")
 
 
@@ -156,7 +156,7 @@ def test_fp16_export_validates_at_its_own_tolerance(tmp_path, seed_model):
 
     meta = export_onnx(tformer_copy(seed_model), tmp_path / "fp16", dtype=torch.float16)
     assert meta["dtype"] == "float16" and meta["inputs"][3]["dtype"] == "float16"
-    assert all(r["ok"] and r["tolerance"] == onnx_export.TOLERANCE[torch.float16] for r in meta["validation"]["shapes"])
+    assert all(r["ok"] and r["tolerance"] == artifact.TOLERANCE[torch.float16] for r in meta["validation"]["shapes"])
     runtime = tformer.load(tmp_path / "fp16", device="cpu")
     assert runtime.backend.dtype == torch.float16
     assert len(runtime.generate_ids([[1, 2, 3], [4]], max_new_tokens=6)[1]) == 6

@@ -67,7 +67,7 @@ def _options(*options):
 
 
 model_options = _options(
-    click.option("--backend", help="Engine that runs the model: eager, compile, onnx, naive [default: eager; onnx for an export directory]."),
+    click.option("--backend", help="Engine: eager, compile, onnx, aot, naive [default: eager; for an export directory, its own]."),
     click.option("--device", help="cpu or cuda [default: cuda if available]."),
     click.option("--dtype", help="fp32, bf16 or fp16 [default: fp32]."),
     click.option("--nhead", type=int, help="Head count; required for a tutorial state_dict (.pt)."),
@@ -196,7 +196,9 @@ def main() -> None:
 
 @cli.command(name="export", cls=Command)
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", type=click.Path(file_okay=False), help="Output directory [default: MODEL's name + '-onnx'].")
+@click.option("-o", "--output", type=click.Path(file_okay=False), help="Output directory [default: MODEL's name + '-onnx' or '-pt2'].")
+@click.option("--format", "fmt", default="onnx", show_default=True, type=click.Choice(["onnx", "pt2"]),
+              help="onnx (onnxruntime, any language) or pt2 (AOTInductor package, PyTorch/C++).")
 @click.option("--nhead", type=int, help="Head count; required for a tutorial state_dict (.pt).")
 @click.option("--opset", default=18, show_default=True, help="ONNX opset version.")
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]), help="Weights and cache dtype.")
@@ -204,24 +206,33 @@ def main() -> None:
               help="Where validation runs PyTorch and onnxruntime (cuda needs onnxruntime-gpu).")
 @click.option("--no-validate", is_flag=True, help="Skip the comparison with PyTorch (not recommended).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
-def export_cmd(model, output, nhead, opset, dtype, device, no_validate, force) -> None:
-    """Export MODEL to ONNX with a KV cache, validated against PyTorch.
+def export_cmd(model, output, fmt, nhead, opset, dtype, device, no_validate, force) -> None:
+    """Export MODEL with a KV cache to ONNX (default) or an AOTInductor .pt2, validated against PyTorch.
 
-    Writes a directory with model.onnx, tformer.json (config, input/output contract, versions,
-    validation report) and tokenizer.json when the checkpoint has one. Run it with
+    Writes a directory with model.onnx or model.pt2, tformer.json (config, input/output contract,
+    versions, validation report) and tokenizer.json when the checkpoint has one. Run it with
     `tformer generate DIR "..."` or `tformer.load(DIR)`.
     """
-    from tformer.export.onnx import export_onnx
     from tformer.runtime import resolve_device, resolve_dtype
 
     lm, tokenizer = load_model(model, nhead)
-    out = Path(output) if output else Path(model).with_name(Path(model).stem + "-onnx")
+    out = Path(output) if output else Path(model).with_name(f"{Path(model).stem}-{fmt}")
     began = time.perf_counter()
-    meta = export_onnx(lm, out, tokenizer, opset, resolve_dtype(dtype), validate=not no_validate, force=force,
-                       log=lambda line: click.echo(line, err=True), device=resolve_device(device))  # fmt: skip
-    size = sum(f.stat().st_size for f in out.iterdir() if f.name.startswith("model.onnx")) / 2**20
+    log = lambda line: click.echo(line, err=True)  # noqa: E731
+    if fmt == "pt2":
+        from tformer.export.pt2 import export_pt2
+
+        if device != "cpu":
+            raise CliError("--format pt2 compiles for the CPU here; run the export on the GPU machine for CUDA")
+        meta = export_pt2(lm, out, tokenizer, resolve_dtype(dtype), validate=not no_validate, force=force, log=log)
+    else:
+        from tformer.export.onnx import export_onnx
+
+        meta = export_onnx(lm, out, tokenizer, opset, resolve_dtype(dtype), validate=not no_validate, force=force,
+                           log=log, device=resolve_device(device))  # fmt: skip
+    size = sum(f.stat().st_size for f in out.iterdir() if f.name.startswith(f"model.{fmt}")) / 2**20
     checked = "validated" if meta["validation"] else "NOT validated"
-    click.echo(f"wrote {out}/ (model.onnx {size:.1f} MiB, {checked}) in {time.perf_counter() - began:.0f} s")
+    click.echo(f"wrote {out}/ (model.{fmt} {size:.1f} MiB, {checked}) in {time.perf_counter() - began:.0f} s")
 
 
 def export_main() -> None:

@@ -68,7 +68,7 @@ def load(
     path: tformer's `.safetensors` checkpoint, or the tutorial's `torch.save(model.state_dict())`
         file or a training-checkpoint dict (these need `nhead`), or a `tformer-export` directory.
     backend: which engine runs the decode step (see `tformer.backends.BACKENDS`); default "eager"
-        for checkpoints, "onnx" for an export directory (the only backend that runs one).
+        for checkpoints, and for an export directory the backend that runs it ("onnx" or "aot").
     device: default CUDA when available, else CPU. dtype: default float32.
     tokenizer: a `tokenizer.json` path (or Tokenizer) to use instead of, or in the absence of, the
         checkpoint's own. Without any, use the id methods (`generate_ids`, `stream_ids`).
@@ -85,11 +85,15 @@ def load(
 def _load_export(
     directory: Path, backend: str | None, device, dtype, tokenizer: Tokenizer | None
 ) -> Runtime:
+    from tformer.backends.aot import AotBackend
     from tformer.backends.onnx import OnnxBackend
+    from tformer.export.artifact import read_meta
 
-    if backend not in (None, "onnx"):
-        raise TformerError(f"{directory} is an ONNX export: it runs on backend 'onnx', not '{backend}'")
-    engine = OnnxBackend.from_directory(directory, resolve_device(device))
+    runs_on = {"tformer-onnx": "onnx", "tformer-pt2": "aot"}[read_meta(directory)["format"]]
+    if backend not in (None, runs_on):
+        raise TformerError(f"{directory} is an export for backend '{runs_on}', not '{backend}'")
+    engine_cls = OnnxBackend if runs_on == "onnx" else AotBackend
+    engine = engine_cls.from_directory(directory, resolve_device(device))
     if dtype is not None and resolve_dtype(dtype) != engine.dtype:
         raise TformerError(f"{directory} was exported as {engine.dtype}; export again with --dtype to change it")
     if tokenizer is None and (directory / "tokenizer.json").is_file():

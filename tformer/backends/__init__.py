@@ -14,6 +14,7 @@ from tformer.model import TransformerLM
 BACKENDS: dict[str, str] = {
     "eager": "tformer.backends.eager:EagerBackend",
     "compile": "tformer.backends.compile:CompileBackend",
+    "aot": "tformer.backends.aot:AotBackend",
     "naive": "tformer.backends.naive:NaiveBackend",
     "onnx": "tformer.backends.onnx:OnnxBackend",
 }

@@ -7,6 +7,8 @@ short file that implements these two methods.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -42,3 +44,14 @@ class Backend(Protocol):
         rows must produce finite values (no NaN), whatever they are.
         """
         ...
+
+
+class FromExport:
+    """For backends that run an export directory: `from_directory` opens one made by
+    `tformer-export`; the constructor (from a model) exports to tformer's cache first."""
+
+    @classmethod
+    def from_directory(cls, directory: str | os.PathLike, device: torch.device):
+        backend = cls.__new__(cls)
+        backend._open(Path(directory), device)
+        return backend

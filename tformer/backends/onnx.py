@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tformer.backends.base import FromExport
 from tformer.config import ModelConfig
 from tformer.errors import TformerError
 from tformer.model import TransformerLM
@@ -45,7 +46,7 @@ class OnnxCache:
     current: int = 0
 
 
-class OnnxBackend:
+class OnnxBackend(FromExport):
     name = "onnx"
 
     def __init__(self, model: TransformerLM, device: torch.device, dtype: torch.dtype):
@@ -55,18 +56,13 @@ class OnnxBackend:
         _ort()
         self._open(cached_export(model, dtype), device)
 
-    @classmethod
-    def from_directory(cls, directory: str | os.PathLike, device: torch.device) -> OnnxBackend:
-        """Open an export made by `tformer-export`."""
-        backend = cls.__new__(cls)
-        backend._open(Path(directory), device)
-        return backend
-
     def _open(self, directory: Path, device: torch.device) -> None:
-        from tformer.export.onnx import read_meta
+        from tformer.export.artifact import read_meta
 
         ort = _ort()
         meta = read_meta(directory)
+        if meta["format"] != "tformer-onnx":
+            raise TformerError(f"{directory} is not an ONNX export")
         self.config = ModelConfig.from_json(json.dumps(meta["config"]))
         self.dtype = getattr(torch, meta["dtype"])
         want_cuda = device.type == "cuda"

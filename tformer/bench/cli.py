@@ -11,7 +11,7 @@ import torch
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from tformer.bench.harness import ALL_BACKENDS, run_benchmarks, versions
+from tformer.bench.harness import ALL_BACKENDS, KNOWN_BACKENDS, run_benchmarks, versions
 from tformer.bench.report import print_table, require_matplotlib, write_csv, write_json, write_plot
 from tformer.checkpoint import load_model
 from tformer.cli import CliError, Command
@@ -37,7 +37,7 @@ def _int_list(text: str) -> list[int]:
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("--nhead", type=int, help="Head count; required for a tutorial state_dict (.pt).")
 @click.option("--backends", default=",".join(ALL_BACKENDS), show_default=True,
-              help="Comma-separated rows; 'naive' is the tutorial's full-recompute loop, 'hf' is HF generate.")
+              help="Comma-separated rows, also 'aot'; 'naive' is the tutorial's full-recompute loop, 'hf' is HF generate.")
 @click.option("--batch-sizes", default="1,8", show_default=True)
 @click.option("--prompt-len", default=32, show_default=True, help="Prompt tokens per row.")
 @click.option("--new-tokens", default=64, show_default=True, help="Tokens generated per row.")
@@ -60,9 +60,9 @@ def main(model, nhead, backends, batch_sizes, prompt_len, new_tokens, device, dt
     ranked. Backends that cannot run here are listed as skipped, with the reason.
     """
     names = [b.strip() for b in backends.split(",") if b.strip()]
-    unknown = [b for b in names if b not in ALL_BACKENDS]
+    unknown = [b for b in names if b not in KNOWN_BACKENDS]
     if unknown:
-        raise CliError(f"unknown backend(s) {', '.join(unknown)}; choose from {','.join(ALL_BACKENDS)}")
+        raise CliError(f"unknown backend(s) {', '.join(unknown)}; choose from {','.join(KNOWN_BACKENDS)}")
     sizes = _int_list(batch_sizes)
     if min(prompt_len, new_tokens, repeats) < 1 or warmup < 0:
         raise CliError("--prompt-len, --new-tokens and --repeats must be >= 1, --warmup >= 0")

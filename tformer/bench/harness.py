@@ -31,7 +31,8 @@ from tformer.generate import SamplingParams, generate_tokens
 from tformer.model import TransformerLM
 from tformer.runtime import Runtime
 
-ALL_BACKENDS = ("eager", "compile", "onnx", "triton", "naive", "hf")
+ALL_BACKENDS = ("eager", "compile", "onnx", "triton", "naive", "hf")  # the default rows
+KNOWN_BACKENDS = (*ALL_BACKENDS, "aot")  # aot compiles for ~half a minute per model: ask for it
 CHECK_PROMPTS, CHECK_PROMPT_LEN, CHECK_NEW_TOKENS = 2, 8, 16
 
 # A generation to time: called with `tick`, which it must call once per step, after the step's

@@ -17,8 +17,6 @@ symbolic (the TorchScript exporter bakes lengths into reshapes).
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import json
 import logging
 import os
@@ -31,14 +29,13 @@ import torch
 import torch.nn as nn
 
 from tformer.errors import TformerError
-from tformer.files import atomic_directory, cache_root
+from tformer.export.artifact import FORMAT_VERSION, cache_dir, export_copy, weights_sha256, write_meta
+from tformer.files import atomic_directory
 from tformer.model import TransformerLM, attention_bias
 from tformer.tokenizer import Tokenizer
 
 FORMAT_NAME = "tformer-onnx"
-FORMAT_VERSION = 1
 DEFAULT_OPSET = 18
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}  # max abs logit difference
 
 
 def input_names(n_layers: int) -> list[str]:
@@ -99,14 +96,6 @@ def example_inputs(model: TransformerLM, batch: int, seq: int, past: int, padded
     return ids, positions, mask, tuple((kv(), kv()) for _ in range(c.n_layers))
 
 
-def weights_sha256(model: TransformerLM) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def export_onnx(
     model: TransformerLM,
     out_dir: str | os.PathLike,
@@ -129,9 +118,7 @@ def export_onnx(
     """
     import onnx  # noqa: F401  (the exporter needs onnx and onnxscript: fail early and clearly)
 
-    if dtype not in TOLERANCE:
-        raise TformerError(f"unsupported export dtype {dtype}; use fp32 or fp16")
-    model = copy.deepcopy(model).to(device="cpu", dtype=dtype).eval()
+    model = export_copy(model, dtype)
     c = model.config
     with atomic_directory(out_dir, force) as tmp:
         began = time.perf_counter()
@@ -155,12 +142,12 @@ def export_onnx(
             "export_seconds": round(export_s, 1),
             "validation": None,
         }
-        _write_meta(tmp, meta)
+        write_meta(tmp, meta)
         if validate:
             from tformer.export.validate import validate_onnx
 
             meta["validation"] = {"device": device.type, **validate_onnx(tmp, model, log, device)}
-            _write_meta(tmp, meta)
+            write_meta(tmp, meta)
     return meta
 
 
@@ -213,35 +200,10 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxscript": onnxscript.__version__}
 
 
-def _write_meta(directory: Path, meta: dict) -> None:
-    (directory / "tformer.json").write_text(json.dumps(meta, indent=2))
-
-
-def read_meta(directory: str | os.PathLike) -> dict:
-    """`tformer.json` of an export directory, checked to be one tformer can run."""
-    path = Path(directory) / "tformer.json"
-    if not path.is_file():
-        raise TformerError(f"{directory}: not a tformer export (no tformer.json); create one with tformer-export")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise TformerError(f"{path}: unreadable ({exc})") from None
-    if meta.get("format") != FORMAT_NAME:
-        raise TformerError(f"{path}: format {meta.get('format')!r} is not an ONNX export")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise TformerError(f"{path}: written by a newer tformer; upgrade tformer")
-    if not (Path(directory) / "model.onnx").is_file():
-        raise TformerError(f"{directory}: model.onnx is missing; export again")
-    return meta
-
-
 def cached_export(model: TransformerLM, dtype: torch.dtype, log: Callable[[str], None] = lambda _: None) -> Path:
     """An export of `model` in the cache directory, made on first use, reused while the weights,
     dtype and versions are the same."""
-    key = hashlib.sha256(
-        f"{weights_sha256(model)} {dtype} {model.config.to_json()} {torch.__version__} {FORMAT_VERSION}".encode()
-    ).hexdigest()[:20]
-    directory = cache_root() / "onnx" / key
+    directory = cache_dir(model, dtype, "onnx")
     if not (directory / "tformer.json").is_file():
         log(f"exporting to {directory} (first use of these weights)")
         export_onnx(model, directory, dtype=dtype, validate=False, force=True)

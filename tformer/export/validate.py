@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from tformer.errors import TformerError
-from tformer.export.onnx import TOLERANCE, OnnxStep, example_inputs, input_names
+from tformer.export.artifact import TOLERANCE
+from tformer.export.onnx import OnnxStep, example_inputs, input_names
 from tformer.model import TransformerLM
 
 SHAPES = [(b, s, p) for b in (1, 3) for s in (1, 17) for p in (0, 9)]
