@@ -47,11 +47,13 @@ def _int_list(text: str) -> list[int]:
 @click.option("--warmup", default=1, show_default=True, help="Untimed runs first (compilation happens here).")
 @click.option("--threads", type=int, help="CPU threads for torch [default: torch's choice].")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random prompts (and weights without MODEL).")
+@click.option("--warm-setup", is_flag=True,
+              help="Also time compile/aot setup in a second process with warm caches (cold vs warm compile).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every record as JSON.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write every record as CSV.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Plot tokens/s vs batch size (PNG).")
 def main(model, nhead, backends, batch_sizes, prompt_len, new_tokens, device, dtype, repeats, warmup, threads,
-         seed, json_path, csv_path, plot_path) -> None:  # fmt: skip
+         seed, warm_setup, json_path, csv_path, plot_path) -> None:  # fmt: skip
     """Benchmark generation backends side by side on MODEL (default: a built-in random model).
 
     Reports time to first token, inter-token latency percentiles, decode and end-to-end
@@ -88,7 +90,7 @@ def main(model, nhead, backends, batch_sizes, prompt_len, new_tokens, device, dt
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task("starting")
         records = run_benchmarks(lm, names, sizes, prompt_len, new_tokens, dev, dt, repeats, warmup, seed,
-                                 progress=lambda text: bar.update(task, description=text))  # fmt: skip
+                                 progress=lambda text: bar.update(task, description=text), warm_setup=warm_setup)  # fmt: skip
     print_table(records, title)
     meta = dict(model=what, config=c.__dict__, backends=names, batch_sizes=sizes, prompt_len=prompt_len,
                 new_tokens=new_tokens, device=dev.type, dtype=str(dt).removeprefix("torch."), repeats=repeats,

@@ -239,12 +239,14 @@ def run_benchmarks(
     seed: int = 0,
     progress: Progress | None = None,
     build: Callable[[str], Runtime] | None = None,
+    warm_setup: bool = False,
 ) -> list[Record]:
     """Every backend at every batch size, side by side in one process, with ratios filled in.
 
     `build(name)` makes a runtime (default: `Runtime.from_model(model, backend=name, ...)`); a
     backend that is not built in this version, or whose construction raises TformerError (no GPU,
-    missing package), becomes a skipped record carrying the reason.
+    missing package), becomes a skipped record carrying the reason. `warm_setup` also times the
+    setup of compiling backends in a second process once the caches are warm (`warm_setup_s`).
     """
     from tformer.bench.hf import hf_generation  # transformers is imported only if hf runs
 
@@ -281,7 +283,7 @@ def run_benchmarks(
             if mismatch:
                 record.status, record.reason = "mismatch", mismatch
             rows.append(record)
-        if name in COMPILING and not custom_build:
+        if warm_setup and name in COMPILING and not custom_build:
             note(f"{name}: setting up again in a second process, with the compile caches now warm")
             warm = warm_setup_seconds(model, name, device, dtype)
             for record in rows:
