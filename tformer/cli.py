@@ -223,7 +223,7 @@ def export_cmd(model, output, fmt, nhead, opset, dtype, device, no_validate, for
         from tformer.export.pt2 import export_pt2
 
         if device != "cpu":
-            raise CliError("--format pt2 compiles for the CPU here; run the export on the GPU machine for CUDA")
+            raise CliError("--format pt2 builds a CPU package; CUDA packages are not supported yet (drop --device)")
         meta = export_pt2(lm, out, tokenizer, resolve_dtype(dtype), validate=not no_validate, force=force, log=log)
     else:
         from tformer.export.onnx import export_onnx

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from tformer.backends import Backend, create_backend
+from tformer.backends import Backend, backend_class, create_backend
 from tformer.checkpoint import load_model
 from tformer.config import ModelConfig
 from tformer.errors import TformerError
@@ -85,15 +85,12 @@ def load(
 def _load_export(
     directory: Path, backend: str | None, device, dtype, tokenizer: Tokenizer | None
 ) -> Runtime:
-    from tformer.backends.aot import AotBackend
-    from tformer.backends.onnx import OnnxBackend
     from tformer.export.artifact import read_meta
 
     runs_on = {"tformer-onnx": "onnx", "tformer-pt2": "aot"}[read_meta(directory)["format"]]
     if backend not in (None, runs_on):
         raise TformerError(f"{directory} is an export for backend '{runs_on}', not '{backend}'")
-    engine_cls = OnnxBackend if runs_on == "onnx" else AotBackend
-    engine = engine_cls.from_directory(directory, resolve_device(device))
+    engine = backend_class(runs_on).from_directory(directory, resolve_device(device))
     if dtype is not None and resolve_dtype(dtype) != engine.dtype:
         raise TformerError(f"{directory} was exported as {engine.dtype}; export again with --dtype to change it")
     if tokenizer is None and (directory / "tokenizer.json").is_file():

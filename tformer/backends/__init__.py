@@ -20,12 +20,17 @@ BACKENDS: dict[str, str] = {
 }
 
 
-def create_backend(name: str, model: TransformerLM, device: torch.device, dtype: torch.dtype) -> Backend:
-    """Build backend `name` around `model` (weights are moved to `device` / `dtype`)."""
+def backend_class(name: str) -> type:
+    """The class of backend `name`, imported on first use."""
     if name not in BACKENDS:
         raise TformerError(f"unknown backend '{name}'; choose one of: {', '.join(BACKENDS)}")
     module, cls = BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module), cls)(model, device, dtype)
+    return getattr(importlib.import_module(module), cls)
 
 
-__all__ = ["BACKENDS", "Backend", "create_backend"]
+def create_backend(name: str, model: TransformerLM, device: torch.device, dtype: torch.dtype) -> Backend:
+    """Build backend `name` around `model` (weights are moved to `device` / `dtype`)."""
+    return backend_class(name)(model, device, dtype)
+
+
+__all__ = ["BACKENDS", "Backend", "backend_class", "create_backend"]

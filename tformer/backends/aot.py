@@ -7,19 +7,18 @@ per step.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from tformer.backends.base import FromExport
-from tformer.config import ModelConfig
 from tformer.errors import TformerError
 from tformer.model import KVCache, TransformerLM
 
 
 class AotBackend(FromExport):
     name = "aot"
+    export_format = "tformer-pt2"
 
     def __init__(self, model: TransformerLM, device: torch.device, dtype: torch.dtype):
         """Compile `model` into a package in the cache directory (first use only) and load it."""
@@ -28,15 +27,9 @@ class AotBackend(FromExport):
         self._open(cached_export(model, dtype), device)
 
     def _open(self, directory: Path, device: torch.device) -> None:
-        from tformer.export.artifact import read_meta
-
-        meta = read_meta(directory)
-        if meta["format"] != "tformer-pt2":
-            raise TformerError(f"{directory} is not a .pt2 export")
+        self._read_export(directory)
         if device.type != "cpu":
-            raise TformerError("this .pt2 package was compiled for the CPU; export it on the GPU to run it there")
-        self.config = ModelConfig.from_json(json.dumps(meta["config"]))
-        self.dtype = getattr(torch, meta["dtype"])
+            raise TformerError("tformer .pt2 packages are compiled for the CPU; use device='cpu' (CUDA packages are not supported yet)")
         self.device = device
         self.attention = "AOTInductor package (C++)"
         self.runner = torch._inductor.aoti_load_package(str(directory / "model.pt2"))

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import torch
 
 from tformer.config import ModelConfig
+from tformer.errors import TformerError
 
 
 class Backend(Protocol):
@@ -50,8 +51,21 @@ class FromExport:
     """For backends that run an export directory: `from_directory` opens one made by
     `tformer-export`; the constructor (from a model) exports to tformer's cache first."""
 
+    export_format: str  # the tformer.json "format" this backend runs
+
     @classmethod
     def from_directory(cls, directory: str | os.PathLike, device: torch.device):
         backend = cls.__new__(cls)
         backend._open(Path(directory), device)
         return backend
+
+    def _read_export(self, directory: Path) -> dict:
+        """Check `directory` holds this backend's format; set `config` and `dtype` from it."""
+        from tformer.export.artifact import read_meta
+
+        meta = read_meta(directory)
+        if meta["format"] != self.export_format:
+            raise TformerError(f"{directory} is a {meta['format']} export, not {self.export_format}")
+        self.config = ModelConfig.from_dict(meta["config"])
+        self.dtype = getattr(torch, meta["dtype"])
+        return meta

@@ -17,6 +17,7 @@ import torch
 from tformer.files import cache_root
 from tformer.model import KVCache, TransformerLM
 
+
 class CompileBackend:
     name = "compile"
 

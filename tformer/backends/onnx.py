@@ -9,7 +9,6 @@ swap. On CUDA the buffers live on the GPU, so the cache never leaves it.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -19,7 +18,6 @@ import numpy as np
 import torch
 
 from tformer.backends.base import FromExport
-from tformer.config import ModelConfig
 from tformer.errors import TformerError
 from tformer.model import TransformerLM
 
@@ -48,6 +46,7 @@ class OnnxCache:
 
 class OnnxBackend(FromExport):
     name = "onnx"
+    export_format = "tformer-onnx"
 
     def __init__(self, model: TransformerLM, device: torch.device, dtype: torch.dtype):
         """Export `model` to the cache directory (first use only) and open it."""
@@ -57,14 +56,8 @@ class OnnxBackend(FromExport):
         self._open(cached_export(model, dtype), device)
 
     def _open(self, directory: Path, device: torch.device) -> None:
-        from tformer.export.artifact import read_meta
-
         ort = _ort()
-        meta = read_meta(directory)
-        if meta["format"] != "tformer-onnx":
-            raise TformerError(f"{directory} is not an ONNX export")
-        self.config = ModelConfig.from_json(json.dumps(meta["config"]))
-        self.dtype = getattr(torch, meta["dtype"])
+        self._read_export(directory)
         want_cuda = device.type == "cuda"
         provider = "CUDAExecutionProvider" if want_cuda and "CUDAExecutionProvider" in ort.get_available_providers() \
             else "CPUExecutionProvider"  # fmt: skip

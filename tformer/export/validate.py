@@ -15,12 +15,11 @@ import numpy as np
 import torch
 
 from tformer.errors import TformerError
-from tformer.export.artifact import TOLERANCE
+from tformer.export.artifact import TOLERANCE, greedy_check
 from tformer.export.onnx import OnnxStep, example_inputs, input_names
 from tformer.model import TransformerLM
 
 SHAPES = [(b, s, p) for b in (1, 3) for s in (1, 17) for p in (0, 9)]
-GREEDY_STEPS = 32
 
 
 def validate_onnx(
@@ -63,22 +62,9 @@ def validate_onnx(
                 f"validation failed at batch {batch}, {seq} new tokens, past {past}: max abs difference {diff:.3g} "
                 f"> tolerance {tolerance:g}"
             )
-    greedy = _greedy(directory, model, device)
-    log(f"  greedy {GREEDY_STEPS} steps, padded batch of 3: {'identical' if greedy['identical'] else 'DIFFERENT'}")
-    if not greedy["identical"]:
-        raise TformerError(f"validation failed: greedy tokens differ from PyTorch ({greedy['detail']})")
-    return {"checker": "ok", "shapes": rows, "greedy": greedy}
-
-
-def _greedy(directory: Path, model: TransformerLM, device: torch.device) -> dict:
     from tformer.backends.onnx import OnnxBackend
     from tformer.runtime import Runtime
 
-    prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13]]
-    prompts = [[t % model.config.vocab_size for t in p] for p in prompts]
-    onnx_rt = Runtime(OnnxBackend.from_directory(directory, device), None)
-    eager_rt = Runtime.from_model(copy.deepcopy(model), device=device, dtype=model.decoder.weight.dtype)
-    ours = onnx_rt.generate_ids(prompts, max_new_tokens=GREEDY_STEPS, temperature=0)
-    theirs = eager_rt.generate_ids(prompts, max_new_tokens=GREEDY_STEPS, temperature=0)
-    detail = next((f"prompt {i}" for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), "")
-    return {"steps": GREEDY_STEPS, "prompts": len(prompts), "identical": ours == theirs, "detail": detail}
+    exported = Runtime(OnnxBackend.from_directory(directory, device), None)
+    eager = Runtime.from_model(copy.deepcopy(model), device=device, dtype=dtype)
+    return {"checker": "ok", "shapes": rows, "greedy": greedy_check(exported, eager, log)}
