@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # before anything imports triton: its kernels then run on the CPU, interpreted
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tformer.config import ModelConfig
 from tformer.model import TransformerLM

@@ -43,9 +43,11 @@ def test_percentiles_on_known_samples():
 def test_unavailable_backends_are_skipped_with_the_reason(model, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    monkeypatch.setattr("tformer.kernels.launch.INTERPRET", False)  # as on a CPU without the interpreter
     records = run_benchmarks(model, ["eager", "triton", "onnx", "hf"], **FAST)
     by_name = {(r.backend, r.batch_size): r for r in records}
-    assert by_name["triton", 1].status == "skipped" and "not built" in by_name["triton", 1].reason
+    assert by_name["triton", 1].status == "skipped" and "needs a CUDA GPU" in by_name["triton", 1].reason
+    assert "TRITON_INTERPRET=1" in by_name["triton", 1].reason
     assert by_name["onnx", 2].status == "skipped" and "onnxruntime is not installed" in by_name["onnx", 2].reason
     assert by_name["hf", 2].status == "skipped" and "transformers is not installed" in by_name["hf", 2].reason
     assert by_name["hf", 1].e2e_tok_s is None
@@ -99,7 +101,8 @@ RECORD_FIELDS = {
 }  # fmt: skip
 
 
-def test_cli_json_csv_and_plot_schema(tmp_path, model):
+def test_cli_json_csv_and_plot_schema(tmp_path, model, monkeypatch):
+    monkeypatch.setattr("tformer.kernels.launch.INTERPRET", False)  # triton: a skipped row, not minutes interpreted
     save_checkpoint(tmp_path / "m.safetensors", model)
     out = {ext: tmp_path / f"bench.{ext}" for ext in ("json", "csv", "png")}
     result = CliRunner().invoke(bench, [

@@ -16,6 +16,7 @@ A query in slot `s` of row `b` attends to keys `start[b] <= j <= s`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,17 @@ class KVCache:
         self.k[layer].index_copy_(2, input_pos, k)
         self.v[layer].index_copy_(2, input_pos, v)
         return self.k[layer], self.v[layer]
+
+
+# An attention implementation that replaces SDPA (the triton backend's kernels): given q
+# `(B, H, T, Dh)` and the k, v `(B, H, S, Dh)` that the cache returned, the output `(B, H, T, Dh)`.
+# The masking it applies is its own business (the backend knows the rows' start and length).
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def row_positions(input_pos: torch.Tensor, start: torch.Tensor | None) -> torch.Tensor:
+    """Positional-encoding rows `(B or 1, T)`: slot `j` of row `b` is position `j - start[b]` (0 for padding)."""
+    return input_pos[None, :] if start is None else (input_pos[None, :] - start[:, None]).clamp(min=0)
 
 
 def attention_bias(
@@ -136,15 +148,19 @@ class SelfAttention(nn.Module):
         bias: torch.Tensor | None,
         cache: KVCache | None,
         input_pos: torch.Tensor,
+        attention: Attention | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3C): one fused matmul
         q, k, v = qkv.view(B, T, 3, self.nhead, C // self.nhead).permute(2, 0, 3, 1, 4)  # each (B, H, T, Dh)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, input_pos)  # (B, H, S, Dh)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0, is_causal=bias is None
-        )  # (B, H, T, Dh)
+        if attention is not None:
+            y = attention(q, k, v)  # (B, H, T, Dh)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0, is_causal=bias is None
+            )  # (B, H, T, Dh)
         return linear(self.out_proj, y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -160,9 +176,9 @@ class EncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(config.d_model, eps=1e-5)
         self.p = config.dropout
 
-    def forward(self, x, bias, cache, input_pos):
+    def forward(self, x, bias, cache, input_pos, attention=None):
         p, train = self.p, self.training
-        x = layer_norm(self.norm1, x + dropout(self.self_attn(x, bias, cache, input_pos), p, train))
+        x = layer_norm(self.norm1, x + dropout(self.self_attn(x, bias, cache, input_pos, attention), p, train))
         hidden = dropout(F.relu(linear(self.linear1, x)), p, train)  # (B, T, d_ff)
         return layer_norm(self.norm2, x + dropout(linear(self.linear2, hidden), p, train))
 
@@ -209,7 +225,7 @@ class TransformerLM(nn.Module):
         B, T = input_ids.shape
         if input_pos is None:
             input_pos = torch.arange(T, device=input_ids.device)
-        positions = input_pos[None, :] if start is None else (input_pos[None, :] - start[:, None]).clamp(min=0)
+        positions = row_positions(input_pos, start)
         if cache is None and start is None:
             bias = None  # plain causal attention over the T columns
         else:
@@ -225,15 +241,17 @@ class TransformerLM(nn.Module):
         bias: torch.Tensor | None,
         cache: KVCache | None,
         input_pos: torch.Tensor,
+        attention: Attention | None = None,
     ) -> torch.Tensor:
         """The network itself, given what `forward` derives: logits `(B, T, V)`.
 
         positions: `(B, T)` int64 positional-encoding rows. bias: `(B or 1, 1, T, S)` additive mask
         from `attention_bias`, or None for plain causal attention over the T columns (no cache).
-        Exporters that take masks and positions as inputs (ONNX) call this directly.
+        attention: replaces SDPA in every layer (then `bias` is unused). Exporters that take masks
+        and positions as inputs (ONNX) and backends with their own attention call this directly.
         """
         x = self.encoder(input_ids) * math.sqrt(self.config.d_model)  # (B, T, C)
         x = self.pos_encoder(x, positions)
         for layer in self.transformer_encoder.layers:
-            x = layer(x, bias, cache, input_pos)
+            x = layer(x, bias, cache, input_pos, attention)
         return self.decoder(x)  # (B, T, V)

@@ -17,6 +17,7 @@ BACKENDS: dict[str, str] = {
     "aot": "tformer.backends.aot:AotBackend",
     "naive": "tformer.backends.naive:NaiveBackend",
     "onnx": "tformer.backends.onnx:OnnxBackend",
+    "triton": "tformer.backends.triton:TritonBackend",
 }
 
 

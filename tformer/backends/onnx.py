@@ -19,7 +19,7 @@ import torch
 
 from tformer.backends.base import FromExport
 from tformer.errors import TformerError
-from tformer.model import TransformerLM
+from tformer.model import TransformerLM, row_positions
 
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
@@ -103,7 +103,7 @@ class OnnxBackend(FromExport):
         P = cache.length
         if P + S > cache.max_len:
             raise TformerError(f"cache of {cache.max_len} slots is full")
-        positions = (input_pos[None, :] - start[:, None]).clamp(min=0)  # (B, S)
+        positions = row_positions(input_pos, start)  # (B, S)
         mask = (torch.arange(P + S, device=self.device)[None, :] >= start[:, None]).long()  # (B, P + S)
         logits = torch.empty(B, S, c.vocab_size, device=self.device, dtype=self.dtype)
         binding = self.session.io_binding()

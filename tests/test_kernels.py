@@ -1,0 +1,166 @@
+"""Triton kernels vs float64 attention written out here, and the triton backend vs eager.
+
+Without a GPU these run under Triton's interpreter (conftest sets TRITON_INTERPRET=1). Inputs are
+fresh random tensors per case; outputs are pre-filled with NaN so that an element the kernel fails
+to write fails the comparison. Error = max |out - ref| / max |ref| over every element, padding
+queries included (the kernels define their output as zeros there).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from tformer.errors import TformerError  # noqa: E402
+from tformer.kernels import decode_attention, prefill_attention  # noqa: E402
+from tformer.runtime import Runtime  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}  # bf16: the interpreter truncates stores
+DTYPES = list(TOLERANCE)
+
+
+def reference(q, k, v, start, key_end):
+    """Float64 softmax(q k^T / sqrt(D)) v where query i of row b sees keys start[b] <= j < key_end(b, i);
+    queries that see nothing get zeros."""
+    q, k, v = (t.double().cpu() for t in (q, k, v))
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    scores = q @ k.transpose(-1, -2) / D**0.5  # (B, H, Tq, Tk)
+    j = torch.arange(Tk)
+    seen = torch.stack([torch.stack([(j >= start[b]) & (j < key_end(b, i)) for i in range(Tq)])
+                        for b in range(B)])  # (B, Tq, Tk)  # fmt: skip
+    scores = scores.masked_fill(~seen[:, None], float("-inf"))
+    return torch.softmax(scores, -1).nan_to_num(0.0) @ v
+
+
+def relative_error(out, ref) -> float:
+    return float((out.double().cpu() - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
+
+
+def poisoned(shape, dtype):
+    return torch.full(shape, float("nan"), device=DEVICE, dtype=dtype)
+
+
+def random(*shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(device=DEVICE, dtype=dtype)
+
+
+def run_prefill(B, H, Tq, Tk, D, dtype, start=None, seed=0):
+    q, k, v = (random(B, H, t, D, dtype=dtype, seed=seed + i) for i, t in enumerate((Tq, Tk, Tk)))
+    start_t = None if start is None else torch.tensor(start, device=DEVICE)
+    out = prefill_attention(q, k, v, start_t, out=poisoned((B, H, Tq, D), dtype))
+    ref = reference(q, k, v, start or [0] * B, lambda b, i: Tk - Tq + i + 1)
+    return out, ref
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T, D", [(1, 32), (7, 16), (37, 64), (129, 128)])
+def test_prefill_causal(T, D, dtype):
+    out, ref = run_prefill(2, 2, T, T, D, dtype, seed=T)
+    assert out.dtype == dtype and out.shape == (2, 2, T, D)
+    assert relative_error(out, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("D", [16, 24, 32, 64, 80, 128])
+def test_prefill_head_dims_including_padded_ones(D):
+    out, ref = run_prefill(1, 3, 37, 37, D, torch.float32, seed=D)
+    assert relative_error(out, ref) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_prefill_left_padding_and_offset_into_a_longer_cache(dtype):
+    # Row 0 unpadded, row 1 padded past the first key block, row 2 padded so far that its first
+    # queries see no key at all; 37 queries at the end of 129 keys (a prefill after a prefix).
+    out, ref = run_prefill(3, 2, 37, 129, 32, dtype, start=[0, 70, 110], seed=5)
+    assert relative_error(out, ref) < TOLERANCE[dtype]
+    assert torch.all(out[2, :, :110 - 92].float() == 0)  # queries 0..17 of row 2 see nothing: zeros
+
+
+def test_prefill_reads_any_strides():
+    B, H, T, D = 2, 2, 37, 32
+    qkv = random(B, T, 3, H, D, dtype=torch.float32, seed=3)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, T, D) views, as the model makes them
+    out = prefill_attention(q, k, v, torch.tensor([0, 4], device=DEVICE))
+    assert relative_error(out, reference(q, k, v, [0, 4], lambda b, i: i + 1)) < 1e-5
+
+
+def run_decode(B, H, Tmax, D, dtype, lengths, start=None, seed=0):
+    q = random(B, H, 1, D, dtype=dtype, seed=seed)
+    k, v = (random(B, H, Tmax, D, dtype=dtype, seed=seed + i) for i in (1, 2))
+    start_t = None if start is None else torch.tensor(start, device=DEVICE)
+    out = decode_attention(q, k, v, torch.tensor(lengths, device=DEVICE), start_t, out=poisoned((B, H, 1, D), dtype))
+    return out, reference(q, k, v, start or [0] * B, lambda b, i: lengths[b])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("L, D", [(1, 16), (7, 32), (37, 64), (129, 128)])
+def test_decode_against_cache_lengths(L, D, dtype):
+    # The cache is longer than what is filled: slots past `lengths` hold values that must not count.
+    out, ref = run_decode(2, 2, L + 20, D, dtype, lengths=[L, max(1, L // 2)], seed=L)
+    assert out.dtype == dtype and out.shape == (2, 2, 1, D)
+    assert relative_error(out, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_split_cache_with_left_padding(dtype):
+    # 600 slots = 4 splits of 256: row 1's valid keys start in the middle of the second split,
+    # row 2 starts in the last split it reads, and its last split is empty.
+    out, ref = run_decode(3, 2, 600, 64, dtype, lengths=[600, 541, 400], start=[0, 300, 390], seed=9)
+    assert relative_error(out, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("D", [24, 80])
+def test_decode_padded_head_dims(D):
+    out, ref = run_decode(1, 2, 200, D, torch.float32, lengths=[173], seed=D)
+    assert relative_error(out, ref) < TOLERANCE[torch.float32]
+
+
+def test_bad_inputs_are_one_line_errors():
+    q = torch.zeros(1, 2, 4, 16, device=DEVICE)
+    with pytest.raises(TformerError, match="Tq <= Tk"):
+        prefill_attention(q, q[:, :, :2], q[:, :, :2])
+    with pytest.raises(TformerError, match="one shape"):
+        prefill_attention(q, q, q[:, :, :3])
+    with pytest.raises(TformerError, match="head dim 160"):
+        prefill_attention(*[torch.zeros(1, 1, 2, 160, device=DEVICE)] * 3)
+    with pytest.raises(TformerError, match="dtype"):
+        prefill_attention(q, q.half(), q)
+    with pytest.raises(TformerError, match="start must be a \\(1,\\) int32/int64"):
+        prefill_attention(q, q, q, torch.zeros(2, dtype=torch.long, device=DEVICE))
+    with pytest.raises(TformerError, match="one query per row"):
+        decode_attention(q, q, q, torch.tensor([4], device=DEVICE))
+    with pytest.raises(TformerError, match="lengths must be"):
+        decode_attention(q[:, :, :1], q, q, torch.tensor([4.0], device=DEVICE))
+    with pytest.raises(TformerError, match="out must be"):
+        prefill_attention(q, q, q, out=torch.zeros(1, 2, 4, 8, device=DEVICE))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gives")
+def test_without_gpu_or_interpreter_the_error_names_the_interpreter():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import torch\nfrom tformer.kernels import prefill_attention\nq = torch.zeros(1, 1, 2, 16)\n"
+            "try:\n    prefill_attention(q, q, q)\nexcept ValueError as e:\n    print(e)")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "need a CUDA GPU" in result.stdout and "TRITON_INTERPRET=1" in result.stdout, result.stdout + result.stderr
+
+
+def test_triton_backend_greedy_equals_eager(trained):
+    model, tokenizer = trained
+    eager = Runtime.from_model(copy.deepcopy(model), tokenizer, backend="eager", device=DEVICE)
+    triton = Runtime.from_model(copy.deepcopy(model), tokenizer, backend="triton", device=DEVICE)
+    assert "Triton" in triton.backend.attention
+    prompts = [tokenizer.encode(text) for text in ("def main(", "import os\nclass ", "x")]
+    assert len({len(p) for p in prompts}) == 3  # different lengths: a left-padded batch
+    want = eager.generate_ids(prompts, max_new_tokens=12, temperature=0)
+    got = triton.generate_ids(prompts, max_new_tokens=12, temperature=0)
+    assert got == want
+    assert len({tuple(ids) for ids in want}) == 3  # the rows differ: a real comparison

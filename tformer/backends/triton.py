@@ -1,0 +1,52 @@
+"""Triton: the eager model with its attention replaced by tformer's own fused kernels.
+
+Prefill runs `prefill_attention` (FlashAttention-style, causal, left-padding aware) over the
+filled slots; each decode step runs `decode_attention` (flash-decoding, split along the cache)
+over the whole preallocated cache with per-row lengths, so that no slice or mask is built per
+step. Everything else (projections, norms, MLP) is the eager model's PyTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tformer.errors import TformerError
+from tformer.model import KVCache, TransformerLM, row_positions
+
+
+class TritonBackend:
+    name = "triton"
+    attention = "tformer Triton kernels (fused causal prefill, split-K decode)"
+
+    def __init__(self, model: TransformerLM, device: torch.device, dtype: torch.dtype):
+        try:
+            from tformer import kernels
+            from tformer.kernels.launch import INTERPRET, INTERPRET_HINT
+        except ImportError:
+            raise TformerError("the triton backend needs triton: pip install 'tformer[triton]'") from None
+        if device.type != "cuda" and not INTERPRET:
+            raise TformerError(f"the triton backend needs a CUDA GPU (device is {device}); {INTERPRET_HINT}")
+        self.kernels = kernels
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.config = model.config
+        self.device = device
+        self.dtype = dtype
+
+    def allocate_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache.allocate(self.config, batch, max_len, self.device, self.dtype)
+
+    def step(self, input_ids: torch.Tensor, input_pos: torch.Tensor, start: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        B, T = input_ids.shape
+        filled = int(input_pos[-1]) + 1  # slots written once this step's keys are in
+
+        if T == 1:
+            lengths = torch.full((B,), filled, device=self.device, dtype=torch.int32)
+
+            def attention(q, k, v):  # (B, H, 1, Dh) against the whole cache, rows cut at lengths
+                return self.kernels.decode_attention(q, k, v, lengths, start)
+        else:
+
+            def attention(q, k, v):  # (B, H, T, Dh): the T queries sit at the end of the filled slots
+                return self.kernels.prefill_attention(q, k[:, :, :filled], v[:, :, :filled], start)
+
+        return self.model.run(input_ids, row_positions(input_pos, start).expand(B, T), None, cache, input_pos, attention)
