@@ -9,6 +9,7 @@ queries included (the kernels define their output as zeros there).
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -164,3 +165,28 @@ def test_triton_backend_greedy_equals_eager(trained):
     got = triton.generate_ids(prompts, max_new_tokens=12, temperature=0)
     assert got == want
     assert len({tuple(ids) for ids in want}) == 3  # the rows differ: a real comparison
+
+
+def test_kernel_benchmark_cli(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from tformer.bench.cli import main as bench
+
+    monkeypatch.setattr("tformer.bench.kernels.NAIVE_MAX_BYTES", 40_000)  # the 200-key prefill's scores are over
+    out = tmp_path / "kernels.json"
+    result = CliRunner().invoke(bench, [
+        "kernels", "--seq", "64,100", "--batch", "1", "--heads", "2", "--head-dim", "16", "--dtype", "fp32,bf16",
+        "--device", DEVICE, "--json", str(out),
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    records = json.loads(out.read_text())["records"]
+    assert len(records) == 2 * 2 * 2 * 3  # kinds x seqs x dtypes x implementations
+    ours = [r for r in records if r["impl"] == "tformer"]
+    assert all(r["status"] == "ok" and r["max_rel_err"] < 2e-2 and r["ms"]["median"] > 0 for r in ours)
+    assert all(r["tflops"] > 0 for r in ours if r["kind"] == "prefill")
+    assert all(r["gb_s"] > 0 for r in ours if r["kind"] == "decode")
+    skipped = [r for r in records if r["status"] == "skipped"]
+    assert {(r["kind"], r["impl"], r["seq"]) for r in skipped} == {("prefill", "naive", 100)}
+    assert "skipped prefill naive" in result.output and "GiB" in result.output
+    bad = CliRunner().invoke(bench, ["kernels", "--kinds", "prefil"])
+    assert bad.exit_code == 2 and "unknown kind(s) prefil" in bad.output

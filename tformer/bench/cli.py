@@ -1,7 +1,9 @@
-"""`tformer-bench`: which backend wins for this model on this machine."""
+"""`tformer-bench`: which backend wins for this model on this machine; `tformer-bench kernels`:
+our attention kernels against SDPA."""
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import sys
 import time
@@ -12,15 +14,36 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from tformer.bench.harness import ALL_BACKENDS, KNOWN_BACKENDS, run_benchmarks, versions
-from tformer.bench.report import print_table, require_matplotlib, write_csv, write_json, write_plot
+from tformer.bench.kernels import IMPLS, KINDS, run_kernel_benchmarks
+from tformer.bench.report import print_kernel_table, print_table, require_matplotlib, write_csv, write_json, write_plot
 from tformer.checkpoint import load_model
-from tformer.cli import CliError, Command
+from tformer.cli import CliError, Command, Group
 from tformer.config import ModelConfig
 from tformer.model import TransformerLM
 from tformer.runtime import resolve_device, resolve_dtype
 
 # The built-in model: the size of the speed targets in the issues (random weights time the same).
 DEFAULT_MODEL = ModelConfig(vocab_size=256, d_model=256, nhead=4, d_ff=1024, n_layers=4)
+
+
+class DefaultGroup(Group):
+    """Runs `generate` when the first argument names no subcommand, so `tformer-bench [MODEL]`
+    keeps meaning the generation benchmark and `tformer-bench kernels` is the kernel one."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ctx.help_option_names):
+            args = ["generate", *args]
+        return super().parse_args(ctx, args)
+
+
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+@click.group(cls=DefaultGroup, context_settings=CONTEXT)
+def main() -> None:
+    """Benchmarks. `tformer-bench [MODEL] [OPTIONS]` (the `generate` command) times generation
+    backends side by side; `tformer-bench kernels` times tformer's Triton attention kernels
+    against PyTorch's SDPA. `tformer-bench COMMAND --help` lists each one's options."""
 
 
 def _int_list(text: str) -> list[int]:
@@ -33,7 +56,15 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
+def _name_list(text: str, known: tuple[str, ...], what: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise CliError(f"unknown {what} {', '.join(unknown) or '(none given)'}; choose from {','.join(known)}")
+    return names
+
+
+@main.command("generate", cls=Command, context_settings=CONTEXT)
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("--nhead", type=int, help="Head count; required for a tutorial state_dict (.pt).")
 @click.option("--backends", default=",".join(ALL_BACKENDS), show_default=True,
@@ -52,8 +83,8 @@ def _int_list(text: str) -> list[int]:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every record as JSON.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write every record as CSV.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Plot tokens/s vs batch size (PNG).")
-def main(model, nhead, backends, batch_sizes, prompt_len, new_tokens, device, dtype, repeats, warmup, threads,
-         seed, warm_setup, json_path, csv_path, plot_path) -> None:  # fmt: skip
+def generate(model, nhead, backends, batch_sizes, prompt_len, new_tokens, device, dtype, repeats, warmup, threads,
+             seed, warm_setup, json_path, csv_path, plot_path) -> None:  # fmt: skip
     """Benchmark generation backends side by side on MODEL (default: a built-in random model).
 
     Reports time to first token, inter-token latency percentiles, decode and end-to-end
@@ -61,10 +92,7 @@ def main(model, nhead, backends, batch_sizes, prompt_len, new_tokens, device, dt
     Each backend's greedy tokens are checked against eager first; a mismatch is flagged, never
     ranked. Backends that cannot run here are listed as skipped, with the reason.
     """
-    names = [b.strip() for b in backends.split(",") if b.strip()]
-    unknown = [b for b in names if b not in KNOWN_BACKENDS]
-    if unknown:
-        raise CliError(f"unknown backend(s) {', '.join(unknown)}; choose from {','.join(KNOWN_BACKENDS)}")
+    names = _name_list(backends, KNOWN_BACKENDS, "backend(s)")
     sizes = _int_list(batch_sizes)
     if min(prompt_len, new_tokens, repeats) < 1 or warmup < 0:
         raise CliError("--prompt-len, --new-tokens and --repeats must be >= 1, --warmup >= 0")
@@ -86,23 +114,82 @@ def main(model, nhead, backends, batch_sizes, prompt_len, new_tokens, device, dt
              f"prompt {prompt_len}, {new_tokens} new tokens, greedy | {dev.type} {str(dt).removeprefix('torch.')}, "
              f"torch {torch.__version__}")  # fmt: skip
     began = time.perf_counter()
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("starting")
+    with _progress() as note:
         records = run_benchmarks(lm, names, sizes, prompt_len, new_tokens, dev, dt, repeats, warmup, seed,
-                                 progress=lambda text: bar.update(task, description=text), warm_setup=warm_setup)  # fmt: skip
+                                 progress=note, warm_setup=warm_setup)  # fmt: skip
     print_table(records, title)
     meta = dict(model=what, config=c.__dict__, backends=names, batch_sizes=sizes, prompt_len=prompt_len,
                 new_tokens=new_tokens, device=dev.type, dtype=str(dt).removeprefix("torch."), repeats=repeats,
                 warmup=warmup, seed=seed, threads=torch.get_num_threads(), versions=versions(),
                 platform=platform.platform(), python=platform.python_version(),
-                seconds=round(time.perf_counter() - began, 1), command=" ".join(["tformer-bench", *sys.argv[1:]]))  # fmt: skip
+                seconds=round(time.perf_counter() - began, 1), command=_command_line())  # fmt: skip
     if json_path:
         write_json(json_path, records, meta)
     if csv_path:
         write_csv(csv_path, records)
     if plot_path:
         write_plot(plot_path, records, title)
+
+
+@main.command("kernels", cls=Command, context_settings=CONTEXT)
+@click.option("--kinds", default=",".join(KINDS), show_default=True,
+              help="prefill (Tq = Tk = seq, causal) and/or decode (one query per row, a cache of seq keys).")  # fmt: skip
+@click.option("--batch", "batches", default="1,8", show_default=True, help="Batch sizes, comma-separated.")
+@click.option("--heads", default="16", show_default=True, help="Head counts, comma-separated.")
+@click.option("--seq", "seqs", default="512,1024,2048,4096,8192,16384", show_default=True,
+              help="Sequence lengths (prefill) / cache lengths (decode).")  # fmt: skip
+@click.option("--head-dim", "head_dims", default="64,128", show_default=True, help="Head dims (1..128).")
+@click.option("--dtype", "dtypes", default="bf16", show_default=True, help="Comma-separated: fp32, fp16, bf16.")
+@click.option("--impls", default=",".join(IMPLS), show_default=True,
+              help="tformer (our Triton kernels), sdpa (torch scaled_dot_product_attention), naive (matmul-softmax-matmul).")  # fmt: skip
+@click.option("--device", help="cuda [default], or cpu under TRITON_INTERPRET=1 (a smoke test: times mean nothing).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every record as JSON.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write every record as CSV.")
+def kernels(kinds, batches, heads, seqs, head_dims, dtypes, impls, device, seed, json_path, csv_path) -> None:
+    """Time tformer's Triton attention kernels against SDPA and a naive implementation.
+
+    Prefill rows report TFLOP/s (causal pairs only), decode rows GB/s of K/V read and the share of
+    the GPU's measured copy bandwidth. Each case checks our output against SDPA's first; a
+    mismatch is flagged. Times are CUDA-event medians (triton.testing.do_bench).
+    """
+    kind_list = _name_list(kinds, KINDS, "kind(s)")
+    impl_list = _name_list(impls, IMPLS, "implementation(s)")
+    dtype_list = [resolve_dtype(d.strip()) for d in dtypes.split(",") if d.strip()]
+    sizes = {name: _int_list(text) for name, text in dict(batch=batches, heads=heads, seq=seqs, head_dim=head_dims).items()}
+    dev = resolve_device(device)
+    try:
+        from tformer.kernels.launch import INTERPRET, INTERPRET_HINT
+    except ImportError:
+        raise CliError("the kernel benchmark needs triton: pip install 'tformer[triton]'") from None
+    if dev.type != "cuda" and not INTERPRET:
+        raise CliError(f"the kernel benchmark needs a CUDA GPU; {INTERPRET_HINT} (a smoke test: interpreted times mean nothing)")
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{platform.processor() or 'cpu'} (Triton interpreter)"
+    title = f"attention kernels on {name} | torch {torch.__version__}, triton {versions()['triton']}"
+    began = time.perf_counter()
+    with _progress() as note:
+        records, copy_bw = run_kernel_benchmarks(kind_list, sizes["batch"], sizes["heads"], sizes["seq"], sizes["head_dim"],
+                                                 dtype_list, dev, impl_list, seed, note, versions())  # fmt: skip
+    print_kernel_table(records, title, copy_bw)
+    meta = dict(device=dev.type, device_name=name, copy_bandwidth_gb_s=copy_bw, versions=versions(), seed=seed,
+                platform=platform.platform(), seconds=round(time.perf_counter() - began, 1), command=_command_line())  # fmt: skip
+    if json_path:
+        write_json(json_path, records, meta)
+    if csv_path:
+        write_csv(csv_path, records)
+
+
+@contextlib.contextmanager
+def _progress():
+    """A spinner on stderr; yields `note(text)`, which updates its description."""
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("starting")
+        yield lambda text: bar.update(task, description=text)
+
+
+def _command_line() -> str:
+    return " ".join(["tformer-bench", *sys.argv[1:]])
 
 
 if __name__ == "__main__":

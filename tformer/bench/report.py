@@ -7,16 +7,19 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from tformer.bench.harness import Record
+from tformer.bench.kernels import KernelRecord
 from tformer.errors import TformerError
 from tformer.files import atomic_path
 
 
-def record_dict(record: Record) -> dict:
+def record_dict(record: Any) -> dict:
+    """A record (`Record` or `KernelRecord`: a dataclass with a `flagged` property) as a dict."""
     return {**asdict(record), "flagged": record.flagged}
 
 
@@ -56,6 +59,42 @@ def print_table(records: Sequence[Record], title: str, console: Console | None =
     console.print(f"memory: {next((r.mem_source for r in timed), '-')}; warm-up s = setup (build, export, compile, correctness check) + untimed warm-up runs")
 
 
+def print_kernel_table(records: Sequence[KernelRecord], title: str, copy_bw: float | None, console: Console | None = None) -> None:
+    """One row per implementation and case; TFLOP/s for prefill, GB/s (and % of copy) for decode."""
+    console = console or Console(width=max(Console().width, 170))
+    table = Table(title=title, title_justify="left")
+    headers = ("kind", "impl", "batch", "heads", "seq", "D", "dtype", "ms", "ms min-max", "TFLOP/s", "GB/s",
+               "% copy bw", "x sdpa", "rel err", "check")  # fmt: skip
+    for h in headers:
+        table.add_column(h, justify="left" if h in ("kind", "impl", "dtype", "check") else "right")
+    for r in records:
+        if r.status == "skipped":
+            continue
+        table.add_row(
+            r.kind, r.impl, str(r.batch), str(r.heads), str(r.seq), str(r.head_dim), r.dtype, _num(r.ms.median),
+            f"{_num(r.ms.min)}-{_num(r.ms.max)}", _num(r.tflops), _num(r.gb_s),
+            "-" if r.copy_fraction is None else f"{100 * r.copy_fraction:.0f}%", _ratio(r.vs_sdpa),
+            "-" if r.max_rel_err is None else f"{r.max_rel_err:.1e}", "MISMATCH" if r.flagged else "ok",
+            style="red" if r.flagged else None,
+        )  # fmt: skip
+    console.print(table)
+    if copy_bw:
+        console.print(f"device copy bandwidth (1 GiB device-to-device, read + write): {copy_bw:.0f} GB/s")
+    for r in records:
+        if r.flagged:
+            console.print(f"[red]! {r.kind} {r.impl} seq {r.seq} D {r.head_dim} {r.dtype}: {r.reason}[/red]")
+    for reason, rows in _group_skips(records).items():
+        console.print(f"skipped {', '.join(rows)}: {reason}")
+
+
+def _group_skips(records: Sequence[KernelRecord]) -> dict[str, list[str]]:
+    skips: dict[str, list[str]] = {}
+    for r in records:
+        if r.status == "skipped":
+            skips.setdefault(r.reason, []).append(f"{r.kind} {r.impl} b{r.batch} h{r.heads} s{r.seq} d{r.head_dim} {r.dtype}")
+    return skips
+
+
 def _num(value: float | None) -> str:
     if value is None:
         return "-"
@@ -66,12 +105,12 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def write_json(path: str | os.PathLike, records: Sequence[Record], meta: dict) -> None:
+def write_json(path: str | os.PathLike, records: Sequence[Any], meta: dict) -> None:
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump({"meta": meta, "records": [record_dict(r) for r in records]}, f, indent=2)
 
 
-def flatten(record: Record) -> dict:
+def flatten(record: Any) -> dict:
     """One CSV row: nested figures become `ttft_ms.median`, `itl_ms.p99`, `versions.torch`..."""
     flat = {}
     for key, value in record_dict(record).items():
@@ -82,7 +121,7 @@ def flatten(record: Record) -> dict:
     return flat
 
 
-def write_csv(path: str | os.PathLike, records: Sequence[Record]) -> None:
+def write_csv(path: str | os.PathLike, records: Sequence[Any]) -> None:
     rows = [flatten(r) for r in records]
     fields = list(dict.fromkeys(k for row in sorted(rows, key=len, reverse=True) for k in row))
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
