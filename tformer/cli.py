@@ -67,7 +67,7 @@ def _options(*options):
 
 
 model_options = _options(
-    click.option("--backend", help="Engine: eager, compile, onnx, aot, naive [default: eager; for an export directory, its own]."),
+    click.option("--backend", help="Engine: eager, compile, onnx, aot, triton, naive [default: eager; for an export directory, its own]."),
     click.option("--device", help="cpu or cuda [default: cuda if available]."),
     click.option("--dtype", help="fp32, bf16 or fp16 [default: fp32]."),
     click.option("--nhead", type=int, help="Head count; required for a tutorial state_dict (.pt)."),
