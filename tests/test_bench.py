@@ -54,6 +54,14 @@ def test_unavailable_backends_are_skipped_with_the_reason(model, monkeypatch):
     assert by_name["eager", 2].status == "ok" and by_name["eager", 2].e2e_tok_s.median > 0
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs only where there is no GPU")
+def test_interpreted_triton_is_skipped_not_timed(model):
+    pytest.importorskip("triton")
+    records = run_benchmarks(model, ["eager", "triton"], **FAST)
+    triton_rows = [r for r in records if r.backend == "triton"]
+    assert triton_rows and all(r.status == "skipped" and "interpreter" in r.reason for r in triton_rows)
+
+
 class WrongBackend(EagerBackend):
     """Deliberately wrong, and faster than any real row: predicts the input id + 1, no model."""
 

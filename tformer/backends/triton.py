@@ -27,6 +27,7 @@ class TritonBackend:
         if device.type != "cuda" and not INTERPRET:
             raise TformerError(f"the triton backend needs a CUDA GPU (device is {device}); {INTERPRET_HINT}")
         self.kernels = kernels
+        self.interpreted = device.type != "cuda"  # correct but seconds per token: benchmarks skip it
         self.model = model.to(device=device, dtype=dtype).eval()
         self.config = model.config
         self.device = device

@@ -269,6 +269,10 @@ def run_benchmarks(
         except TformerError as exc:
             records += _skipped(name, batch_sizes, prompt_len, new_tokens, str(exc))
             continue
+        if getattr(runtime.backend, "interpreted", False):
+            reason = "runs under the Triton interpreter here (TRITON_INTERPRET=1, no GPU): a test mode, far too slow to time"
+            records += _skipped(name, batch_sizes, prompt_len, new_tokens, reason)
+            continue
         mismatch = greedy_mismatch(runtime, reference, seed)  # compiling backends compile here too
         setup_s = (eager_setup_s if name == "eager" else 0.0) + time.perf_counter() - began
         rows = []
