@@ -33,3 +33,5 @@ def test_no_recompiles_across_prompt_lengths(compiled, monkeypatch):
     for length in (1, 2, 3, 17, 64, 129, 199, 200):
         out = compiled.generate_ids([[5] * length, [6] * max(1, length // 2)], max_new_tokens=3, temperature=0)
         assert [len(row) for row in out] == [3, 3]
+    if compiled.backend._ahead:  # decode compiled ahead of time: exactly one step, for batch 2 and the warm-up's cache
+        assert list(compiled.backend._decoders) == [(2, 256)]

@@ -38,12 +38,19 @@ class CompileBackend:
         options = None if cuda else {"cpp_wrapper": True}
         if not cuda:
             transpose_weights_in_memory(self.model)
-        self._decode = torch.compile(self._forward, fullgraph=True, dynamic=False, options=options,
-                                     mode="reduce-overhead" if cuda else None)  # fmt: skip
-        self._prefill = torch.compile(self._forward, fullgraph=True, dynamic=True, options=options)
+        model = self.model
 
-    def _forward(self, input_ids, input_pos, start, k: list[torch.Tensor], v: list[torch.Tensor]) -> torch.Tensor:
-        return self.model(input_ids, input_pos, start, KVCache(k, v))
+        def forward(input_ids, input_pos, start, k: list[torch.Tensor], v: list[torch.Tensor]) -> torch.Tensor:
+            return model(input_ids, input_pos, start, KVCache(k, v))  # a function: aot_compile binds no `self`
+
+        self._decode = torch.compile(forward, fullgraph=True, dynamic=False, options=options,
+                                     mode="reduce-overhead" if cuda else None)  # fmt: skip
+        self._prefill = torch.compile(forward, fullgraph=True, dynamic=True, options=options)
+        # CPU decode: one ahead-of-time compiled step per (batch, cache length), called without
+        # dynamo's per-call guard evaluation over ~60 tensors (2.63 -> 2.34 ms/step at d_model 256).
+        # A call with other shapes raises instead of recompiling.
+        self._decoders: dict[tuple[int, int], object] = {}
+        self._ahead = not cuda and hasattr(self._decode, "aot_compile")  # torch >= 2.10
 
     def allocate_cache(self, batch: int, max_len: int) -> KVCache:
         """`cache_len` slots whatever the request (one decode graph per batch size): set by the first
@@ -59,7 +66,13 @@ class CompileBackend:
     def step(self, input_ids: torch.Tensor, input_pos: torch.Tensor, start: torch.Tensor, cache: KVCache) -> torch.Tensor:
         # A sliced (B, 1) view has other strides than a fresh tensor and would recompile.
         input_ids = input_ids.clone(memory_format=torch.contiguous_format)
-        if input_ids.shape[1] == 1:
-            logits = self._decode(input_ids, input_pos, start, cache.k, cache.v)
+        args = (input_ids, input_pos, start, cache.k, cache.v)
+        if input_ids.shape[1] > 1:
+            return self._prefill(*args)
+        if not self._ahead:
+            logits = self._decode(*args)
             return logits.clone() if self.device.type == "cuda" else logits  # a replay overwrites outputs
-        return self._prefill(input_ids, input_pos, start, cache.k, cache.v)
+        key = (input_ids.shape[0], cache.max_len)
+        if key not in self._decoders:
+            self._decoders[key] = self._decode.aot_compile((args, {}))
+        return self._decoders[key](*args)
