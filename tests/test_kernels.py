@@ -119,6 +119,17 @@ def test_decode_split_cache_with_left_padding(dtype):
     assert relative_error(out, ref) < TOLERANCE[dtype]
 
 
+def test_decode_never_reads_past_the_cache():
+    # lengths beyond the cache are read as the cache's length: the keys are views into a larger
+    # buffer whose next slots hold NaN, which would poison the output if read.
+    q = random(2, 2, 1, 32, dtype=torch.float32, seed=1)
+    buffer = torch.full((2, 2, 300, 32), float("nan"), device=DEVICE)
+    buffer[:, :, :257] = random(2, 2, 257, 32, dtype=torch.float32, seed=2)
+    k = v = buffer[:, :, :257]
+    out = decode_attention(q, k, v, torch.tensor([257, 400], device=DEVICE))
+    assert relative_error(out, reference(q, k, v, [0, 0], lambda b, i: 257)) < 1e-5
+
+
 @pytest.mark.parametrize("D", [24, 80])
 def test_decode_padded_head_dims(D):
     out, ref = run_decode(1, 2, 200, D, torch.float32, lengths=[173], seed=D)

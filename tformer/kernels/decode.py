@@ -34,7 +34,7 @@ _CONFIGS = configs(
 def _split_kernel(Q, K, V, LENGTHS, START, PART_O, PART_M, PART_L,
                   stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
                   stride_vb, stride_vh, stride_vt, stride_vd,
-                  n_heads, n_splits, keys_per_split, qk_scale,
+                  n_heads, n_slots, n_splits, keys_per_split, qk_scale,
                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_START: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """Partial softmax of one (batch, head) over keys [split * keys_per_split, next split)."""
     pid_bh = tl.program_id(0)
@@ -48,7 +48,8 @@ def _split_kernel(Q, K, V, LENGTHS, START, PART_O, PART_M, PART_L,
     if HAS_START:
         row_start = tl.load(START + b).to(tl.int32)
     lo = tl.maximum(split * keys_per_split, row_start)
-    hi = tl.minimum((split + 1) * keys_per_split, tl.load(LENGTHS + b).to(tl.int32))
+    length = tl.minimum(tl.load(LENGTHS + b).to(tl.int32), n_slots)  # never read past the cache
+    hi = tl.minimum((split + 1) * keys_per_split, length)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     m_i = float("-inf")
@@ -119,7 +120,7 @@ def decode_attention(
     q: `(B, H, 1, D)`; k_cache, v_cache: `(B, H, Tmax, D)`, any strides; float32, float16 or
         bfloat16 (all alike); D in 1..128.
     lengths: `(B,)` int32/int64, the number of filled cache slots of each row (the new token's
-        key included), `1 <= lengths[b] <= Tmax`.
+        key included), `1 <= lengths[b] <= Tmax` (larger values are read as Tmax).
     start: optional `(B,)` int32/int64, the first valid slot of each left-padded row (default 0).
     Row `b` attends to keys `start[b] <= j < lengths[b]`, scaled by `1/sqrt(D)`; slots outside are
     never read. out: optional `(B, H, 1, D)` tensor of q's dtype to write into (any strides).
@@ -142,7 +143,7 @@ def decode_attention(
     _split_kernel[(B * H, splits)](
         q, k_cache, v_cache, lengths.contiguous(), start.contiguous() if start is not None else lengths, part_o, part_m,
         part_l, q.stride(0), q.stride(1), q.stride(3), *k_cache.stride(), *v_cache.stride(),
-        H, splits, keys_per_split, LOG2E / math.sqrt(D), HEAD_DIM=D, D_PAD=d_pad, HAS_START=start is not None,
+        H, k_cache.shape[2], splits, keys_per_split, LOG2E / math.sqrt(D), HEAD_DIM=D, D_PAD=d_pad, HAS_START=start is not None,
     )  # fmt: skip
     _merge_kernel[(B * H,)](
         part_o, part_m, part_l, out, out.stride(0), out.stride(1), out.stride(3), H, splits,
