@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch._dynamo.utils import counters
 
 from tformer.backends.eager import transpose_weights_in_memory
 from tformer.files import cache_root
@@ -69,9 +70,14 @@ class CompileBackend:
         args = (input_ids, input_pos, start, cache.k, cache.v)
         if input_ids.shape[1] > 1:
             return self._prefill(*args)
+        if self.device.type == "cuda":
+            skips = counters["inductor"]["cudagraph_skips"]
+            logits = self._decode(*args).clone()  # a replay overwrites the previous call's outputs
+            if counters["inductor"]["cudagraph_skips"] != skips:  # inductor logged why, as a warning
+                self.attention = "torch.compile, inductor; CUDA graphs SKIPPED (see inductor's warning)"
+            return logits
         if not self._ahead:
-            logits = self._decode(*args)
-            return logits.clone() if self.device.type == "cuda" else logits  # a replay overwrites outputs
+            return self._decode(*args)
         key = (input_ids.shape[0], cache.max_len)
         if key not in self._decoders:
             try:
