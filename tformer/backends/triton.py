@@ -27,7 +27,8 @@ class TritonBackend:
         if device.type != "cuda" and not INTERPRET:
             raise TformerError(f"the triton backend needs a CUDA GPU (device is {device}); {INTERPRET_HINT}")
         self.kernels = kernels
-        self.interpreted = device.type != "cuda"  # correct but seconds per token: benchmarks skip it
+        # Interpreted, it is correct but takes seconds per token: benchmarks list it, never time it.
+        self.untimed = None if device.type == "cuda" else "runs under the Triton interpreter here (no GPU): a test mode"
         self.model = model.to(device=device, dtype=dtype).eval()
         self.config = model.config
         self.device = device

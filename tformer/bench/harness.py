@@ -243,9 +243,10 @@ def run_benchmarks(
     """Every backend at every batch size, side by side in one process, with ratios filled in.
 
     `build(name)` makes a runtime (default: `Runtime.from_model(model, backend=name, ...)`); a
-    backend whose construction raises TformerError (unknown name, no GPU, missing package) becomes
-    a skipped record carrying the reason. `warm_setup` also times the
-    setup of compiling backends in a second process once the caches are warm (`warm_setup_s`).
+    backend whose construction raises TformerError (unknown name, no GPU, missing package), or
+    that says it is `untimed` (the reason), becomes a skipped record carrying the reason.
+    `warm_setup` also times the setup of compiling backends in a second process once the caches
+    are warm (`warm_setup_s`).
     """
     from tformer.bench.hf import hf_generation  # transformers is imported only if hf runs
 
@@ -269,9 +270,8 @@ def run_benchmarks(
         except TformerError as exc:
             records += _skipped(name, batch_sizes, prompt_len, new_tokens, str(exc))
             continue
-        if getattr(runtime.backend, "interpreted", False):
-            reason = "runs under the Triton interpreter here (TRITON_INTERPRET=1, no GPU): a test mode, far too slow to time"
-            records += _skipped(name, batch_sizes, prompt_len, new_tokens, reason)
+        if getattr(runtime.backend, "untimed", None):  # runs, but timing it would mean nothing
+            records += _skipped(name, batch_sizes, prompt_len, new_tokens, runtime.backend.untimed)
             continue
         mismatch = greedy_mismatch(runtime, reference, seed)  # compiling backends compile here too
         setup_s = (eager_setup_s if name == "eager" else 0.0) + time.perf_counter() - began
