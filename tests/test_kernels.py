@@ -113,7 +113,7 @@ def test_decode_against_cache_lengths(L, D, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_decode_split_cache_with_left_padding(dtype):
-    # 600 slots = 4 splits of 256: row 1's valid keys start in the middle of the second split,
+    # 600 slots = 3 splits of 256 (interpreted): row 1's valid keys start in the middle of the second split,
     # row 2 starts in the last split it reads, and its last split is empty.
     out, ref = run_decode(3, 2, 600, 64, dtype, lengths=[600, 541, 400], start=[0, 300, 390], seed=9)
     assert relative_error(out, ref) < TOLERANCE[dtype]
