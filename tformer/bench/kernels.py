@@ -124,8 +124,9 @@ def run_kernel_benchmarks(
         }
         case = dict(kind=kind, batch=B, heads=H, seq=T, head_dim=D, dtype=name, versions=versions or {})
         rows = {impl: KernelRecord(impl=impl, **case) for impl in impls}
-        if "naive" in rows and B * H * q.shape[2] * T * 4 > NAIVE_MAX_BYTES:
-            rows["naive"].status, rows["naive"].reason = "skipped", f"scores would need {B * H * q.shape[2] * T * 4 / 2**30:.0f} GiB"
+        scores_bytes = B * H * q.shape[2] * T * 4  # the naive float32 (Tq, Tk) matrices
+        if "naive" in rows and scores_bytes > NAIVE_MAX_BYTES:
+            rows["naive"].status, rows["naive"].reason = "skipped", f"scores would need {scores_bytes / 2**30:.0f} GiB"
         reference = run["sdpa"]()
         try:
             ours = run["tformer"]()

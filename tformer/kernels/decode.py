@@ -10,16 +10,16 @@ the scores are a broadcast multiply and a row sum in float32.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
 import triton.language as tl
 
 from tformer.errors import TformerError
-from tformer.kernels.launch import INTERPRET, check_inputs, check_rows, configs, output, padded_head_dim
+from tformer.kernels.launch import (
+    INTERPRET, check_inputs, check_rows, configs, output, padded_head_dim, score_scale, sm_count,
+)  # fmt: skip
 
-LOG2E = 1.4426950408889634
 SPLIT_KEYS = 128  # chunks are multiples of this many keys
 
 _CONFIGS = configs(
@@ -101,10 +101,9 @@ def _num_splits(batch_heads: int, max_keys: int, device: torch.device) -> int:
     """Enough chunks to fill the GPU (two programs per SM) but no chunk under SPLIT_KEYS keys.
     Interpreted, up to 4 chunks: enough to exercise the merge, few enough to stay quick."""
     most = triton.cdiv(max_keys, SPLIT_KEYS)
-    if INTERPRET or device.type != "cuda":
+    if INTERPRET:
         return min(most, 4)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(most, triton.cdiv(2 * sms, batch_heads)))
+    return max(1, min(most, triton.cdiv(2 * sm_count(torch.cuda.current_device() if device.index is None else device.index), batch_heads)))
 
 
 def decode_attention(
@@ -143,7 +142,7 @@ def decode_attention(
     _split_kernel[(B * H, splits)](
         q, k_cache, v_cache, lengths.contiguous(), start.contiguous() if start is not None else lengths, part_o, part_m,
         part_l, q.stride(0), q.stride(1), q.stride(3), *k_cache.stride(), *v_cache.stride(),
-        H, k_cache.shape[2], splits, keys_per_split, LOG2E / math.sqrt(D), HEAD_DIM=D, D_PAD=d_pad, HAS_START=start is not None,
+        H, k_cache.shape[2], splits, keys_per_split, score_scale(D), HEAD_DIM=D, D_PAD=d_pad, HAS_START=start is not None,
     )  # fmt: skip
     _merge_kernel[(B * H,)](
         part_o, part_m, part_l, out, out.stride(0), out.stride(1), out.stride(3), H, splits,

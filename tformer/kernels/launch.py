@@ -7,6 +7,9 @@ time whether `@triton.jit` compiles or interprets, so `INTERPRET` is read once, 
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 import triton
 
@@ -22,6 +25,16 @@ def configs(gpu: list[triton.Config], interpreter: triton.Config) -> list[triton
     """Autotune over `gpu` on a GPU; one config when interpreting, where time grows with the
     number of program instances rather than with FLOPs, so large tiles keep tests fast."""
     return [interpreter] if INTERPRET else gpu
+
+
+def score_scale(head_dim: int) -> float:
+    """1/sqrt(D) times log2(e): the kernels' softmax runs in base 2 (`exp2`) with the scale folded in."""
+    return 1.4426950408889634 / math.sqrt(head_dim)
+
+
+@functools.cache
+def sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def padded_head_dim(head_dim: int) -> int:

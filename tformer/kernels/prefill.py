@@ -10,16 +10,13 @@ input dtype.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
 import triton.language as tl
 
 from tformer.errors import TformerError
-from tformer.kernels.launch import INTERPRET, check_inputs, configs, output, padded_head_dim
-
-LOG2E = 1.4426950408889634
+from tformer.kernels.launch import INTERPRET, check_inputs, configs, output, padded_head_dim, score_scale
 
 _CONFIGS = configs(
     [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -144,7 +141,7 @@ def prefill_attention(
     grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)  # noqa: E731
     _prefill_kernel[grid](
         q, k, v, out, start_arg, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, Tq, Tk, LOG2E / math.sqrt(D), triton.next_power_of_2(Tk),
+        H, Tq, Tk, score_scale(D), triton.next_power_of_2(Tk),
         HEAD_DIM=D, D_PAD=padded_head_dim(D), HAS_START=start is not None,
         IEEE=q.dtype == torch.float32, DOT_F32=INTERPRET,
     )  # fmt: skip
