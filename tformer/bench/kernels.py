@@ -66,12 +66,13 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
 
 
 def time_ms(fn: Callable[[], object], device: torch.device) -> Spread:
-    """Median, min and max milliseconds of `fn` (already warmed up by the caller)."""
+    """Median, min and max milliseconds of `fn`, after a warm-up (where autotuning happens)."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
         median, low, high = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.0, 1.0])
         return Spread(median=median, min=low, max=high)
+    fn()
     samples = []
     for _ in range(3):
         began = time.perf_counter()
@@ -141,7 +142,6 @@ def run_kernel_benchmarks(
                     rows["tformer"].status, rows["tformer"].reason = "mismatch", f"differs from SDPA by {err:.2g} (relative)"
         for impl, row in rows.items():
             if row.status != "skipped":
-                run[impl]()  # warm-up: autotuning and compilation happen here
                 row.ms = time_ms(run[impl], device)
                 _fill_rates(row, q, copy_bw)
         sdpa = rows.get("sdpa")
