@@ -11,19 +11,27 @@ Two kinds of file are read:
 `torch.load` always runs with `weights_only=True`: a pickled module, or any file that would run
 code, is refused with instructions to re-save it, and is never executed. Every problem raises
 `TformerError` naming the file and the fix.
+
+Integrity, because a flipped byte must never load as a different model: tformer's own files carry
+a SHA-256 of their metadata and tensors, checked at load; a `torch.save` zip has a CRC-32 per
+entry, which torch itself never checks, so tformer checks them (Python's `zipfile`) before
+unpickling. Weights must be finite: a NaN or infinity is refused, naming the tensor.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-import pickle
 import re
-from dataclasses import dataclass
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from tformer.config import ModelConfig
 from tformer.errors import TformerError
@@ -32,8 +40,9 @@ from tformer.model import TransformerLM
 from tformer.tokenizer import Tokenizer
 
 FORMAT_NAME = "tformer"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: content_sha256 over metadata and tensors (1 had none)
 TRAINING_KEYS = ("model_state_dict", "state_dict", "model")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel / DataParallel, torch.compile
 _LAYER_KEY = re.compile(r"transformer_encoder\.layers\.(\d+)\.")
 
 
@@ -45,15 +54,21 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor]
     tokenizer: Tokenizer | None
     kind: str  # "tformer", "state_dict" or "training checkpoint"
+    nhead_supplied: bool = False  # the head count came from a user (no weight shape reveals it), not from training
+    notes: list[str] = field(default_factory=list)  # what was adapted on the way in, for the user to see
 
 
 def save_checkpoint(
-    path: str | os.PathLike, model: TransformerLM, tokenizer: Tokenizer | None = None
+    path: str | os.PathLike, model: TransformerLM, tokenizer: Tokenizer | None = None, nhead_supplied: bool = False
 ) -> None:
     """Write `model` (and its tokenizer) in tformer's safetensors format, atomically.
 
-    The file appears complete or not at all (see `atomic_path`).
+    The file appears complete or not at all (see `atomic_path`). Non-finite weights are refused:
+    a file that would be refused at load is never written. `nhead_supplied` records that the head
+    count came from the user (`tformer convert --nhead`), which `tformer info` shows.
     """
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    _check_finite(Path(path), tensors, "refusing to save it")
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
@@ -61,41 +76,69 @@ def save_checkpoint(
     }
     if tokenizer is not None:
         metadata["tokenizer"] = tokenizer.to_json()
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+    if nhead_supplied:
+        metadata["nhead_supplied"] = "true"
+    metadata["content_sha256"] = content_sha256(tensors, metadata)
+    data = safetensors_bytes(tensors, metadata=metadata)  # our bytes, written to our own temporary file
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def content_sha256(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+    """SHA-256 of a checkpoint's content: every metadata entry but the hash itself, then every
+    tensor's name, dtype, shape and bytes, in name order (so it does not depend on file layout)."""
+    digest = hashlib.sha256()
+
+    def put(text: str) -> None:
+        digest.update(f"{len(text)}:{text}".encode())
+
+    for key in sorted(metadata):
+        if key != "content_sha256":
+            put(key)
+            put(metadata[key])
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        put(f"{name} {str(tensor.dtype).removeprefix('torch.')} {tuple(tensor.shape)}")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def load_checkpoint(path: str | os.PathLike, nhead: int | None = None) -> Checkpoint:
     """Read any supported checkpoint form and check it against the model it describes.
 
     nhead: required for files that are not tformer's own (the head count is not in the weights).
-    Raises TformerError for a missing, empty, truncated, pickled-code, wrong-shape or extra-key
-    file, naming the file and the problem.
+    Raises TformerError for a missing, empty, truncated, corrupt, pickled-code, wrong-shape,
+    extra-key or non-finite file, naming the file and the problem.
     """
     path = Path(path)
     if not path.exists():
         raise TformerError(f"{path}: file not found")
     if path.is_dir():
         raise TformerError(f"{path}: is a directory, not a checkpoint file")
-    if path.stat().st_size == 0:
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise TformerError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    if size == 0:
         raise TformerError(f"{path}: file is empty (an interrupted save?); re-save the checkpoint")
-    with open(path, "rb") as f:
-        magic = f.read(4)
     if magic.startswith(b"PK") or magic[:1] == b"\x80":  # torch.save zip archive / legacy pickle
+        if magic.startswith(b"PK"):
+            _verify_zip(path)
         state, kind, metadata = _read_torch(path)
     else:
         state, metadata = _read_safetensors(path)
-        kind = "tformer" if metadata.get("format") == FORMAT_NAME else "state_dict"
+        # A damaged "format" value must not turn a tformer file into an unchecked plain state_dict.
+        ours = metadata.get("format") == FORMAT_NAME or "content_sha256" in metadata
+        kind = "tformer" if ours else "state_dict"
+    state, notes = _unwrap(state)
 
+    nhead_supplied = kind != "tformer"
     if kind == "tformer":
-        version = int(metadata.get("format_version", "0"))
-        if version > FORMAT_VERSION:
-            raise TformerError(f"{path}: written by a newer tformer (format {version}); upgrade tformer")
-        config = ModelConfig.from_json(metadata["config"])
+        config, tokenizer, nhead_supplied = _read_own_metadata(path, state, metadata)
         if nhead is not None and nhead != config.nhead:
             raise TformerError(f"{path}: nhead={nhead} conflicts with the checkpoint's nhead={config.nhead}; drop --nhead")
-        tokenizer = Tokenizer.from_json(metadata["tokenizer"]) if "tokenizer" in metadata else None
     else:
         config = _infer_config(path, state, nhead)
         tokenizer = None
@@ -104,7 +147,7 @@ def load_checkpoint(path: str | os.PathLike, nhead: int | None = None) -> Checkp
         raise TformerError(
             f"{path}: tokenizer has {tokenizer.vocab_size} ids but the model only {config.vocab_size}"
         )
-    return Checkpoint(config, state, tokenizer, kind)
+    return Checkpoint(config, state, tokenizer, kind, nhead_supplied, notes)
 
 
 def load_model(
@@ -117,22 +160,63 @@ def load_model(
     return model.eval(), ckpt.tokenizer
 
 
+def _read_own_metadata(
+    path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> tuple[ModelConfig, Tokenizer | None, bool]:
+    """Config, tokenizer and whether nhead was user-supplied, from a tformer file whose content
+    hash has been checked (format 2 on; format 1 files carry no hash)."""
+    version = metadata.get("format_version", "")
+    if version not in {str(v) for v in range(1, FORMAT_VERSION + 1)}:
+        newer = version.isdigit() and int(version) > FORMAT_VERSION
+        raise TformerError(
+            f"{path}: written by a newer tformer (format {version}); upgrade tformer" if newer
+            else f"{path}: corrupt tformer metadata (format_version {version[:20]!r}); re-save the checkpoint"
+        )
+    if version != "1":
+        recorded = metadata.get("content_sha256")
+        if recorded is None:
+            raise TformerError(f"{path}: corrupt tformer metadata (no content hash); re-save the checkpoint")
+        if content_sha256(state, metadata) != recorded:
+            raise TformerError(
+                f"{path}: content does not match its SHA-256 (the file was corrupted or edited after saving); "
+                "re-save the checkpoint or restore it from a good copy"
+            )
+    try:
+        config = ModelConfig.from_dict(json.loads(metadata["config"]))
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise TformerError(f"{path}: corrupt tformer metadata (config: {str(exc).splitlines()[0]})") from None
+    try:
+        tokenizer = Tokenizer.from_json(metadata["tokenizer"]) if "tokenizer" in metadata else None
+    except TformerError as exc:
+        raise TformerError(f"{path}: corrupt tformer metadata (tokenizer: {exc})") from None
+    return config, tokenizer, metadata.get("nhead_supplied") == "true"
+
+
+def _verify_zip(path: Path) -> None:
+    """Check every entry of a `torch.save` zip against its CRC-32: torch reads entries without
+    checking them, so a flipped byte would otherwise load as different weights or a garbled pickle."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except Exception as exc:  # BadZipFile, zlib.error, EOFError, NotImplementedError, OSError, ...: all mean corrupt
+        raise TformerError(f"{path}: truncated or corrupt file ({_first_line(exc)}); re-save the checkpoint") from None
+    if bad is not None:
+        raise TformerError(f"{path}: corrupt file (entry '{bad}' fails its CRC-32 check); re-save the checkpoint")
+
+
 def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], str, dict[str, str]]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        message = str(exc)
-        if "Weights only load failed" in message or isinstance(exc, pickle.UnpicklingError):
-            found = re.search(r"GLOBAL ([\w.]+)", message)
-            what = f" ({found.group(1)})" if found else ""
+        # A class or function named in the pickle (zip entries passed their CRC: it is really there).
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found:
             raise TformerError(
-                f"{path}: refused: the file holds pickled Python objects{what}, not only tensors, and "
+                f"{path}: refused: the file holds pickled Python objects ({found.group(1)}), not only tensors, and "
                 "loading it could run code; re-save the weights with "
                 "torch.save(model.state_dict(), path)"
             ) from None
-        if "central directory" in message or "zip archive" in message or isinstance(exc, EOFError):
-            raise TformerError(f"{path}: truncated or corrupt file (an interrupted save?); re-save the checkpoint") from None
-        raise TformerError(f"{path}: cannot be read as a PyTorch checkpoint ({message.splitlines()[0]})") from None
+        raise TformerError(f"{path}: truncated or corrupt PyTorch checkpoint ({_first_line(exc)}); re-save it") from None
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return dict(obj), "state_dict", {}
     if isinstance(obj, dict):
@@ -154,11 +238,31 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
+    except Exception as exc:  # SafetensorError, OSError (mmap of a bad size), ValueError, ...
         raise TformerError(
-            f"{path}: not a readable checkpoint: neither a torch.save file nor a complete safetensors file ({exc})"
+            f"{path}: not a readable checkpoint: neither a torch.save file nor a complete safetensors file "
+            f"({_first_line(exc)})"
         ) from None
     return state, metadata
+
+
+def _first_line(exc: BaseException) -> str:
+    """A short reason from an exception; a bare code such as "(231)" or "[Errno 22]" says
+    nothing, so then the exception's type stands in."""
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip()
+    text = text.splitlines()[0][:160] if text else ""
+    return text if re.search(r"[A-Za-z]{4}", text) else type(exc).__name__
+
+
+def _unwrap(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Strip the prefixes that wrappers add to every key: a state_dict saved from a
+    DistributedDataParallel model (`module.`) or from `torch.compile`'s result (`_orig_mod.`)."""
+    notes = []
+    for prefix in WRAPPER_PREFIXES:
+        while state and all(k.startswith(prefix) for k in state):
+            state = {k.removeprefix(prefix): v for k, v in state.items()}
+            notes.append(f"stripped the '{prefix}' prefix that a wrapper added to every weight name")
+    return state, notes
 
 
 def _require(path: Path, state: dict[str, torch.Tensor], key: str, ndim: int) -> torch.Tensor:
@@ -204,6 +308,15 @@ def _check_weights(path: Path, state: dict[str, torch.Tensor], config: ModelConf
             )
         if not state[key].is_floating_point():
             raise TformerError(f"{path}: weight '{key}' has dtype {state[key].dtype}, expected floating point")
+    _check_finite(path, state, "re-save it from an earlier, healthy checkpoint")
+
+
+def _check_finite(path: Path, state: Mapping[str, torch.Tensor], fix: str) -> None:
+    """NaN or infinite weights (a diverged training run) make every output garbage: refuse them."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise TformerError(f"{path}: weight '{key}' holds {bad} NaN or infinite value(s) (a diverged training run?); {fix}")
 
 
 def _few(keys: list[str]) -> str:

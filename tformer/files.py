@@ -1,31 +1,95 @@
-"""Writing output files so that they appear complete or not at all."""
+"""Writing output files so that they appear complete or not at all, and leave no debris.
+
+Every file and directory tformer writes goes through one temporary path that tformer owns, beside
+the target: `.NAME.tformer-HOST-PID-RANDOM.tmp` (plus the target's suffix, which some writers use
+to pick a format). It is renamed over the target only once complete, so a crash, a bad input or a
+`kill -9` leaves the target whole or absent. A killed writer cannot delete its own temporary path,
+so the next write to the same target removes those of writers that are dead (same host, PID gone);
+a live writer's are never touched. New files and directories get the user's umask, as any file
+does.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from tformer.errors import TformerError
 
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]  # PIDs mean something on one host only
+
+
+def _temp_name(target: Path, kind: str) -> Path:
+    """A fresh temporary path beside `target`: `kind` is "tmp" (being written) or "old" (replaced)."""
+    return target.with_name(f".{target.name}.tformer-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.{kind}{target.suffix}")
+
+
+def remove_stale_temps(target: str | os.PathLike) -> list[Path]:
+    """Delete the temporary paths that dead writers left beside `target`; returns what was removed."""
+    target = Path(target)
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.tformer-{_HOST}-(\d+)-[0-9a-f]+\.(tmp|old)")
+    removed = []
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        found = pattern.match(entry.name)
+        if found and not _alive(int(found.group(1))):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, killed but not yet reaped, counts as dead)."""
+    if pid == os.getpid():
+        return True  # another thread of this process may be writing
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """A temporary path beside `path` to write to; renamed over `path` if the block succeeds,
-    deleted if it fails, so a crash or a bad input never leaves a half-written file behind."""
+    deleted if it fails, so a crash or a bad input never leaves a half-written file behind.
+
+    The file exists (empty, with the umask's permissions) when the block starts; writers should
+    write into it rather than replace it. It is flushed to disk before the rename.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a normal file's mode
     try:
-        yield tmp
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
+        tmp = _temp_name(path, "tmp")
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    except OSError as exc:
+        raise TformerError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        yield str(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -43,14 +107,17 @@ def atomic_directory(path: str | os.PathLike, force: bool = False) -> Iterator[P
         raise TformerError(f"{path} exists and is not a directory")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-        os.chmod(tmp, 0o777 & ~_umask())
+        remove_stale_temps(path)
+        tmp = _temp_name(path, "tmp")
+        tmp.mkdir(0o777)
     except OSError as exc:
         raise TformerError(f"cannot write to {path.parent}: {exc.strerror or exc}") from None
     try:
         yield tmp
+        for file in tmp.iterdir():
+            _fsync(file)
         if path.exists():
-            old = tmp.with_name(tmp.name + ".old")
+            old = _temp_name(path, "old")
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
@@ -61,13 +128,18 @@ def atomic_directory(path: str | os.PathLike, force: bool = False) -> Iterator[P
         raise
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's data to disk, so that a rename never publishes a file whose data is lost
+    in a power cut."""
+    if path.is_file():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def cache_root() -> Path:
     """Where tformer keeps what it builds on first use (ONNX exports, compiled kernels):
     $TFORMER_CACHE, else ~/.cache/tformer."""
     return Path(os.environ.get("TFORMER_CACHE") or Path.home() / ".cache" / "tformer")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

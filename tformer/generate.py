@@ -9,7 +9,6 @@ layered on top in `tformer.runtime`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ import torch
 
 from tformer.backends.base import Backend
 from tformer.errors import TformerError
+from tformer.inputs import as_float, as_int
 
 
 @dataclass(frozen=True)
@@ -35,16 +35,20 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise TformerError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise TformerError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise TformerError(f"top_k must be a positive integer or None, got {self.top_k!r}")
-        if self.top_p is not None and (not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1):
-            raise TformerError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise TformerError(f"seed must be an integer, got {self.seed!r}")
+        # Normalised to plain Python values: numpy and torch scalars are welcome (see tformer.inputs).
+        set_ = object.__setattr__
+        set_(self, "max_new_tokens", as_int("max_new_tokens", self.max_new_tokens, minimum=1))
+        set_(self, "temperature", as_float("temperature (0 = greedy)", self.temperature))
+        if self.temperature < 0:
+            raise TformerError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None:
+            set_(self, "top_k", as_int("top_k (None = all)", self.top_k, minimum=1))
+        if self.top_p is not None:
+            set_(self, "top_p", as_float("top_p", self.top_p))
+            if not 0 < self.top_p <= 1:
+                raise TformerError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None:
+            set_(self, "seed", as_int("seed", self.seed, minimum=0, maximum=2**64 - 1))
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:

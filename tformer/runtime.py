@@ -21,6 +21,7 @@ from tformer.checkpoint import load_model
 from tformer.config import ModelConfig
 from tformer.errors import TformerError
 from tformer.generate import SamplingParams, generate_tokens
+from tformer.inputs import as_int, as_path, as_prompt, as_prompts, as_stop, as_text, as_texts
 from tformer.model import TransformerLM
 from tformer.tokenizer import Tokenizer
 
@@ -32,15 +33,22 @@ DTYPES = {
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """None picks CUDA when present, else the CPU; asking for CUDA without it is an error."""
+    """None picks CUDA when present, else the CPU; asking for CUDA without it is an error, and so
+    is any other device type (tformer's backends run on the CPU and CUDA only)."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, (str, torch.device)):
+        raise TformerError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {type(device).__name__}")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
         raise TformerError(f"unknown device '{device}'; use 'cpu' or 'cuda'") from None
+    if device.type not in ("cpu", "cuda"):
+        raise TformerError(f"device '{device}' is not supported: tformer runs on 'cpu' or 'cuda'")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TformerError("CUDA is not available on this machine; use device='cpu' (CLI: --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise TformerError(f"there is no {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -72,10 +80,16 @@ def load(
     device: default CUDA when available, else CPU. dtype: default float32.
     tokenizer: a `tokenizer.json` path (or Tokenizer) to use instead of, or in the absence of, the
         checkpoint's own. Without any, use the id methods (`generate_ids`, `stream_ids`).
-    Raises TformerError for anything wrong with these inputs.
+    Integers may be Python, numpy or torch scalars. Raises TformerError for anything wrong with
+    these inputs.
     """
+    path = as_path("path", path)
+    if backend is not None and not isinstance(backend, str):
+        raise TformerError(f"backend must be a name such as 'eager' or 'onnx', got {type(backend).__name__}")
+    if nhead is not None:
+        nhead = as_int("nhead", nhead, minimum=1)
     if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
-        tokenizer = Tokenizer.from_file(tokenizer)
+        tokenizer = Tokenizer.from_file(as_path("tokenizer", tokenizer, "a tokenizer.json path or a tformer.Tokenizer"))
     if Path(path).is_dir():
         return _load_export(Path(path), backend, device, dtype, tokenizer)
     model, own_tokenizer = load_model(path, nhead)
@@ -138,26 +152,32 @@ class Runtime:
         return time.perf_counter() - began
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], **sampling) -> list[list[int]]:
-        """New token ids (EOS excluded) for each prompt, a list of ids; prompts may differ in length."""
+        """New token ids (EOS excluded) for each prompt; prompts may differ in length.
+
+        prompts: a list of prompts, each a list (or 1-D array/tensor) of ids, or a 2-D integer
+            array/tensor with one prompt per row. For one prompt pass `[ids]`.
+        """
+        prompts = as_prompts(prompts)
         out: list[list[int]] = [[] for _ in prompts]
-        for step in self._steps([list(p) for p in prompts], sampling):
+        for step in self._steps(prompts, sampling):
             for row, token in zip(out, step):
                 if token is not None and token != self.eos_id:
                     row.append(token)
         return out
 
     def stream_ids(self, prompt: Sequence[int], **sampling) -> Iterator[int]:
-        """New token ids of one prompt, one at a time (EOS excluded). Input errors raise at call time."""
-        steps = self._steps([list(prompt)], sampling)
+        """New token ids of one prompt (a list or 1-D array/tensor of ids), one at a time (EOS
+        excluded). Input errors raise at call time."""
+        steps = self._steps([as_prompt(prompt)], sampling)
         return (token for (token,) in itertools.takewhile(lambda s: s[0] not in (None, self.eos_id), steps))
 
-    def generate(self, prompts: str | Sequence[str], stop: Sequence[str] = (), **sampling) -> list[str]:
+    def generate(self, prompts: str | Sequence[str], stop: str | Sequence[str] | None = (), **sampling) -> list[str]:
         """Completion text for each prompt (a string or a list of strings; always returns a list).
 
         stop: strings that end a row's completion; the completion is cut before the first one.
         """
-        if isinstance(prompts, str):
-            prompts = [prompts]
+        prompts = as_texts(prompts)
+        stop = as_stop(stop)
         rows = [_StopText(self._text_tokenizer(), stop) for _ in prompts]
         for step in self._steps([self._encode(p) for p in prompts], sampling):
             for row, token in zip(rows, step):
@@ -167,13 +187,13 @@ class Runtime:
                 break
         return [row.text for row in rows]
 
-    def stream(self, prompt: str, stop: Sequence[str] = (), **sampling) -> Iterator[str]:
+    def stream(self, prompt: str, stop: str | Sequence[str] | None = (), **sampling) -> Iterator[str]:
         """Pieces of the completion of one prompt as they are generated; they join to `generate`'s text.
 
         Input errors raise at call time, before the first piece.
         """
-        row = _StopText(self._text_tokenizer(), stop)
-        return self._stream_text(row, self._steps([self._encode(prompt)], sampling))
+        row = _StopText(self._text_tokenizer(), as_stop(stop))
+        return self._stream_text(row, self._steps([self._encode(as_text("prompt", prompt))], sampling))
 
     @staticmethod
     def _stream_text(row: _StopText, steps: Iterator[list[int | None]]) -> Iterator[str]:
@@ -205,20 +225,14 @@ class Runtime:
         return self.tokenizer
 
     def _encode(self, prompt: str) -> list[int]:
-        if not isinstance(prompt, str):
-            raise TformerError(f"a text prompt must be a string, got {type(prompt).__name__}; for ids use generate_ids")
         return self._text_tokenizer().encode(prompt)
 
 
 class _StopText:
     """One row's completion text, built piece by piece, cut at the first stop string."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]):
-        if isinstance(stop, str):
-            stop = [stop]
-        if any(not isinstance(s, str) or not s for s in stop):
-            raise TformerError("stop strings must be non-empty strings")
-        self.stop = list(stop)
+    def __init__(self, tokenizer: Tokenizer, stop: list[str]):
+        self.stop = stop
         self.longest = max(map(len, self.stop), default=0)
         self.pieces = tokenizer.text_stream()
         self.text = ""
