@@ -110,7 +110,7 @@ def test_rows_end_at_eos_and_the_loop_stops_when_all_have():
         ([[1, 2], []], "prompt 1 is empty"),
         ([[1, 61]], r"prompt 0: token id 61 is outside the vocabulary \[0, 61\)"),
         ([[-1]], "token id -1 is outside"),
-        ([[1.5]], "token id 1.5 is outside"),
+        ([[1.5]], "prompt 0: token id 1.5 at index 0 is not an integer"),
         ([[1] * 40], "prompt 0 has 40 tokens; with max_new_tokens=30 that exceeds the model's context of 64"),
     ],
 )
