@@ -132,7 +132,7 @@ def test_prompt_filling_the_context_exactly_is_fine(trained):
     [
         (dict(temperature=-1), "temperature must be a finite number >= 0"),
         (dict(temperature=math.nan), "temperature must be a finite number >= 0"),
-        (dict(top_k=0), "top_k must be a positive integer"),
+        (dict(top_k=0), r"top_k \(None = all\) must be a positive integer"),
         (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
         (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
         (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),

@@ -38,13 +38,14 @@ class SamplingParams:
         # Normalised to plain Python values: numpy and torch scalars are welcome (see tformer.inputs).
         set_ = object.__setattr__
         set_(self, "max_new_tokens", as_int("max_new_tokens", self.max_new_tokens, minimum=1))
-        set_(self, "temperature", as_float("temperature (0 = greedy)", self.temperature))
+        what = "a finite number >= 0 (0 = greedy)"
+        set_(self, "temperature", as_float("temperature", self.temperature, what))
         if self.temperature < 0:
-            raise TformerError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+            raise TformerError(f"temperature must be {what}, got {self.temperature}")
         if self.top_k is not None:
             set_(self, "top_k", as_int("top_k (None = all)", self.top_k, minimum=1))
         if self.top_p is not None:
-            set_(self, "top_p", as_float("top_p", self.top_p))
+            set_(self, "top_p", as_float("top_p", self.top_p, "in (0, 1]"))
             if not 0 < self.top_p <= 1:
                 raise TformerError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.seed is not None:

@@ -46,22 +46,26 @@ def as_int(name: str, value: Any, minimum: int | None = None, maximum: int | Non
     except TypeError:
         raise TformerError(f"{name} must be an integer, got {_kind(value)}") from None
     if minimum is not None and number < minimum or maximum is not None and number > maximum:
-        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        if maximum == 2**64 - 1:
-            bounds = f"in [{minimum}, 2**64)"
-        raise TformerError(f"{name} must be an integer {bounds}, got {number}")
+        raise TformerError(f"{name} must be {_int_range(minimum, maximum)}, got {number}")
     return number
 
 
-def as_float(name: str, value: Any) -> float:
-    """A finite Python float from an int, float, numpy number or 0-d tensor (bools refused)."""
+def _int_range(minimum: int | None, maximum: int | None) -> str:
+    if maximum is None:
+        return {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
+    return f"an integer in [{minimum}, {'2**64)' if maximum == 2**64 - 1 else f'{maximum}]'}"
+
+
+def as_float(name: str, value: Any, what: str = "a finite number") -> float:
+    """A finite Python float from an int, float, numpy number or 0-d tensor (bools refused).
+    `what` describes the accepted values in the error message."""
     if isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 0 and not _is_bool(value):
         value = value.item()
     if _is_bool(value) or not isinstance(value, numbers.Real):
-        raise TformerError(f"{name} must be a number, got {_kind(value)}")
+        raise TformerError(f"{name} must be {what}, got {_kind(value)}")
     number = float(value)
     if not math.isfinite(number):
-        raise TformerError(f"{name} must be a finite number, got {number}")
+        raise TformerError(f"{name} must be {what}, got {number}")
     return number
 
 
