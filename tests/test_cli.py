@@ -62,11 +62,11 @@ def test_generate_with_ids_on_a_tutorial_checkpoint(tmp_path, seed_model):
         (["generate", "{tmp}/model.pt", "hi", "--nhead", "4"], "this model has no tokenizer"),
         (["generate", "{tmp}/model.pt", "--ids", "1 x", "--nhead", "4"], "--ids must be integers"),
         (["generate", "{tmp}/model.pt", "--nhead", "4"], 'give either a PROMPT or --ids "1 2 3"'),
-        (["generate", "{tmp}/model.pt", "--ids", "1", "--nhead", "4", "-t", "-2"], "temperature must be"),
+        (["generate", "{tmp}/model.pt", "--ids", "1", "--nhead", "4", "-t", "-2"], "'--temperature': -2.0 is not in the range x>=0"),
         (["generate", "{tmp}/model.pt", "--ids", "1", "--nhead", "4", "-n", "5000"], "exceeds the model's context"),
         (["info", "{tmp}/whole.pt", "--nhead", "4"], "refused: the file holds pickled Python objects"),
         (["train", "{tmp}/no-corpus", "-o", "{tmp}/x.safetensors"], "no-corpus: corpus file not found"),
-        (["train", "-o", "{tmp}/x.safetensors", "--heads", "5"], "nhead=5 does not divide d_model=128"),
+        (["train", "-o", "{tmp}/x.safetensors", "--nhead", "5"], "nhead=5 does not divide d_model=128"),
     ],
 )
 def test_bad_input_is_one_line_with_exit_code_2(tmp_path, seed_model, args, message):

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from tformer.config import ModelConfig
-from tformer.errors import TformerError
+from tformer.errors import TformerError, TformerNote
 from tformer.files import atomic_path
 from tformer.model import TransformerLM
 from tformer.tokenizer import Tokenizer
@@ -55,6 +56,7 @@ class Checkpoint:
     tokenizer: Tokenizer | None
     kind: str  # "tformer", "state_dict" or "training checkpoint"
     nhead_supplied: bool = False  # the head count came from a user (no weight shape reveals it), not from training
+    integrity: str = "none"  # what was verified: "SHA-256", "CRC-32" or "none"
     notes: list[str] = field(default_factory=list)  # what was adapted on the way in, for the user to see
 
 
@@ -123,9 +125,11 @@ def load_checkpoint(path: str | os.PathLike, nhead: int | None = None) -> Checkp
         raise TformerError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
     if size == 0:
         raise TformerError(f"{path}: file is empty (an interrupted save?); re-save the checkpoint")
+    integrity = "none"
     if magic.startswith(b"PK") or magic[:1] == b"\x80":  # torch.save zip archive / legacy pickle
         if magic.startswith(b"PK"):
             _verify_zip(path)
+            integrity = "CRC-32 of every zip entry"
         state, kind, metadata = _read_torch(path)
     else:
         state, metadata = _read_safetensors(path)
@@ -133,10 +137,13 @@ def load_checkpoint(path: str | os.PathLike, nhead: int | None = None) -> Checkp
         ours = metadata.get("format") == FORMAT_NAME or "content_sha256" in metadata
         kind = "tformer" if ours else "state_dict"
     state, notes = _unwrap(state)
+    for note in notes:
+        warnings.warn(f"{path}: {note}", TformerNote, stacklevel=2)
 
     nhead_supplied = kind != "tformer"
     if kind == "tformer":
         config, tokenizer, nhead_supplied = _read_own_metadata(path, state, metadata)
+        integrity = "SHA-256 of metadata and tensors" if "content_sha256" in metadata else "none (format 1)"
         if nhead is not None and nhead != config.nhead:
             raise TformerError(f"{path}: nhead={nhead} conflicts with the checkpoint's nhead={config.nhead}; drop --nhead")
     else:
@@ -147,7 +154,7 @@ def load_checkpoint(path: str | os.PathLike, nhead: int | None = None) -> Checkp
         raise TformerError(
             f"{path}: tokenizer has {tokenizer.vocab_size} ids but the model only {config.vocab_size}"
         )
-    return Checkpoint(config, state, tokenizer, kind, nhead_supplied, notes)
+    return Checkpoint(config, state, tokenizer, kind, nhead_supplied, integrity, notes)
 
 
 def load_model(
@@ -158,6 +165,24 @@ def load_model(
     model = TransformerLM(ckpt.config)
     model.load_state_dict(ckpt.state_dict, strict=True)
     return model.eval(), ckpt.tokenizer
+
+
+def convert_checkpoint(
+    source: str | os.PathLike, target: str | os.PathLike, nhead: int | None = None,
+    tokenizer: Tokenizer | None = None,
+) -> Checkpoint:
+    """Rewrite any checkpoint form as tformer's own file at `target`: the head count is then given
+    once (`nhead`, for files that do not store it), the tokenizer travels inside (`tokenizer`
+    replaces the checkpoint's own) and a content hash protects it. Returns what was read."""
+    ckpt = load_checkpoint(source, nhead)
+    tokenizer = tokenizer or ckpt.tokenizer
+    if tokenizer is not None and tokenizer.vocab_size > ckpt.config.vocab_size:
+        raise TformerError(f"the tokenizer has {tokenizer.vocab_size} ids but {source} only {ckpt.config.vocab_size}; "
+                           "use the tokenizer the model was trained with")  # fmt: skip
+    model = TransformerLM(ckpt.config)
+    model.load_state_dict(ckpt.state_dict, strict=True)
+    save_checkpoint(target, model, tokenizer, nhead_supplied=ckpt.nhead_supplied)
+    return ckpt
 
 
 def _read_own_metadata(

@@ -5,15 +5,20 @@ Bad input ends in one line, `Error: <problem and fix>`, and exit code 2; never a
 
 from __future__ import annotations
 
+import errno
+import re
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import click
 
-from tformer.checkpoint import load_checkpoint, load_model, save_checkpoint
+from tformer.checkpoint import convert_checkpoint, load_checkpoint, load_model, save_checkpoint
 from tformer.config import ModelConfig
-from tformer.errors import TformerError
+from tformer.errors import TformerError, TformerNote
 from tformer.runtime import load
+from tformer.tokenizer import Tokenizer
 from tformer.train import TrainConfig, default_corpus, read_corpus, train
 
 DEMO_PROMPTS = ("def ", "class ", "import os\n")
@@ -26,15 +31,46 @@ class CliError(click.ClickException):
 
 
 class FriendlyErrors:
-    """Turns TformerError / OSError from a command into a one-line error with exit code 2."""
+    """Every error a command ends with is one line on stderr, `Error: ...`: TformerError, OSError
+    and click's usage errors exit with code 2, Ctrl-C with 130 (128 + SIGINT, as shells report it).
+    TformerNote warnings become `note: ...` lines."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode: bool = True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as exc:  # click would print the usage, a hint and the error on 3 lines
+            where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+            click.echo(f"Error: {exc.format_message()}{where}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:  # Ctrl-C (click has already closed the ^C line)
+            click.echo("Interrupted: nothing was left half-written.", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except TformerError as exc:
-            raise CliError(str(exc)) from None
-        except OSError as exc:
-            raise CliError(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")) from None
+        with warnings.catch_warnings():  # restores showwarning afterwards
+            fallback = warnings.showwarning
+
+            def show(message, category, *args, **kwargs) -> None:
+                if issubclass(category, TformerNote):
+                    click.echo(f"note: {message}", err=True)
+                else:
+                    fallback(message, category, *args, **kwargs)
+
+            warnings.showwarning = show
+            try:
+                return super().invoke(ctx)
+            except TformerError as exc:
+                raise CliError(str(exc)) from None
+            except OSError as exc:
+                if exc.errno == errno.EPIPE:  # stdout closed early (`| head`): click exits quietly
+                    raise
+                raise CliError(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")) from None
 
 
 class Group(FriendlyErrors, click.Group):
@@ -45,7 +81,10 @@ class Command(FriendlyErrors, click.Command):
     pass
 
 
-@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+@click.group(cls=Group, context_settings=CONTEXT)
 @click.version_option(package_name="tformer")
 def cli() -> None:
     """Train, run and inspect transformer language models from the classic PyTorch tutorial.
@@ -53,6 +92,10 @@ def cli() -> None:
     Start with `tformer demo`: it trains a small model on Python's own standard library
     (about two minutes on a laptop CPU) and generates from it.
     """
+
+
+NHEAD_HELP = ("Head count; required for a tutorial state_dict (.pt), which does not store it. A wrong count "
+              "that divides d_model cannot be detected: it silently gives another model.")
 
 
 def _options(*options):
@@ -70,15 +113,15 @@ model_options = _options(
     click.option("--backend", help="Engine: eager, compile, onnx, aot, triton, naive [default: eager; for an export directory, its own]."),
     click.option("--device", help="cpu or cuda [default: cuda if available]."),
     click.option("--dtype", help="fp32, bf16 or fp16 [default: fp32]."),
-    click.option("--nhead", type=int, help="Head count; required for a tutorial state_dict (.pt)."),
+    click.option("--nhead", type=click.IntRange(min=1), help=NHEAD_HELP),
     click.option("--tokenizer", type=click.Path(dir_okay=False), help="tokenizer.json to use."),
 )
 sampling_options = _options(
-    click.option("--max-new-tokens", "-n", default=128, show_default=True, help="Tokens to generate."),
-    click.option("--temperature", "-t", default=0.8, show_default=True, help="Sampling temperature; 0 = greedy."),
-    click.option("--top-k", default=50, show_default=True, help="Sample among the k likeliest (0 = all)."),
-    click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass (1 = off)."),
-    click.option("--seed", type=int, help="Seed for reproducible sampling."),
+    click.option("--max-new-tokens", "-n", default=128, show_default=True, type=click.IntRange(min=1), help="Tokens to generate."),
+    click.option("--temperature", "-t", default=0.8, show_default=True, type=click.FloatRange(min=0), help="Sampling temperature; 0 = greedy."),
+    click.option("--top-k", default=50, show_default=True, type=click.IntRange(min=0), help="Sample among the k likeliest (0 = all)."),
+    click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="Nucleus sampling mass (1 = off)."),
+    click.option("--seed", type=click.IntRange(0, 2**64 - 1), help="Seed for reproducible sampling."),
 )
 
 
@@ -91,7 +134,8 @@ def _sampling(max_new_tokens, temperature, top_k, top_p, seed) -> dict:
 @click.argument("model", type=click.Path())
 @click.argument("prompt", required=False)
 @click.option("--ids", help='Prompt as token ids, e.g. "1 2 3"; prints ids back (no tokenizer needed).')
-@click.option("--stop", multiple=True, help="Stop at this string (repeatable).")
+@click.option("--stop", multiple=True, help=r"Stop at this string (repeatable). Backslash escapes are interpreted: "
+              r"\n, \t, \r, \\, \xHH, \uHHHH, so --stop '\n\n' stops at a blank line.")
 @model_options
 @sampling_options
 def generate(model, prompt, ids, stop, backend, device, dtype, nhead, tokenizer, **sampling) -> None:
@@ -110,34 +154,53 @@ def generate(model, prompt, ids, stop, backend, device, dtype, nhead, tokenizer,
         for token in runtime.stream_ids(prompt_ids, **params):  # checks its input before returning
             click.echo(f"{token} ", nl=False)
     else:
-        pieces = runtime.stream(prompt, stop=stop, **params)  # checks its input before returning
+        pieces = runtime.stream(prompt, stop=[unescape(s) for s in stop], **params)  # checks its input before returning
         click.echo(prompt, nl=False)
         for piece in pieces:
             click.echo(piece, nl=False)
     click.echo()
 
 
+_ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|[ntr\\])")
+
+
+def unescape(text: str) -> str:
+    r"""Interpret \n, \t, \r, \\, \xHH and \uHHHH: a shell passes `--stop "\n"` as a backslash and
+    an n, and a stop string nobody can type would be useless. Other backslashes stay as they are."""
+    simple = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+    return _ESCAPE.sub(lambda m: simple.get(m.group(1)) or chr(int(m.group(1)[1:], 16)), text)
+
+
 @cli.command(name="train")
 @click.argument("corpus", nargs=-1, type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write (.safetensors).")
-@click.option("--layers", default=DEMO_MODEL.n_layers, show_default=True)
-@click.option("--d-model", default=DEMO_MODEL.d_model, show_default=True)
-@click.option("--heads", default=DEMO_MODEL.nhead, show_default=True)
-@click.option("--d-ff", default=DEMO_MODEL.d_ff, show_default=True)
-@click.option("--vocab-size", default=DEMO_MODEL.vocab_size, show_default=True, help="BPE vocabulary (>= 257).")
-@click.option("--max-len", default=DEMO_MODEL.max_len, show_default=True, help="Context length (positional table size).")
-@click.option("--dropout", default=DEMO_MODEL.dropout, show_default=True, help="Raise for long runs on small corpora.")
-@click.option("--seq-len", default=DEFAULT_TRAIN.seq_len, show_default=True)
-@click.option("--batch-size", default=DEFAULT_TRAIN.batch_size, show_default=True)
-@click.option("--steps", default=DEFAULT_TRAIN.steps, show_default=True)
-@click.option("--lr", default=DEFAULT_TRAIN.lr, show_default=True)
-@click.option("--seed", default=DEFAULT_TRAIN.seed, show_default=True)
-def train_cmd(corpus, output, layers, d_model, heads, d_ff, vocab_size, max_len, dropout, **train_args) -> None:
+@click.option("--layers", default=DEMO_MODEL.n_layers, show_default=True, type=click.IntRange(min=1), help="Encoder layers.")
+@click.option("--d-model", default=DEMO_MODEL.d_model, show_default=True, type=click.IntRange(min=1), help="Embedding width.")
+@click.option("--nhead", default=DEMO_MODEL.nhead, show_default=True, type=click.IntRange(min=1),
+              help="Attention heads; must divide --d-model. Stored in the checkpoint.")  # fmt: skip
+@click.option("--d-ff", default=DEMO_MODEL.d_ff, show_default=True, type=click.IntRange(min=1), help="Feed-forward width.")
+@click.option("--vocab-size", default=DEMO_MODEL.vocab_size, show_default=True, type=click.IntRange(min=257),
+              help="BPE vocabulary (>= 257: 256 bytes + end of text).")  # fmt: skip
+@click.option("--max-len", default=DEMO_MODEL.max_len, show_default=True, type=click.IntRange(min=1),
+              help="Context length (positional table size).")  # fmt: skip
+@click.option("--dropout", default=DEMO_MODEL.dropout, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Raise for long runs on small corpora.")  # fmt: skip
+@click.option("--seq-len", default=DEFAULT_TRAIN.seq_len, show_default=True, type=click.IntRange(min=1),
+              help="Tokens per training window; at most --max-len.")  # fmt: skip
+@click.option("--batch-size", default=DEFAULT_TRAIN.batch_size, show_default=True, type=click.IntRange(min=1),
+              help="Windows per optimizer step.")  # fmt: skip
+@click.option("--steps", default=DEFAULT_TRAIN.steps, show_default=True, type=click.IntRange(min=1), help="Optimizer steps.")
+@click.option("--lr", default=DEFAULT_TRAIN.lr, show_default=True, type=float,
+              help="Peak Adam learning rate, in (0, 1] (warm-up, then cosine decay).")  # fmt: skip
+@click.option("--seed", default=DEFAULT_TRAIN.seed, show_default=True, type=click.IntRange(0, 2**64 - 1),
+              help="Seed of the weights and the batch order.")  # fmt: skip
+def train_cmd(corpus, output, layers, d_model, nhead, d_ff, vocab_size, max_len, dropout, **train_args) -> None:
     """Train a model on CORPUS files or directories (default: Python's standard library).
 
-    The defaults train in about two minutes on two CPU cores.
+    The defaults train in about two minutes on two CPU cores. If the loss turns NaN or infinite,
+    training stops with an error and nothing is written.
     """
-    model_config = ModelConfig(vocab_size, d_model, heads, d_ff, layers, max_len, dropout)
+    model_config = ModelConfig(vocab_size, d_model, nhead, d_ff, layers, max_len, dropout)
     _train_and_save(corpus, Path(output), model_config, TrainConfig(**train_args))
 
 
@@ -154,8 +217,10 @@ def _train_and_save(corpus, output: Path, model_config: ModelConfig, train_confi
 
 
 @cli.command()
-@click.option("-o", "--output", default="tformer-demo.safetensors", show_default=True, type=click.Path(dir_okay=False))
-@click.option("--steps", default=DEFAULT_TRAIN.steps, show_default=True, help="Training steps (fewer = faster, worse).")
+@click.option("-o", "--output", default="tformer-demo.safetensors", show_default=True, type=click.Path(dir_okay=False),
+              help="Checkpoint to write.")  # fmt: skip
+@click.option("--steps", default=DEFAULT_TRAIN.steps, show_default=True, type=click.IntRange(min=1),
+              help="Training steps (fewer = faster, worse).")  # fmt: skip
 def demo(output, steps) -> None:
     """Train a small model on Python's standard library, then generate from it."""
     _train_and_save((), Path(output), DEMO_MODEL, TrainConfig(steps=steps))
@@ -171,35 +236,61 @@ def demo(output, steps) -> None:
 
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--nhead", type=int, help="Head count; required for a tutorial state_dict (.pt).")
+@click.option("--nhead", type=click.IntRange(min=1), help=NHEAD_HELP)
 def info(model, nhead) -> None:
-    """Show MODEL's configuration, size and tokenizer."""
+    """Show MODEL's configuration, size, tokenizer and what was verified when reading it."""
     ckpt = load_checkpoint(model, nhead)
     c = ckpt.config
     params = sum(t.numel() for k, t in ckpt.state_dict.items() if k != "pos_encoder.pe")
     rows = [
         ("file", f"{model} ({ckpt.kind})"),
         ("parameters", f"{params:,}"),
-        ("layers", c.n_layers), ("d_model", c.d_model), ("heads", c.nhead), ("d_ff", c.d_ff),
+        ("layers", c.n_layers), ("d_model", c.d_model), ("heads", _heads(ckpt)), ("d_ff", c.d_ff),
         ("vocab", c.vocab_size),
         ("context", f"{c.max_len} tokens"),
         ("dtype", str(next(iter(ckpt.state_dict.values())).dtype).removeprefix("torch.")),
         ("tokenizer", f"yes ({ckpt.tokenizer.vocab_size} ids)" if ckpt.tokenizer else "no (use --tokenizer or --ids)"),
+        ("verified", ckpt.integrity),
     ]  # fmt: skip
     for key, value in rows:
         click.echo(f"{key:<11} {value}")
+
+
+def _heads(ckpt) -> str:
+    """The head count, and whether it was read or supplied: no weight shape reveals it."""
+    if not ckpt.nhead_supplied:
+        return str(ckpt.config.nhead)
+    how = "supplied at `tformer convert`" if ckpt.kind == "tformer" else "supplied with --nhead"
+    return f"{ckpt.config.nhead} ({how}, not read: a state_dict does not store it; a wrong count that divides d_model goes undetected)"
+
+
+@cli.command(name="convert")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--nhead", type=click.IntRange(min=1), help=NHEAD_HELP)
+@click.option("--tokenizer", type=click.Path(dir_okay=False), help="tokenizer.json to store inside (replaces the checkpoint's own).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="File to write [default: MODEL's name with .safetensors].")
+def convert_cmd(model, nhead, tokenizer, output) -> None:
+    """Rewrite MODEL (a tutorial .pt, a training checkpoint, any checkpoint) as tformer's own
+    .safetensors file, which carries the head count, the tokenizer and a content hash: after
+    this, no --nhead or --tokenizer is needed, and corruption is detected at load."""
+    out = Path(output) if output else Path(model).with_suffix(".safetensors")
+    if not output and out.suffix == Path(model).suffix:
+        raise CliError(f"{model} is already a .safetensors file; name the converted file with -o")
+    ckpt = convert_checkpoint(model, out, nhead, Tokenizer.from_file(tokenizer) if tokenizer else None)
+    tok = "with" if tokenizer or ckpt.tokenizer else "without"
+    click.echo(f"wrote {out} ({ckpt.config.n_layers} layers, {ckpt.config.nhead} heads, {tok} tokenizer, SHA-256 inside)")
 
 
 def main() -> None:
     cli(prog_name="tformer")
 
 
-@cli.command(name="export", cls=Command)
+@cli.command(name="export", cls=Command, context_settings=CONTEXT)
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Output directory [default: MODEL's name + '-onnx' or '-pt2'].")
 @click.option("--format", "fmt", default="onnx", show_default=True, type=click.Choice(["onnx", "pt2"]),
               help="onnx (onnxruntime, any language) or pt2 (AOTInductor package, PyTorch/C++).")
-@click.option("--nhead", type=int, help="Head count; required for a tutorial state_dict (.pt).")
+@click.option("--nhead", type=click.IntRange(min=1), help=NHEAD_HELP)
 @click.option("--opset", default=18, show_default=True, help="ONNX opset version.")
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]), help="Weights and cache dtype.")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]),

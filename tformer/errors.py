@@ -8,3 +8,8 @@ Every check on user input (paths, checkpoint contents, prompts, sampling values)
 
 class TformerError(ValueError):
     """Bad input: the message names the problem and how to fix it."""
+
+
+class TformerNote(UserWarning):
+    """Something tformer adapted on the way in (a stripped key prefix) that the user should know
+    of; the CLI prints it as one `note:` line."""

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tformer.config import ModelConfig
 from tformer.errors import TformerError
+from tformer.inputs import as_float, as_int
 from tformer.model import TransformerLM
 from tformer.tokenizer import EOS_TOKEN, Tokenizer
 
@@ -39,11 +40,14 @@ class TrainConfig:
     eval_batches: int = 8
 
     def __post_init__(self) -> None:
+        # Refused up front: a bad value would otherwise train for minutes and write garbage.
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
-            if getattr(self, name) < 1:
-                raise TformerError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise TformerError(f"lr must be positive, got {self.lr}")
+            object.__setattr__(self, name, as_int(name, getattr(self, name), minimum=1))
+        object.__setattr__(self, "seed", as_int("seed", self.seed, minimum=0, maximum=2**64 - 1))
+        lr = as_float("lr", self.lr, "a finite number in (0, 1]")
+        if not 0 < lr <= 1:
+            raise TformerError(f"lr must be a finite number in (0, 1] (Adam's usual range is 1e-4 to 1e-2), got {lr}")
+        object.__setattr__(self, "lr", lr)
         if not 0 < self.val_fraction < 1:
             raise TformerError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
@@ -146,6 +150,11 @@ def train(
         while step < train_config.steps:
             x, y = next(batches)
             loss = criterion(model(x).flatten(0, 1), y.flatten())
+            if not torch.isfinite(loss):
+                raise TformerError(
+                    f"training diverged at step {step + 1}: the loss is {loss.item()}; nothing was written. "
+                    f"Lower --lr (now {train_config.lr:g}) or raise --batch-size"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -155,6 +164,9 @@ def train(
             running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
             if step % train_config.eval_every == 0 or step == train_config.steps:
                 val_loss = evaluate(model, val_set, criterion, train_config)
+                if not math.isfinite(val_loss):  # the last update can break the weights after the last loss
+                    raise TformerError(f"training diverged at step {step}: the validation loss is {val_loss}; nothing "
+                                   f"was written. Lower --lr (now {train_config.lr:g})")  # fmt: skip
                 model.train()
             bar.update(task, advance=1, status=f"loss {running:.3f}  val {val_loss:.3f}")
     model.eval()

@@ -66,7 +66,7 @@ def _name_list(text: str, known: tuple[str, ...], what: str) -> list[str]:
 
 @main.command("generate", cls=Command, context_settings=CONTEXT)
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
-@click.option("--nhead", type=int, help="Head count; required for a tutorial state_dict (.pt).")
+@click.option("--nhead", type=click.IntRange(min=1), help="Head count; required for a tutorial state_dict (.pt).")
 @click.option("--backends", default=",".join(ALL_BACKENDS), show_default=True,
               help="Comma-separated rows, also 'aot'; 'naive' is the tutorial's full-recompute loop, 'hf' is HF generate.")
 @click.option("--batch-sizes", default="1,8", show_default=True)
@@ -76,7 +76,7 @@ def _name_list(text: str, known: tuple[str, ...], what: str) -> list[str]:
 @click.option("--dtype", default="fp32", show_default=True, help="fp32, bf16 or fp16.")
 @click.option("--repeats", default=3, show_default=True, help="Timed runs per row (median, min, max shown).")
 @click.option("--warmup", default=1, show_default=True, help="Untimed runs first (compilation happens here).")
-@click.option("--threads", type=int, help="CPU threads for torch [default: torch's choice].")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch [default: torch's choice].")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random prompts (and weights without MODEL).")
 @click.option("--warm-setup", is_flag=True,
               help="Also time compile/aot setup in a second process with warm caches (cold vs warm compile).")
