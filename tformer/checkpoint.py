@@ -120,13 +120,15 @@ def load_checkpoint(path: str | os.PathLike, nhead: int | None = None) -> Checkp
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            magic = f.read(4)
+            magic = f.read(9)
     except OSError as exc:
         raise TformerError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
     if size == 0:
         raise TformerError(f"{path}: file is empty (an interrupted save?); re-save the checkpoint")
     integrity = "none"
-    if magic.startswith(b"PK") or magic[:1] == b"\x80":  # torch.save zip archive / legacy pickle
+    # safetensors: an 8-byte header length, then the JSON header; its first byte can be b"\x80" or b"P".
+    safetensors = magic[8:9] == b"{" and int.from_bytes(magic[:8], "little") <= size - 8
+    if not safetensors and (magic.startswith(b"PK") or magic[:1] == b"\x80"):  # torch.save zip / legacy pickle
         if magic.startswith(b"PK"):
             _verify_zip(path)
             integrity = "CRC-32 of every zip entry"

@@ -84,6 +84,7 @@ def load(
     these inputs.
     """
     path = as_path("path", path)
+    device = resolve_device(device)  # before reading a large file
     if backend is not None and not isinstance(backend, str):
         raise TformerError(f"backend must be a name such as 'eager' or 'onnx', got {type(backend).__name__}")
     if nhead is not None:
