@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 
+import click
 import pytest
 import torch
 from click.testing import CliRunner
@@ -100,3 +103,131 @@ def test_demo_end_to_end(tmp_path):
     result = run("demo", "-o", str(out), "--steps", "3")
     assert result.exit_code == 0
     assert out.exists() and result.output.count("--- sample") == 3
+
+
+# --- hardening: every option documented, one-line errors, escapes, Ctrl-C -----------------------
+
+
+def all_commands():
+    """(entry point, arguments before the flag, command) for every command users can run."""
+    from tformer.bench.cli import main as bench
+    from tformer.cli import export_cmd
+
+    yield cli, [], cli
+    for name, command in cli.commands.items():
+        yield cli, [name], command
+    yield export_cmd, [], export_cmd
+    yield bench, [], bench
+    for name, command in bench.commands.items():
+        yield bench, [name], command
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_every_command_takes_help_and_documents_every_option(flag):
+    for entry, args, command in all_commands():
+        result = CliRunner().invoke(entry, [*args, flag])
+        assert result.exit_code == 0 and result.output.startswith("Usage:"), (args, result.output)
+        undocumented = [p.name for p in command.params if isinstance(p, click.Option) and not p.help]
+        assert not undocumented, f"{command.name}: options without help: {undocumented}"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "{tmp}/model.pt", "--ids", "1", "--nhead", "4", "--device", "mps"], "device 'mps' is not supported"),
+        (["generate", "{tmp}/model.pt", "--ids", "1", "--nhead", "0"], "'--nhead': 0 is not in the range x>=1"),
+        (["train", "-o", "{tmp}/x.safetensors", "--lr", "inf"], r"lr must be a finite number in (0, 1], got inf"),
+        (["train", "-o", "{tmp}/x.safetensors", "--lr", "nan"], r"lr must be a finite number in (0, 1], got nan"),
+        (["train", "-o", "{tmp}/x.safetensors", "--lr", "0"], r"lr must be a finite number in (0, 1]"),
+        (["train", "-o", "{tmp}/x.safetensors", "--seq-len", "0"], "'--seq-len': 0 is not in the range x>=1"),
+        (["train", "-o", "{tmp}/x.safetensors", "--dropout", "1"], "'--dropout': 1.0 is not in the range 0<=x<1"),
+        (["train", "-o", "{tmp}/x.safetensors", "--heads", "4"], "No such option '--heads'. (Did you mean one of: '--help', '--nhead'?)"),
+        (["convert", "{tmp}/model.pt", "-o", "{tmp}/x.safetensors"], "pass nhead= (CLI: --nhead N)"),
+    ],
+)
+def test_more_bad_input_is_one_line_with_exit_code_2(tmp_path, seed_model, args, message):
+    test_bad_input_is_one_line_with_exit_code_2(tmp_path, seed_model, args, message)
+
+
+def test_bench_threads_must_be_positive():
+    from tformer.bench.cli import main as bench
+
+    result = CliRunner().invoke(bench, ["--threads", "-1"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "Error: Invalid value for '--threads': -1 is not in the range x>=1" in result.output
+
+
+def test_stop_escapes(trained, tmp_path):
+    from tformer.checkpoint import save_checkpoint
+    from tformer.cli import unescape
+
+    assert unescape(r"\n\n") == "\n\n" and unescape(r"a\tb\\n") == "a\tb\\n"
+    assert unescape(r"\x41\u00e9\d") == "Aé\\d"  # unknown escapes stay as typed
+    model, tokenizer = trained
+    save_checkpoint(tmp_path / "m.safetensors", model, tokenizer)
+    full = tformer_load(tmp_path / "m.safetensors").generate("def ", max_new_tokens=60, temperature=0)[0]
+    assert "\n" in full  # else the stop below would prove nothing
+    result = run("generate", str(tmp_path / "m.safetensors"), "def ", "-n", "60", "-t", "0", "--stop", r"\n")
+    assert result.output == "def " + full[: full.index("\n")] + "\n"
+
+
+def tformer_load(path):
+    import tformer
+
+    return tformer.load(path, device="cpu")
+
+
+def test_training_that_diverges_stops_and_writes_nothing(tmp_path, monkeypatch):
+    """A loss that turns NaN (simulated: the criterion's loss becomes NaN at step 3) ends training
+    with one line and exit code 2, and no checkpoint is written."""
+    import torch.nn as nn
+
+    class DivergesAtStep3(nn.CrossEntropyLoss):
+        calls = 0
+
+        def forward(self, input, target):
+            DivergesAtStep3.calls += 1
+            loss = super().forward(input, target)
+            return loss * float("nan") if DivergesAtStep3.calls >= 3 else loss
+
+    monkeypatch.setattr("tformer.train.nn.CrossEntropyLoss", DivergesAtStep3)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("def add(a, b):\n    return a + b\n" * 100)
+    result = CliRunner().invoke(cli, ["train", str(corpus), "-o", str(tmp_path / "x.safetensors"), "--layers", "1",
+                                      "--d-model", "32", "--vocab-size", "300", "--seq-len", "16", "--steps", "20"])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "Error: training diverged at step 3: the loss is nan; nothing was written. Lower --lr" in result.output
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_ctrl_c_exits_130_with_one_line(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("def add(a, b):\n    return a + b\n" * 500)
+    proc = subprocess.Popen([sys.executable, "-m", "tformer", "train", str(corpus), "-o", str(tmp_path / "x.safetensors"),
+                             "--steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    line = proc.stderr.readline()  # "corpus: ..." once the command runs
+    assert line.startswith("corpus:"), line
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "Interrupted: nothing was left half-written."
+    assert list(tmp_path.iterdir()) == [corpus]
+
+
+def test_convert_and_info(tmp_path, trained):
+    model, tokenizer = trained
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    tokenizer.save(tmp_path / "tokenizer.json")
+    result = run("convert", str(tmp_path / "model.pt"), "--nhead", "4", "--tokenizer", str(tmp_path / "tokenizer.json"))
+    assert result.exit_code == 0 and f"wrote {tmp_path / 'model.safetensors'} (2 layers, 4 heads, with tokenizer" in result.output
+    info = run("info", str(tmp_path / "model.safetensors")).output
+    assert "heads       4 (supplied at `tformer convert`, not read" in info and "tokenizer   yes (320 ids)" in info
+    assert "verified    SHA-256 of metadata and tensors" in info
+    generated = run("generate", str(tmp_path / "model.safetensors"), "def ", "-n", "10", "-t", "0").output
+    direct = run("generate", str(tmp_path / "model.pt"), "def ", "-n", "10", "-t", "0", "--nhead", "4",
+                 "--tokenizer", str(tmp_path / "tokenizer.json")).output  # fmt: skip
+    assert generated == direct
+    assert "supplied with --nhead" in run("info", str(tmp_path / "model.pt"), "--nhead", "4").output
+    again = CliRunner().invoke(cli, ["convert", str(tmp_path / "model.safetensors")])
+    assert again.exit_code == 2 and "already a .safetensors file; name the converted file with -o" in again.output

@@ -69,7 +69,7 @@ def _name_list(text: str, known: tuple[str, ...], what: str) -> list[str]:
 @click.option("--nhead", type=click.IntRange(min=1), help="Head count; required for a tutorial state_dict (.pt).")
 @click.option("--backends", default=",".join(ALL_BACKENDS), show_default=True,
               help="Comma-separated rows, also 'aot'; 'naive' is the tutorial's full-recompute loop, 'hf' is HF generate.")
-@click.option("--batch-sizes", default="1,8", show_default=True)
+@click.option("--batch-sizes", default="1,8", show_default=True, help="Comma-separated batch sizes, one row each.")
 @click.option("--prompt-len", default=32, show_default=True, help="Prompt tokens per row.")
 @click.option("--new-tokens", default=64, show_default=True, help="Tokens generated per row.")
 @click.option("--device", help="cpu or cuda [default: cuda if available].")
