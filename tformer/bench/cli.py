@@ -143,7 +143,7 @@ def generate(model, nhead, backends, batch_sizes, prompt_len, new_tokens, device
 @click.option("--impls", default=",".join(IMPLS), show_default=True,
               help="tformer (our Triton kernels), sdpa (torch scaled_dot_product_attention), naive (matmul-softmax-matmul).")  # fmt: skip
 @click.option("--device", help="cuda [default], or cpu under TRITON_INTERPRET=1 (a smoke test: times mean nothing).")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the random q, k, v.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every record as JSON.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write every record as CSV.")
 def kernels(kinds, batches, heads, seqs, head_dims, dtypes, impls, device, seed, json_path, csv_path) -> None:
