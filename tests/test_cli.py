@@ -143,10 +143,11 @@ def test_every_command_takes_help_and_documents_every_option(flag):
         (["train", "-o", "{tmp}/x.safetensors", "--dropout", "1"], "'--dropout': 1.0 is not in the range 0<=x<1"),
         (["train", "-o", "{tmp}/x.safetensors", "--heads", "4"], "No such option '--heads'. (Did you mean one of: '--help', '--nhead'?)"),
         (["convert", "{tmp}/model.pt", "-o", "{tmp}/x.safetensors"], "pass nhead= (CLI: --nhead N)"),
+        (["train", "-o", "{tmp}/model.pt/x.safetensors"], "cannot write {tmp}/model.pt/x.safetensors: {tmp}/model.pt is a file, not a folder"),
     ],
 )
 def test_more_bad_input_is_one_line_with_exit_code_2(tmp_path, seed_model, args, message):
-    test_bad_input_is_one_line_with_exit_code_2(tmp_path, seed_model, args, message)
+    test_bad_input_is_one_line_with_exit_code_2(tmp_path, seed_model, args, message.format(tmp=tmp_path))
 
 
 def test_bench_threads_must_be_positive():

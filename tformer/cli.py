@@ -17,6 +17,7 @@ import click
 from tformer.checkpoint import convert_checkpoint, load_checkpoint, load_model, save_checkpoint
 from tformer.config import ModelConfig
 from tformer.errors import TformerError, TformerNote
+from tformer.files import check_writable
 from tformer.runtime import load
 from tformer.tokenizer import Tokenizer
 from tformer.train import TrainConfig, default_corpus, read_corpus, train
@@ -205,6 +206,7 @@ def train_cmd(corpus, output, layers, d_model, nhead, d_ff, vocab_size, max_len,
 
 
 def _train_and_save(corpus, output: Path, model_config: ModelConfig, train_config: TrainConfig) -> None:
+    check_writable(output)
     texts = read_corpus(corpus or default_corpus())
     click.echo(f"corpus: {len(texts)} files, {sum(map(len, texts)) / 1e6:.1f} M characters", err=True)
     model, tokenizer, report = train(texts, model_config, train_config)

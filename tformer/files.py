@@ -11,6 +11,7 @@ does.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -29,6 +30,14 @@ _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]  # PIDs me
 def _temp_name(target: Path, kind: str) -> Path:
     """A fresh temporary path beside `target`: `kind` is "tmp" (being written) or "old" (replaced)."""
     return target.with_name(f".{target.name}.tformer-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.{kind}{target.suffix}")
+
+
+def _make_parent(path: Path) -> None:
+    """Create `path`'s folder; a file standing where a folder should be is named, not "File exists"."""
+    blocker = next((p for p in path.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{blocker} is a file, not a folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
 
 
 def remove_stale_temps(target: str | os.PathLike) -> list[Path]:
@@ -78,7 +87,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _make_parent(path)
         remove_stale_temps(path)
         tmp = _temp_name(path, "tmp")
         os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
@@ -106,7 +115,7 @@ def atomic_directory(path: str | os.PathLike, force: bool = False) -> Iterator[P
     if path.exists() and not path.is_dir():
         raise TformerError(f"{path} exists and is not a directory")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _make_parent(path)
         remove_stale_temps(path)
         tmp = _temp_name(path, "tmp")
         tmp.mkdir(0o777)
@@ -126,6 +135,21 @@ def atomic_directory(path: str | os.PathLike, force: bool = False) -> Iterator[P
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail now, not after minutes of work, if `path` cannot be written: its folder is created and
+    a temporary file is made and removed there (permission bits alone do not tell, e.g. for root)."""
+    path = Path(path)
+    if path.is_dir():
+        raise TformerError(f"cannot write {path}: it is a directory")
+    try:
+        _make_parent(path)
+        probe = _temp_name(path, "tmp")
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        probe.unlink()
+    except OSError as exc:
+        raise TformerError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def _fsync(path: Path) -> None:
