@@ -50,8 +50,10 @@ def stock_logits(ref, ids: torch.Tensor) -> np.ndarray:
 
 def test_tutorial_checkpoint_exports_and_validates(tutorial_export):
     _, out = tutorial_export
-    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".opt.onnx")) == ["model.onnx", "tformer.json"]
+    # the export, plus the optimized-graph cache that validation's load wrote (not in `files`)
+    assert sorted(p.name for p in out.iterdir()) == ["model.cpu.opt.json", "model.cpu.opt.onnx", "model.onnx", "tformer.json"]
     meta = json.loads((out / "tformer.json").read_text())
+    assert meta["format_version"] == 2 and list(meta["files"]) == ["model.onnx"]
     assert [i["name"] for i in meta["inputs"]] == input_names(TINY.n_layers)
     assert [o["name"] for o in meta["outputs"]] == output_names(TINY.n_layers)
     assert meta["inputs"][3] == {"name": "past.0.key", "dtype": "float32", "shape": ["batch", 4, "past", 8]}
