@@ -79,7 +79,12 @@ class Suite:
         self.trials.append(trial)
         return trial
 
-    def problems(self, group: str) -> list[str]:
+    def check(self, group: str) -> None:
+        """Assert that no trial of `group` went wrong; the message lists those that did."""
+        found = self._problems(group)
+        assert not found, f"{len(found)} trials went wrong:\n" + "\n".join(found)
+
+    def _problems(self, group: str) -> list[str]:
         """What went wrong in the trials of `group`: one line per trial."""
         found = []
         for t in (t for t in self.trials if t.group == group):
@@ -299,19 +304,19 @@ def test_untouched_export_loads_and_verifies(suites, fmt):
 @pytest.mark.parametrize("fmt", ["onnx", "pt2"])
 def test_every_tformer_json_edit_fails_in_one_line_or_changes_nothing(suites, fmt):
     assert len([t for t in suites[fmt].trials if t.group == "json"]) >= 60
-    assert suites[fmt].problems("json") == []
+    suites[fmt].check("json")
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "pt2"])
 def test_every_file_deleted_truncated_or_flipped_fails_in_one_line_or_changes_nothing(suites, fmt):
-    assert suites[fmt].problems("files") == []
+    suites[fmt].check("files")
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "pt2"])
 def test_random_corruption_never_crashes_and_never_loads_changed_content(suites, fmt):
     trials = [t for t in suites[fmt].trials if t.group == "random"]
     assert len(trials) >= 50 and sum(t.expect == "error" for t in trials) >= 25  # most changes must be refused
-    assert suites[fmt].problems("random") == []
+    suites[fmt].check("random")
 
 
 def test_damaged_graph_cache_is_rebuilt_with_the_same_tokens(suites):
@@ -327,7 +332,7 @@ def test_damaged_graph_cache_is_rebuilt_with_the_same_tokens(suites):
 def test_stale_graph_cache_is_not_used(suites):
     suite = suites["onnx"]
     assert suite.outcomes["other export, untouched"]["tokens"] != suite.outcomes["untouched"]["tokens"]
-    assert suite.problems("stale") == []  # the other export's tokens, not those of the cache's model
+    suite.check("stale")  # the other export's tokens, not those of the cache's model
     assert cache_is_valid(next(t for t in suite.trials if t.name == "stale cache").directory)
 
 
@@ -344,3 +349,28 @@ def test_onnx_export_refuses_a_device_it_cannot_run_on(suites, monkeypatch):
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     with pytest.raises(TformerError, match="onnxruntime has no CUDA provider"):
         OnnxBackend.from_directory(directory, torch.device("cuda"))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda graph: graph.input[3].type.tensor_type.shape.dim[1].__setattr__("dim_value", 8), "graph's inputs differ"),
+        (lambda graph: graph.output[0].type.tensor_type.__setattr__("elem_type", 10), "graph's outputs differ"),  # float16
+        (lambda graph: graph.input[4].__setattr__("name", "past.0.val"), "graph's inputs differ"),
+    ],
+)
+def test_onnx_graph_that_differs_from_the_config_is_refused(suites, tmp_path, edit, message):
+    """A graph whose metadata_props and hash agree with tformer.json but whose signature does not
+    (a deliberate two-file edit): refused before onnxruntime binds a buffer."""
+    import onnx
+
+    directory = tmp_path / "export"
+    shutil.copytree(suites["onnx"].pristine, directory)
+    model = onnx.load(str(directory / "model.onnx"))
+    edit(model.graph)
+    onnx.save(model, str(directory / "model.onnx"))
+    meta = json.loads((directory / "tformer.json").read_text())
+    meta["files"]["model.onnx"] = hashlib.sha256((directory / "model.onnx").read_bytes()).hexdigest()
+    (directory / "tformer.json").write_text(json.dumps(meta))
+    with pytest.raises(TformerError, match=message):
+        verified_meta(directory)

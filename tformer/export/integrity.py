@@ -41,6 +41,10 @@ DTYPES = [str(d).removeprefix("torch.") for d in TOLERANCE]  # the dtypes an exp
 Check = tuple[Callable[[Any], bool], str]  # a field's test, and what it must be (for the message)
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -64,8 +68,7 @@ class Format:
 
 
 FORMATS = {
-    "tformer-onnx": Format("model.onnx", "tformer.export.onnx",
-                           {"opset": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer")}),
+    "tformer-onnx": Format("model.onnx", "tformer.export.onnx", {"opset": (lambda v: _is_int(v) and v > 0, "a positive integer")}),
     "tformer-pt2": Format("model.pt2", "tformer.export.pt2"),
 }  # fmt: skip
 
@@ -166,10 +169,13 @@ def _check_schema(meta: dict, path: Path) -> None:
     def bad(name: str, problem: str) -> TformerError:
         return TformerError(f"{path}: field '{name}' {problem}; {FIX}")
 
-    fmt, version = meta.get("format"), meta.get("format_version")
+    for name in ("format", "format_version"):  # first: they decide which schema applies
+        if name not in meta:
+            raise bad(name, "is missing")
+    fmt, version = meta["format"], meta["format_version"]
     if not isinstance(fmt, str) or fmt not in FORMATS:
         raise bad("format", f"must be one of {', '.join(FORMATS)}, not {_short(fmt)}")
-    if not isinstance(version, int) or isinstance(version, bool):
+    if not _is_int(version):
         raise bad("format_version", f"must be an integer, not {_short(version)}")
     if version < FORMAT_VERSION:
         raise TformerError(f"{path}: export format version {version} is older than this tformer's ({FORMAT_VERSION}); {FIX}")

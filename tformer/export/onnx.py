@@ -203,8 +203,10 @@ def check_artifact(path: Path, meta: dict) -> None:
     """`model.onnx` against `tformer.json` (`meta`, its schema already checked): the metadata it
     was exported with, its opset, and its graph's input and output names, dtypes and fixed sizes
     against the config's (so that onnxruntime never binds buffers the graph does not expect)."""
-    import onnx
-
+    try:
+        import onnx
+    except ImportError:
+        raise TformerError("checking an ONNX export needs the onnx package (pip install 'tformer[onnx]')") from None
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError, onnx's own errors
@@ -216,11 +218,19 @@ def check_artifact(path: Path, meta: dict) -> None:
     elem = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT64: "int64"}
     wanted = contract(ModelConfig.from_dict(meta["config"]), meta["dtype"])
     for kind, values in (("inputs", model.graph.input), ("outputs", model.graph.output)):
-        graph = [(v.name, elem.get(v.type.tensor_type.elem_type),
-                  [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]) for v in values]
-        config = [(s["name"], s["dtype"], [d if isinstance(d, int) else None for d in s["shape"]]) for s in wanted[kind]]
-        if graph != config:
+        if len(values) != len(wanted[kind]) or not all(_matches(v, s, elem) for v, s in zip(values, wanted[kind])):
             raise TformerError(f"{path}: the graph's {kind} differ from what tformer.json's config and dtype imply; {FIX}")
+
+
+def _matches(value, spec: dict, elem: dict[int, str]) -> bool:
+    """A graph input or output (ValueInfoProto) against its `contract` entry: name, dtype, rank,
+    and sizes: one the graph fixes must be the contract's, one the contract fixes may be left
+    open (symbolic) by the graph."""
+    tensor = value.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+    if (value.name, elem.get(tensor.elem_type), len(dims)) != (spec["name"], spec["dtype"], len(spec["shape"])):
+        return False
+    return all(g is None if isinstance(c, str) else g in (None, c) for g, c in zip(dims, spec["shape"]))
 
 
 def _versions() -> dict[str, str]:

@@ -105,7 +105,7 @@ def check_artifact(path: Path, meta: dict) -> None:
         raise TformerError(f"{path}: no AOTInductor metadata in the package; {FIX}")
     for embedded in found:
         check_embedded(meta, embedded, path)
-        if embedded.get("AOTI_DEVICE_KEY") != "cpu":
+        if embedded.get("AOTI_DEVICE_KEY", "cpu") != "cpu":
             raise TformerError(f"{path}: compiled for {embedded.get('AOTI_DEVICE_KEY')!r}, not the CPU; {FIX}")
 
 
