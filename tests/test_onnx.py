@@ -113,6 +113,12 @@ def test_load_checkpoint_on_onnx_exports_once_to_the_cache(tmp_path, monkeypatch
     assert first.generate_ids([[1, 2, 3]], max_new_tokens=8, temperature=0) == second.generate_ids(
         [[1, 2, 3]], max_new_tokens=8, temperature=0
     )
+    (exports[0] / "model.onnx").write_bytes(b"")  # a damaged cache entry is exported again, not reported
+    third = tformer.load(tmp_path / "m.safetensors", backend="onnx", device="cpu")
+    assert (exports[0] / "model.onnx").stat().st_size > 0
+    assert third.generate_ids([[1, 2, 3]], max_new_tokens=8, temperature=0) == first.generate_ids(
+        [[1, 2, 3]], max_new_tokens=8, temperature=0
+    )
 
 
 def no_leftovers(directory) -> bool:
