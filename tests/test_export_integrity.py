@@ -102,7 +102,7 @@ class Suite:
                 found.append(f"{t.name}: error does not name {' or '.join(t.match)}: {message}")
             elif kind == "tokens" and t.expect == "error":
                 found.append(f"{t.name}: loaded changed content without an error")
-            elif kind == "tokens" and out["tokens"] != base["tokens"]:
+            elif kind == "tokens" and out["tokens"] != base.get("tokens"):
                 found.append(f"{t.name}: tokens differ from {t.baseline}'s")
         return found
 
@@ -165,7 +165,8 @@ def add_json_trials(suite: Suite, other_format: str) -> None:
     fields = [(key,) for key in meta] + [("config", key) for key in config]
     for path in fields:
         name = ".".join(path)
-        for what, value in (("deleted", DELETE), ("of another type", other_type(meta[path[0]] if len(path) == 1 else config[path[1]]))):
+        current = meta[path[0]] if len(path) == 1 else config[path[1]]
+        for what, value in (("deleted", DELETE), ("of another type", other_type(current))):
             new = edited(meta, path, value)
             suite.add(f"tformer.json: {name} {what}", "json", "tformer.json", new, expect="error", match=(path[-1],))
     plausible = {
@@ -188,8 +189,10 @@ def add_json_trials(suite: Suite, other_format: str) -> None:
     for path, values in plausible.items():
         for i, (value, match) in enumerate(values):
             new = edited(meta, path, value)
-            suite.add(f"tformer.json: {'.'.join(path)} = {value!r:.40} (#{i})", "json", "tformer.json", new, expect="error", match=(match,))
-    for key, value in (("exporter", "something else"), ("versions", {"torch": "0.0"}), ("export_seconds", 999.5), ("validation", None)):
+            name = f"tformer.json: {'.'.join(path)} = {value!r:.40} (#{i})"
+            suite.add(name, "json", "tformer.json", new, expect="error", match=(match,))
+    informational = {"exporter": "something else", "versions": {"torch": "0.0"}, "export_seconds": 999.5, "validation": None}
+    for key, value in informational.items():
         suite.add(f"tformer.json: {key} = {value!r}", "json", "tformer.json", edited(meta, (key,), value), expect="same")
     suite.add("tformer.json re-indented", "json", "tformer.json", json.dumps(meta, indent=4).encode(), expect="same")
     for content in (b"[]", b"{}", b"{", b"", b"null", b'"tformer"', None):
@@ -204,8 +207,11 @@ def add_file_trials(suite: Suite) -> None:
         def flipped(i: int) -> bytes:
             return data[:i] + bytes([data[i] ^ 0x55]) + data[i + 1 :]
 
-        changes = {"deleted": None, "emptied": b"", "cut in half": data[: len(data) // 2], "without its last byte": data[:-1],
-                   "first byte flipped": flipped(0), "middle byte flipped": flipped(len(data) // 2), "last byte flipped": flipped(len(data) - 1)}  # fmt: skip
+        changes = {
+            "deleted": None, "emptied": b"", "cut in half": data[: len(data) // 2], "without its last byte": data[:-1],
+            "first byte flipped": flipped(0), "middle byte flipped": flipped(len(data) // 2),
+            "last byte flipped": flipped(len(data) - 1),
+        }  # fmt: skip
         for what, content in changes.items():
             suite.add(f"{path.name} {what}", "files", path.name, content)
 
@@ -234,8 +240,8 @@ def run_worker(suite: Suite, prompts: list[list[int]]) -> None:
     remaining = list(suite.trials)
     while remaining:
         spec = suite.pristine.parent / f"{suite.pristine.name}-spec.json"
-        spec.write_text(json.dumps({"prompts": prompts, "text": "def ",
-                                    "trials": [{"name": t.name, "directory": str(t.directory)} for t in remaining]}))  # fmt: skip
+        trials = [{"name": t.name, "directory": str(t.directory)} for t in remaining]
+        spec.write_text(json.dumps({"prompts": prompts, "text": "def ", "trials": trials}))
         try:
             proc = subprocess.run([sys.executable, str(WORKER), str(spec)], capture_output=True, text=True, timeout=900)
             stdout, detail = proc.stdout, f"exit status {proc.returncode}: {proc.stderr[-600:]!r}"
@@ -340,7 +346,8 @@ def test_onnx_export_refuses_a_device_it_cannot_run_on(suites, monkeypatch):
     directory = suites["onnx"].pristine
     if torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("CUDA and onnxruntime's CUDA provider are both here")
-    for load in (lambda: tformer.load(directory, device="cuda"), lambda: OnnxBackend.from_directory(directory, torch.device("cuda"))):
+    loads = (lambda: tformer.load(directory, device="cuda"), lambda: OnnxBackend.from_directory(directory, torch.device("cuda")))
+    for load in loads:
         with pytest.raises(TformerError, match="CUDA") as info:
             load()
         assert "\n" not in str(info.value)

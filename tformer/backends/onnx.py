@@ -52,7 +52,9 @@ def provider_for(device: torch.device) -> str:
     if not torch.cuda.is_available():
         raise TformerError("CUDA is not available on this machine; use device='cpu' (CLI: --device cpu)")
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise TformerError("onnxruntime has no CUDA provider here: pip install onnxruntime-gpu, or use device='cpu' (CLI: --device cpu)")
+        raise TformerError(
+            "onnxruntime has no CUDA provider here: pip install onnxruntime-gpu, or use device='cpu' (CLI: --device cpu)"
+        )
     return "CUDAExecutionProvider"
 
 
@@ -74,7 +76,8 @@ class GraphCache:
     def valid(self) -> bool:
         try:
             saved = json.loads(self.record.read_bytes().decode("utf-8"))
-            return isinstance(saved, dict) and saved.get("key") == self.key and saved.get("sha256") == file_sha256(self.graph)
+            fresh = isinstance(saved, dict) and saved.get("key") == self.key
+            return fresh and saved.get("sha256") == file_sha256(self.graph)
         except (OSError, ValueError):
             return False
 
@@ -123,7 +126,9 @@ class OnnxBackend(FromExport):
         self.attention = f"onnxruntime {ort.__version__} ({self.provider})"
         self.session = self._session(ort, directory, meta["files"]["model.onnx"])
         if self.session.get_providers()[0] != self.provider:  # onnxruntime falls back to the CPU when CUDA fails
-            raise TformerError(f"onnxruntime could not start {self.provider} (see its log above); use device='cpu' (CLI: --device cpu)")
+            raise TformerError(
+                f"onnxruntime could not start {self.provider} (see its log above); use device='cpu' (CLI: --device cpu)"
+            )
         self._ort_device = ("cuda", self.device.index or 0) if self.device.type == "cuda" else ("cpu", 0)
 
     def _session(self, ort, directory: Path, graph_sha256: str):

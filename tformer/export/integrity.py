@@ -68,7 +68,9 @@ class Format:
 
 
 FORMATS = {
-    "tformer-onnx": Format("model.onnx", "tformer.export.onnx", {"opset": (lambda v: _is_int(v) and v > 0, "a positive integer")}),
+    "tformer-onnx": Format(
+        "model.onnx", "tformer.export.onnx", {"opset": (lambda v: _is_int(v) and v > 0, "a positive integer")}
+    ),
     "tformer-pt2": Format("model.pt2", "tformer.export.pt2"),
 }  # fmt: skip
 
