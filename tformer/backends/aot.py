@@ -13,6 +13,7 @@ import torch
 
 from tformer.backends.base import FromExport
 from tformer.errors import TformerError
+from tformer.export.integrity import FIX, check_embedded, one_line
 from tformer.model import KVCache, TransformerLM
 
 
@@ -32,8 +33,6 @@ class AotBackend(FromExport):
             raise TformerError("tformer .pt2 packages are compiled for the CPU; use device='cpu' (CUDA packages are not supported yet)")
 
     def _open(self, directory: Path, meta: dict, device: torch.device) -> None:
-        from tformer.export.integrity import FIX, check_embedded, one_line
-
         self._adopt(directory, meta)
         self.device = device
         self.attention = "AOTInductor package (C++)"

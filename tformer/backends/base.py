@@ -15,6 +15,7 @@ import torch
 
 from tformer.config import ModelConfig
 from tformer.errors import TformerError
+from tformer.export.integrity import verified_meta
 
 
 class Backend(Protocol):
@@ -58,8 +59,6 @@ class FromExport:
 
     @classmethod
     def from_directory(cls, directory: str | os.PathLike, device: torch.device):
-        from tformer.export.integrity import verified_meta
-
         backend = cls.__new__(cls)
         backend._check_device(device)
         backend._open(Path(directory), verified_meta(directory), device)

@@ -25,6 +25,7 @@ import torch
 from tformer.backends.base import FromExport
 from tformer.errors import TformerError
 from tformer.export.artifact import file_sha256
+from tformer.export.integrity import one_line
 from tformer.files import atomic_path
 from tformer.model import TransformerLM, row_positions
 
@@ -158,8 +159,6 @@ class OnnxBackend(FromExport):
         try:
             return ort.InferenceSession(str(graph), options, providers=[self.provider])
         except Exception as exc:  # onnxruntime's own exception types
-            from tformer.export.integrity import one_line
-
             raise TformerError(
                 f"onnxruntime {ort.__version__} cannot load {graph} ({one_line(exc)}); upgrade onnxruntime or re-export it"
             ) from None
