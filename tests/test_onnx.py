@@ -50,8 +50,10 @@ def stock_logits(ref, ids: torch.Tensor) -> np.ndarray:
 
 def test_tutorial_checkpoint_exports_and_validates(tutorial_export):
     _, out = tutorial_export
-    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".opt.onnx")) == ["model.onnx", "tformer.json"]
+    # the export, plus the optimized-graph cache that validation's load wrote (not in `files`)
+    assert sorted(p.name for p in out.iterdir()) == ["model.cpu.opt.json", "model.cpu.opt.onnx", "model.onnx", "tformer.json"]
     meta = json.loads((out / "tformer.json").read_text())
+    assert meta["format_version"] == 2 and list(meta["files"]) == ["model.onnx"]
     assert [i["name"] for i in meta["inputs"]] == input_names(TINY.n_layers)
     assert [o["name"] for o in meta["outputs"]] == output_names(TINY.n_layers)
     assert meta["inputs"][3] == {"name": "past.0.key", "dtype": "float32", "shape": ["batch", 4, "past", 8]}
@@ -109,6 +111,12 @@ def test_load_checkpoint_on_onnx_exports_once_to_the_cache(tmp_path, monkeypatch
     second = tformer.load(tmp_path / "m.safetensors", backend="onnx", device="cpu")
     assert (exports[0] / "model.onnx").stat().st_mtime_ns == stamp  # reused, not exported again
     assert first.generate_ids([[1, 2, 3]], max_new_tokens=8, temperature=0) == second.generate_ids(
+        [[1, 2, 3]], max_new_tokens=8, temperature=0
+    )
+    (exports[0] / "model.onnx").write_bytes(b"")  # a damaged cache entry is exported again, not reported
+    third = tformer.load(tmp_path / "m.safetensors", backend="onnx", device="cpu")
+    assert (exports[0] / "model.onnx").stat().st_size > 0
+    assert third.generate_ids([[1, 2, 3]], max_new_tokens=8, temperature=0) == first.generate_ids(
         [[1, 2, 3]], max_new_tokens=8, temperature=0
     )
 

@@ -100,15 +100,16 @@ def load(
 def _load_export(
     directory: Path, backend: str | None, device, dtype, tokenizer: Tokenizer | None
 ) -> Runtime:
-    from tformer.export.artifact import read_meta
+    from tformer.export.integrity import read_meta
 
+    # read_meta only checks the schema (enough to pick the backend); the backend verifies it all
     runs_on = {"tformer-onnx": "onnx", "tformer-pt2": "aot"}[read_meta(directory)["format"]]
     if backend not in (None, runs_on):
         raise TformerError(f"{directory} is an export for backend '{runs_on}', not '{backend}'")
     engine = backend_class(runs_on).from_directory(directory, resolve_device(device))
     if dtype is not None and resolve_dtype(dtype) != engine.dtype:
         raise TformerError(f"{directory} was exported as {engine.dtype}; export again with --dtype to change it")
-    if tokenizer is None and (directory / "tokenizer.json").is_file():
+    if tokenizer is None and engine.meta["tokenizer"]:  # its SHA-256 was verified with the rest
         tokenizer = Tokenizer.from_file(directory / "tokenizer.json")
     return Runtime(engine, tokenizer)
 

@@ -13,6 +13,7 @@ import torch
 
 from tformer.backends.base import FromExport
 from tformer.errors import TformerError
+from tformer.export.integrity import FIX, check_embedded, one_line
 from tformer.model import KVCache, TransformerLM
 
 
@@ -24,15 +25,23 @@ class AotBackend(FromExport):
         """Compile `model` into a package in the cache directory (first use only) and load it."""
         from tformer.export.pt2 import cached_export
 
-        self._open(cached_export(model, dtype), device)
+        self._check_device(device)
+        self._open(*cached_export(model, dtype), device)
 
-    def _open(self, directory: Path, device: torch.device) -> None:
-        self._read_export(directory)
+    def _check_device(self, device: torch.device) -> None:
         if device.type != "cpu":
             raise TformerError("tformer .pt2 packages are compiled for the CPU; use device='cpu' (CUDA packages are not supported yet)")
+
+    def _open(self, directory: Path, meta: dict, device: torch.device) -> None:
+        self._adopt(directory, meta)
         self.device = device
         self.attention = "AOTInductor package (C++)"
-        self.runner = torch._inductor.aoti_load_package(str(directory / "model.pt2"))
+        path = directory / "model.pt2"
+        try:
+            self.runner = torch._inductor.aoti_load_package(str(path))
+        except Exception as exc:  # a verified package that this torch cannot load: one line, not its traceback
+            raise TformerError(f"{path}: torch {torch.__version__} cannot load it ({one_line(exc)}); {FIX}") from None
+        check_embedded(meta, self.runner.get_metadata(), path)  # the compiled program is the one described
 
     def allocate_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache.allocate(self.config, batch, max_len, self.device, self.dtype)

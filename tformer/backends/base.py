@@ -15,6 +15,7 @@ import torch
 
 from tformer.config import ModelConfig
 from tformer.errors import TformerError
+from tformer.export.integrity import verified_meta
 
 
 class Backend(Protocol):
@@ -49,23 +50,32 @@ class Backend(Protocol):
 
 class FromExport:
     """For backends that run an export directory: `from_directory` opens one made by
-    `tformer-export`; the constructor (from a model) exports to tformer's cache first."""
+    `tformer-export`; the constructor (from a model) exports to tformer's cache first. Either way
+    the directory is verified (`tformer.export.integrity.verified_meta`) before the native
+    runtime sees it, and the device is checked before anything is verified or exported."""
 
     export_format: str  # the tformer.json "format" this backend runs
+    meta: dict  # the directory's tformer.json, verified
 
     @classmethod
     def from_directory(cls, directory: str | os.PathLike, device: torch.device):
         backend = cls.__new__(cls)
-        backend._open(Path(directory), device)
+        backend._check_device(device)
+        backend._open(Path(directory), verified_meta(directory), device)
         return backend
 
-    def _read_export(self, directory: Path) -> dict:
-        """Check `directory` holds this backend's format; set `config` and `dtype` from it."""
-        from tformer.export.artifact import read_meta
+    def _check_device(self, device: torch.device) -> None:
+        """Raise TformerError if this backend cannot run on `device` (never fall back quietly)."""
+        raise NotImplementedError
 
-        meta = read_meta(directory)
+    def _open(self, directory: Path, meta: dict, device: torch.device) -> None:
+        """Load the verified export in `directory` (`meta`: its tformer.json) onto `device`."""
+        raise NotImplementedError
+
+    def _adopt(self, directory: Path, meta: dict) -> None:
+        """Check that the export is this backend's format; take `config` and `dtype` from it."""
         if meta["format"] != self.export_format:
             raise TformerError(f"{directory} is a {meta['format']} export, not {self.export_format}")
+        self.meta = meta
         self.config = ModelConfig.from_dict(meta["config"])
         self.dtype = getattr(torch, meta["dtype"])
-        return meta

@@ -5,21 +5,31 @@ keep the cache off numpy and out of fresh allocations, every step runs through I
 preallocated buffers: per layer and kind, two flat buffers sized for the whole generation; the
 past is read from one while onnxruntime writes the present straight into the other, then they
 swap. On CUDA the buffers live on the GPU, so the cache never leaves it.
+
+Sessions are built with full graph optimization, and the optimized graph is cached beside
+model.onnx (`GraphCache`) so that later loads skip optimizing.
 """
 
 from __future__ import annotations
 
-import os
-import sys
+import json
+import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from tformer.backends.base import FromExport
 from tformer.errors import TformerError
+from tformer.export.artifact import file_sha256
+from tformer.export.integrity import one_line
+from tformer.files import atomic_path
 from tformer.model import TransformerLM, row_positions
+
+T = TypeVar("T")
 
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
@@ -30,6 +40,57 @@ def _ort():
     except ImportError:
         raise TformerError("onnxruntime is not installed (pip install 'tformer[onnx]')") from None
     return onnxruntime
+
+
+def provider_for(device: torch.device) -> str:
+    """The onnxruntime execution provider for `device`; TformerError if it has none here (a CUDA
+    request never falls back to the CPU quietly)."""
+    ort = _ort()
+    if device.type == "cpu":
+        return "CPUExecutionProvider"
+    if device.type != "cuda":
+        raise TformerError(f"onnxruntime runs on 'cpu' or 'cuda', not '{device}'")
+    if not torch.cuda.is_available():
+        raise TformerError("CUDA is not available on this machine; use device='cpu' (CLI: --device cpu)")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise TformerError(
+            "onnxruntime has no CUDA provider here: pip install onnxruntime-gpu, or use device='cpu' (CLI: --device cpu)"
+        )
+    return "CUDAExecutionProvider"
+
+
+class GraphCache:
+    """onnxruntime's optimized graph of a model.onnx, kept beside it so that later loads skip
+    optimizing. A cache, never an input: `model.<provider>.opt.onnx` plus `model.<provider>.opt.json`,
+    which holds the key the graph was built for (model.onnx's SHA-256, onnxruntime's version, the
+    provider, the machine) and the graph's own SHA-256. Both files are written atomically; a
+    graph that is stale, truncated, flipped or unreadable is rebuilt, never reported."""
+
+    def __init__(self, directory: Path, provider: str, graph_sha256: str):
+        ort = _ort()
+        tag = provider.removesuffix("ExecutionProvider").lower()
+        self.graph = directory / f"model.{tag}.opt.onnx"
+        self.record = directory / f"model.{tag}.opt.json"
+        self.key = {"graph_sha256": graph_sha256, "onnxruntime": ort.__version__, "provider": provider,
+                    "machine": platform.machine()}  # fmt: skip
+
+    def valid(self) -> bool:
+        try:
+            saved = json.loads(self.record.read_bytes().decode("utf-8"))
+            fresh = isinstance(saved, dict) and saved.get("key") == self.key
+            return fresh and saved.get("sha256") == file_sha256(self.graph)
+        except (OSError, ValueError):
+            return False
+
+    def rebuild(self, build: Callable[[str], T]) -> T:
+        """`build(path)` must write the optimized graph to `path`; it is hashed there, renamed into
+        place, then recorded (a crash in between leaves a record that does not match: rebuilt)."""
+        with atomic_path(self.graph) as tmp:
+            result = build(tmp)
+            digest = file_sha256(tmp)
+        with atomic_path(self.record) as tmp:
+            Path(tmp).write_text(json.dumps({"key": self.key, "sha256": digest}))
+        return result
 
 
 @dataclass
@@ -52,41 +113,55 @@ class OnnxBackend(FromExport):
         """Export `model` to the cache directory (first use only) and open it."""
         from tformer.export.onnx import cached_export
 
-        _ort()
-        self._open(cached_export(model, dtype), device)
+        self._check_device(device)
+        self._open(*cached_export(model, dtype), device)
 
-    def _open(self, directory: Path, device: torch.device) -> None:
+    def _check_device(self, device: torch.device) -> None:
+        provider_for(device)
+
+    def _open(self, directory: Path, meta: dict, device: torch.device) -> None:
         ort = _ort()
-        self._read_export(directory)
-        want_cuda = device.type == "cuda"
-        provider = "CUDAExecutionProvider" if want_cuda and "CUDAExecutionProvider" in ort.get_available_providers() \
-            else "CPUExecutionProvider"  # fmt: skip
-        if want_cuda and provider != "CUDAExecutionProvider":
-            print("onnxruntime has no CUDA provider here (pip install onnxruntime-gpu); running on the CPU",
-                  file=sys.stderr)  # fmt: skip
-        self.device = device if provider == "CUDAExecutionProvider" else torch.device("cpu")
-        self.provider = provider
-        self.attention = f"onnxruntime {ort.__version__} ({provider})"
-        options, graph = self._options(ort, directory, provider)
-        self.session = ort.InferenceSession(str(graph), options, providers=[provider])
+        self._adopt(directory, meta)
+        self.provider = provider_for(device)
+        self.device = device
+        self.attention = f"onnxruntime {ort.__version__} ({self.provider})"
+        self.session = self._session(ort, directory, meta["files"]["model.onnx"])
+        if self.session.get_providers()[0] != self.provider:  # onnxruntime falls back to the CPU when CUDA fails
+            raise TformerError(
+                f"onnxruntime could not start {self.provider} (see its log above); use device='cpu' (CLI: --device cpu)"
+            )
         self._ort_device = ("cuda", self.device.index or 0) if self.device.type == "cuda" else ("cpu", 0)
 
-    @staticmethod
-    def _options(ort, directory: Path, provider: str):
-        """Session options and the graph to load: full graph optimization and as many intra-op
-        threads as torch uses; the optimized graph is saved beside model.onnx (when writable) and
-        loaded as is next time, so a later load need not optimize again."""
+    def _session(self, ort, directory: Path, graph_sha256: str):
+        """A session on the cached optimized graph when it is valid, else on model.onnx with full
+        optimization, saving the result as the cache (when the directory is writable)."""
+        cache = GraphCache(directory, self.provider, graph_sha256)
+        if cache.valid():
+            try:
+                return self._new_session(ort, cache.graph, optimize=False)
+            except Exception:  # onnxruntime cannot read it after all: a cache, so rebuild it
+                pass
+        graph = directory / "model.onnx"
+        try:
+            return cache.rebuild(lambda tmp: self._new_session(ort, graph, optimize=True, save_to=tmp))
+        except OSError:  # read-only or full directory: run without the cache
+            return self._new_session(ort, graph, optimize=True)
+
+    def _new_session(self, ort, graph: Path, optimize: bool, save_to: str | None = None):
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: not the notice that the saved graph is machine-specific
         options.intra_op_num_threads = torch.get_num_threads()
-        optimized = directory / f"model.{provider.removesuffix('ExecutionProvider').lower()}.opt.onnx"
-        if optimized.is_file():
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            return options, optimized
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if os.access(directory, os.W_OK):
-            options.optimized_model_filepath = str(optimized)
-        return options, directory / "model.onnx"
+        options.graph_optimization_level = (
+            ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        )
+        if save_to is not None:
+            options.optimized_model_filepath = save_to
+        try:
+            return ort.InferenceSession(str(graph), options, providers=[self.provider])
+        except Exception as exc:  # onnxruntime's own exception types
+            raise TformerError(
+                f"onnxruntime {ort.__version__} cannot load {graph} ({one_line(exc)}); upgrade onnxruntime or re-export it"
+            ) from None
 
     def allocate_cache(self, batch: int, max_len: int) -> OnnxCache:
         c = self.config

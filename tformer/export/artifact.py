@@ -1,4 +1,6 @@
-"""What every export directory shares: `tformer.json`, the weights' hash, the cache of exports."""
+"""What every export directory shares on the writing side: the format version, the hashes
+recorded in `tformer.json`, the metadata embedded in the artifact, the cache of exports.
+(Reading an export back, untrusted, is `tformer.export.integrity`.)"""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -15,9 +18,10 @@ from tformer.errors import TformerError
 from tformer.files import cache_root
 from tformer.model import TransformerLM
 
-FORMAT_VERSION = 1
-ARTIFACTS = {"tformer-onnx": "model.onnx", "tformer-pt2": "model.pt2"}  # format -> file it runs
+FORMAT_VERSION = 2  # 2: SHA-256 of every file, metadata embedded in the artifact, strict schema
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2}  # validation: max abs logit difference
+# tformer.json fields that are also embedded in the artifact, so that the two can be compared
+EMBEDDED = ("format", "format_version", "config", "dtype", "weights_sha256")
 
 
 def export_copy(model: TransformerLM, dtype: torch.dtype) -> TransformerLM:
@@ -28,6 +32,8 @@ def export_copy(model: TransformerLM, dtype: torch.dtype) -> TransformerLM:
 
 
 def weights_sha256(model: TransformerLM) -> str:
+    """A hash of the weights (names and bytes), independent of how a format stores them: it keys
+    the cache of exports and is embedded in every artifact."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
@@ -35,26 +41,41 @@ def weights_sha256(model: TransformerLM) -> str:
     return digest.hexdigest()
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks (a model needs not fit in memory twice)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def base_meta(fmt: str, model: TransformerLM) -> dict:
+    """The fields of `tformer.json` that every format writes first (and embeds in its artifact)."""
+    return {
+        "format": fmt,
+        "format_version": FORMAT_VERSION,
+        "config": asdict(model.config),
+        "dtype": str(model.decoder.weight.dtype).removeprefix("torch."),
+        "weights_sha256": weights_sha256(model),
+    }
+
+
+def embedded_metadata(meta: dict) -> dict[str, str]:
+    """What an artifact carries about itself (ONNX `metadata_props`, AOTInductor's metadata):
+    the fields that decide how it runs, as JSON strings under `tformer.<field>`."""
+    return {f"tformer.{key}": json.dumps(meta[key], sort_keys=True) for key in EMBEDDED}
+
+
+def file_hashes(directory: Path) -> dict[str, str]:
+    """The `files` field of `tformer.json`: name -> SHA-256 of every file the export wrote (taken
+    before validation, whose loads add caches beside them), all verified at load."""
+    names = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != "tformer.json")
+    return {name: file_sha256(directory / name) for name in names}
+
+
 def write_meta(directory: Path, meta: dict) -> None:
     (directory / "tformer.json").write_text(json.dumps(meta, indent=2))
-
-
-def read_meta(directory: str | os.PathLike) -> dict:
-    """`tformer.json` of an export directory, checked to be one this tformer can run."""
-    path = Path(directory) / "tformer.json"
-    if not path.is_file():
-        raise TformerError(f"{directory}: not a tformer export (no tformer.json); create one with tformer-export")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise TformerError(f"{path}: unreadable ({exc})") from None
-    if meta.get("format") not in ARTIFACTS:
-        raise TformerError(f"{path}: unknown export format {meta.get('format')!r}")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise TformerError(f"{path}: written by a newer tformer; upgrade tformer")
-    if not (Path(directory) / ARTIFACTS[meta["format"]]).is_file():
-        raise TformerError(f"{directory}: {ARTIFACTS[meta['format']]} is missing; export again")
-    return meta
 
 
 def cache_dir(model: TransformerLM, dtype: torch.dtype, kind: str) -> Path:

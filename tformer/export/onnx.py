@@ -12,12 +12,13 @@ The graph's inputs and outputs are the public contract that apps in any language
 
 Prefill passes past tensors with past = 0; each decode step passes the previous presents. It is
 exported with the `torch.export`-based exporter (`dynamo=True`), so batch, seq and past stay
-symbolic (the TorchScript exporter bakes lengths into reshapes).
+symbolic (the TorchScript exporter bakes lengths into reshapes). The graph carries the fields
+that decide how it runs in its `metadata_props` (`tformer.config`, ...), which the loader
+compares with `tformer.json` (see `tformer.export.integrity`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -28,8 +29,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from tformer.config import ModelConfig
 from tformer.errors import TformerError
-from tformer.export.artifact import FORMAT_VERSION, cache_dir, export_copy, weights_sha256, write_meta
+from tformer.export.artifact import base_meta, cache_dir, embedded_metadata, export_copy, file_hashes, write_meta
+from tformer.export.integrity import FIX, check_embedded, one_line, verified_or_rebuilt
 from tformer.files import atomic_directory
 from tformer.model import TransformerLM, attention_bias
 from tformer.tokenizer import Tokenizer
@@ -119,29 +122,24 @@ def export_onnx(
     import onnx  # noqa: F401  (the exporter needs onnx and onnxscript: fail early and clearly)
 
     model = export_copy(model, dtype)
-    c = model.config
+    meta = base_meta(FORMAT_NAME, model)
     with atomic_directory(out_dir, force) as tmp:
         began = time.perf_counter()
-        log(f"exporting with torch.onnx.export(dynamo=True), opset {opset}, {str(dtype).removeprefix('torch.')}")
-        _export(model, tmp / "model.onnx", opset)
+        log(f"exporting with torch.onnx.export(dynamo=True), opset {opset}, {meta['dtype']}")
+        _export(model, tmp / "model.onnx", opset, embedded_metadata(meta))
         export_s = time.perf_counter() - began
         if tokenizer is not None:
             tokenizer.save(tmp / "tokenizer.json")
-        meta = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "config": json.loads(c.to_json()),
-            "opset": opset,
-            "dtype": str(dtype).removeprefix("torch."),
-            "inputs": _io_spec(c, dtype, input_names(c.n_layers), outputs=False),
-            "outputs": _io_spec(c, dtype, output_names(c.n_layers), outputs=True),
-            "tokenizer": tokenizer is not None,
-            "exporter": "torch.onnx.export(dynamo=True)",
-            "versions": _versions(),
-            "weights_sha256": weights_sha256(model),
-            "export_seconds": round(export_s, 1),
-            "validation": None,
-        }
+        meta.update(
+            opset=opset,
+            **contract(model.config, meta["dtype"]),
+            tokenizer=tokenizer is not None,
+            exporter="torch.onnx.export(dynamo=True)",
+            versions=_versions(),
+            export_seconds=round(export_s, 1),
+            files=file_hashes(tmp),
+            validation=None,
+        )
         write_meta(tmp, meta)
         if validate:
             from tformer.export.validate import validate_onnx
@@ -151,7 +149,7 @@ def export_onnx(
     return meta
 
 
-def _export(model: TransformerLM, path: Path, opset: int) -> None:
+def _export(model: TransformerLM, path: Path, opset: int, metadata: dict[str, str]) -> None:
     from torch.export import Dim
 
     c = model.config
@@ -173,24 +171,66 @@ def _export(model: TransformerLM, path: Path, opset: int) -> None:
                 input_names=input_names(c.n_layers), output_names=output_names(c.n_layers), opset_version=opset,
                 verbose=False,
             )  # fmt: skip
+            program.model.metadata_props.update(metadata)
             program.save(path)
     except Exception as exc:  # the exporter raises many types; report one line
-        raise TformerError(f"ONNX export failed: {str(exc).splitlines()[0]}") from exc
+        raise TformerError(f"ONNX export failed: {one_line(exc)}") from exc
     finally:
         quiet.setLevel(level)
 
 
-def _io_spec(config, dtype, names: list[str], outputs: bool) -> list[dict]:
-    fdtype = str(dtype).removeprefix("torch.")
-    kv_len = "past + seq" if outputs else "past"
+def contract(config: ModelConfig, dtype: str) -> dict[str, list[dict]]:
+    """The graph's inputs and outputs as `tformer.json` lists them: name, dtype, shape (an int
+    where the size is fixed, a name where it is symbolic)."""
     specs = {
         "input_ids": ("int64", ["batch", "seq"]),
         "position_ids": ("int64", ["batch", "seq"]),
         "attention_mask": ("int64", ["batch", "past + seq"]),
-        "logits": (fdtype, ["batch", "seq", config.vocab_size]),
+        "logits": (dtype, ["batch", "seq", config.vocab_size]),
     }
-    kv = (fdtype, ["batch", config.nhead, kv_len, config.head_dim])
-    return [dict(name=n, dtype=specs.get(n, kv)[0], shape=specs.get(n, kv)[1]) for n in names]
+
+    def spec(name: str, kv_len: str) -> dict:
+        kind, shape = specs.get(name, (dtype, ["batch", config.nhead, kv_len, config.head_dim]))
+        return {"name": name, "dtype": kind, "shape": shape}
+
+    return {
+        "inputs": [spec(n, "past") for n in input_names(config.n_layers)],
+        "outputs": [spec(n, "past + seq") for n in output_names(config.n_layers)],
+    }
+
+
+def check_artifact(path: Path, meta: dict) -> None:
+    """`model.onnx` against `tformer.json` (`meta`, its schema already checked): the metadata it
+    was exported with, its opset, and its graph's input and output names, dtypes and fixed sizes
+    against the config's (so that onnxruntime never binds buffers the graph does not expect)."""
+    try:
+        import onnx
+    except ImportError:
+        raise TformerError("checking an ONNX export needs the onnx package (pip install 'tformer[onnx]')") from None
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError, onnx's own errors
+        raise TformerError(f"{path}: not a readable ONNX model ({one_line(exc)}); {FIX}") from None
+    check_embedded(meta, {p.key: p.value for p in model.metadata_props}, path)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset != meta["opset"]:
+        raise TformerError(f"{path}: opset {opset}, but tformer.json says {meta['opset']}; {FIX}")
+    elem = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT64: "int64"}
+    wanted = contract(ModelConfig.from_dict(meta["config"]), meta["dtype"])
+    for kind, values in (("inputs", model.graph.input), ("outputs", model.graph.output)):
+        if len(values) != len(wanted[kind]) or not all(_matches(v, s, elem) for v, s in zip(values, wanted[kind])):
+            raise TformerError(f"{path}: the graph's {kind} differ from what tformer.json's config and dtype imply; {FIX}")
+
+
+def _matches(value, spec: dict, elem: dict[int, str]) -> bool:
+    """A graph input or output (ValueInfoProto) against its `contract` entry: name, dtype, rank,
+    and sizes: one the graph fixes must be the contract's, one the contract fixes may be left
+    open (symbolic) by the graph."""
+    tensor = value.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+    if (value.name, elem.get(tensor.elem_type), len(dims)) != (spec["name"], spec["dtype"], len(spec["shape"])):
+        return False
+    return all(g is None if isinstance(c, str) else g in (None, c) for g, c in zip(dims, spec["shape"]))
 
 
 def _versions() -> dict[str, str]:
@@ -200,11 +240,16 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxscript": onnxscript.__version__}
 
 
-def cached_export(model: TransformerLM, dtype: torch.dtype, log: Callable[[str], None] = lambda _: None) -> Path:
-    """An export of `model` in the cache directory, made on first use, reused while the weights,
-    dtype and versions are the same."""
+def cached_export(
+    model: TransformerLM, dtype: torch.dtype, log: Callable[[str], None] = lambda _: None
+) -> tuple[Path, dict]:
+    """An export of `model` in the cache directory and its verified metadata: made on first use
+    (or when the cached one fails verification), reused while the weights, dtype and versions are
+    the same."""
     directory = cache_dir(model, dtype, "onnx")
-    if not (directory / "tformer.json").is_file():
+
+    def export() -> None:
         log(f"exporting to {directory} (first use of these weights)")
         export_onnx(model, directory, dtype=dtype, validate=False, force=True)
-    return directory
+
+    return directory, verified_or_rebuilt(directory, export)

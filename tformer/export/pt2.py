@@ -5,24 +5,30 @@ The package holds one compiled program for prefill and decode alike: inputs `inp
 of `(B, H, S, Dh)` tensors, updated in place), output logits `(B, T, V)`; B, T and S are dynamic.
 `tformer.load(dir, backend="aot")` runs it without re-tracing, and a C++ app can load it with
 `torch::inductor::AOTIModelPackageLoader`. The cache is an input rather than module state, so the
-caller sees it and can reset it.
+caller sees it and can reset it. The fields that decide how it runs (`tformer.config`, ...) are
+compiled into it as AOTInductor metadata (`runner.get_metadata()`, and a JSON file inside the
+package that the loader reads before any native code runs; see `tformer.export.integrity`).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from tformer.config import ModelConfig
 from tformer.errors import TformerError
 from tformer.export.artifact import (
-    FORMAT_VERSION, TOLERANCE, cache_dir, export_copy, greedy_check, weights_sha256, write_meta,
+    TOLERANCE, base_meta, cache_dir, embedded_metadata, export_copy, file_hashes, greedy_check, write_meta,
 )  # fmt: skip
+from tformer.export.integrity import FIX, check_embedded, one_line, verified_or_rebuilt
 from tformer.files import atomic_directory
 from tformer.model import KVCache, TransformerLM
 from tformer.tokenizer import Tokenizer
@@ -52,28 +58,23 @@ def export_pt2(
 ) -> dict:
     """Write `model.pt2`, `tokenizer.json` (when given) and `tformer.json` into `out_dir`, atomically."""
     model = export_copy(model, dtype)
-    c = model.config
+    meta = base_meta(FORMAT_NAME, model)
     with atomic_directory(out_dir, force) as tmp:
         began = time.perf_counter()
         log("exporting with torch.export + AOTInductor (compiles C++; about half a minute)")
-        _compile(model, tmp / "model.pt2")
-        meta = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "config": c.__dict__,
-            "dtype": str(dtype).removeprefix("torch."),
-            "inputs": ["input_ids (B, T) int64", "input_pos (T,) int64", "start (B,) int64",
-                       f"k: {c.n_layers} x (B, {c.nhead}, S, {c.head_dim})", f"v: {c.n_layers} x (B, {c.nhead}, S, {c.head_dim})"],
-            "outputs": [f"logits (B, T, {c.vocab_size})"],
-            "tokenizer": tokenizer is not None,
-            "exporter": "torch.export + torch._inductor.aoti_compile_and_package",
-            "versions": {"torch": torch.__version__},
-            "weights_sha256": weights_sha256(model),
-            "export_seconds": round(time.perf_counter() - began, 1),
-            "validation": None,
-        }  # fmt: skip
+        _compile(model, tmp / "model.pt2", embedded_metadata(meta))
+        export_s = time.perf_counter() - began
         if tokenizer is not None:
             tokenizer.save(tmp / "tokenizer.json")
+        meta.update(
+            **contract(model.config, meta["dtype"]),
+            tokenizer=tokenizer is not None,
+            exporter="torch.export + torch._inductor.aoti_compile_and_package",
+            versions={"torch": torch.__version__},
+            export_seconds=round(export_s, 1),
+            files=file_hashes(tmp),
+            validation=None,
+        )
         write_meta(tmp, meta)
         if validate:
             meta["validation"] = validate_pt2(tmp, model, log)
@@ -81,7 +82,34 @@ def export_pt2(
     return meta
 
 
-def _compile(model: TransformerLM, path: Path) -> None:
+def contract(config: ModelConfig, dtype: str) -> dict[str, list[str]]:
+    """The package's inputs and outputs as `tformer.json` lists them."""
+    cache = f"{config.n_layers} x (B, {config.nhead}, S, {config.head_dim}) {dtype}"
+    return {
+        "inputs": ["input_ids (B, T) int64", "input_pos (T,) int64", "start (B,) int64", f"k: {cache}", f"v: {cache}"],
+        "outputs": [f"logits (B, T, {config.vocab_size}) {dtype}"],
+    }
+
+
+def check_artifact(path: Path, meta: dict) -> None:
+    """`model.pt2` against `tformer.json` (`meta`): the metadata compiled into it, read from the
+    JSON copies AOTInductor packs beside the program (with zipfile: no native code runs), which
+    must also say it was compiled for the CPU."""
+    try:
+        with zipfile.ZipFile(path) as package:
+            found = [json.loads(package.read(name)) for name in package.namelist()
+                     if "/aotinductor/" in name and name.endswith("_metadata.json")]  # fmt: skip
+    except Exception as exc:  # zipfile raises many types (BadZipFile, zlib.error, EOFError, ...)
+        raise TformerError(f"{path}: not a readable .pt2 package ({one_line(exc)}); {FIX}") from None
+    if not found or not all(isinstance(m, dict) for m in found):
+        raise TformerError(f"{path}: no AOTInductor metadata in the package; {FIX}")
+    for embedded in found:
+        check_embedded(meta, embedded, path)
+        if embedded.get("AOTI_DEVICE_KEY", "cpu") != "cpu":
+            raise TformerError(f"{path}: compiled for {embedded.get('AOTI_DEVICE_KEY')!r}, not the CPU; {FIX}")
+
+
+def _compile(model: TransformerLM, path: Path, metadata: dict[str, str]) -> None:
     from torch.export import Dim
 
     c = model.config
@@ -93,9 +121,11 @@ def _compile(model: TransformerLM, path: Path) -> None:
     try:
         with torch.inference_mode():
             program = torch.export.export(AotStep(model).eval(), example, dynamic_shapes=dynamic)
-        torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+        # a copy: AOTInductor adds its device keys to the dict it is given
+        configs = {"aot_inductor.metadata": dict(metadata)}
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs)
     except Exception as exc:  # the exporter and compiler raise many types; report one line
-        raise TformerError(f".pt2 export failed: {str(exc).splitlines()[0]}") from exc
+        raise TformerError(f".pt2 export failed: {one_line(exc)}") from exc
 
 
 def validate_pt2(directory: Path, model: TransformerLM, log: Callable[[str], None] = lambda _: None) -> dict:
@@ -128,9 +158,10 @@ def validate_pt2(directory: Path, model: TransformerLM, log: Callable[[str], Non
     return {"shapes": rows, "greedy": greedy_check(Runtime(backend, None), eager, log)}
 
 
-def cached_export(model: TransformerLM, dtype: torch.dtype) -> Path:
-    """A `.pt2` export of `model` in tformer's cache directory, compiled on first use only."""
+def cached_export(model: TransformerLM, dtype: torch.dtype) -> tuple[Path, dict]:
+    """A `.pt2` export of `model` in tformer's cache directory and its verified metadata, compiled
+    on first use (or when the cached one fails verification) only."""
     directory = cache_dir(model, dtype, "pt2")
-    if not (directory / "tformer.json").is_file():
-        export_pt2(model, directory, dtype=dtype, validate=False, force=True)
-    return directory
+    return directory, verified_or_rebuilt(
+        directory, lambda: export_pt2(model, directory, dtype=dtype, validate=False, force=True)
+    )

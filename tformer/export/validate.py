@@ -35,11 +35,11 @@ def validate_onnx(
     import onnx
     import onnxruntime as ort
 
+    from tformer.backends.onnx import OnnxBackend, provider_for
+    from tformer.runtime import Runtime
+
     onnx.checker.check_model(str(directory / "model.onnx"))
-    provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
-    if provider not in ort.get_available_providers():
-        raise TformerError("validating on CUDA needs onnxruntime-gpu (pip install onnxruntime-gpu)")
-    session = ort.InferenceSession(str(directory / "model.onnx"), providers=[provider])
+    session = ort.InferenceSession(str(directory / "model.onnx"), providers=[provider_for(device)])
     model = model.to(device)
     dtype, names = model.decoder.weight.dtype, input_names(model.config.n_layers)
     tolerance = TOLERANCE[dtype]
@@ -62,9 +62,6 @@ def validate_onnx(
                 f"validation failed at batch {batch}, {seq} new tokens, past {past}: max abs difference {diff:.3g} "
                 f"> tolerance {tolerance:g}"
             )
-    from tformer.backends.onnx import OnnxBackend
-    from tformer.runtime import Runtime
-
     exported = Runtime(OnnxBackend.from_directory(directory, device), None)
     eager = Runtime.from_model(copy.deepcopy(model), device=device, dtype=dtype)
     return {"checker": "ok", "shapes": rows, "greedy": greedy_check(exported, eager, log)}
