@@ -170,3 +170,37 @@ def test_fp16_export_validates_at_its_own_tolerance(tmp_path, seed_model):
     assert len(runtime.generate_ids([[1, 2, 3], [4]], max_new_tokens=6)[1]) == 6
     with pytest.raises(TformerError, match="was exported as torch.float16"):
         tformer.load(tmp_path / "fp16", device="cpu", dtype="fp32")
+
+
+def test_info_describes_a_verified_export_directory(tutorial_export):
+    from tformer.cli import cli
+
+    _, out = tutorial_export
+    result = CliRunner().invoke(cli, ["info", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"directory   {out} (tformer-onnx export, format version 2)" in result.output
+    assert "ONNX opset 18" in result.output and "heads       4" in result.output
+    assert "verified    SHA-256 of model.onnx; model.onnx's embedded metadata matches tformer.json" in result.output
+
+
+@pytest.mark.parametrize("opset", [5, 16, 23, 99])
+def test_unsupported_opsets_are_refused_up_front(tmp_path, seed_model, opset):
+    from conftest import tformer_copy
+
+    torch.save(seed_model.state_dict(), tmp_path / "model.pt")
+    result = CliRunner().invoke(export_cmd, [str(tmp_path / "model.pt"), "--nhead", "4", "--opset", str(opset)])
+    assert result.exit_code == 2 and f"'--opset': {opset} is not in the range 17<=x<=22" in result.output
+    assert result.output.count("\n") == 1
+    with pytest.raises(TformerError, match=f"opset {opset} is not supported; use 17 to 22"):
+        export_onnx(tformer_copy(seed_model), tmp_path / "out", opset=opset)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_a_supported_opset_is_the_graphs_own(tmp_path, seed_model):
+    import onnx
+
+    from conftest import tformer_copy
+
+    meta = export_onnx(tformer_copy(seed_model), tmp_path / "out", opset=17)
+    graph = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    assert meta["opset"] == 17 == next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))

@@ -13,11 +13,14 @@ import warnings
 from pathlib import Path
 
 import click
+import torch
 
 from tformer.checkpoint import convert_checkpoint, load_checkpoint, load_model, save_checkpoint
 from tformer.config import ModelConfig
 from tformer.errors import TformerError, TformerNote
+from tformer.export.onnx import DEFAULT_OPSET, OPSETS
 from tformer.files import check_writable
+from tformer.model import TransformerLM
 from tformer.runtime import load
 from tformer.tokenizer import Tokenizer
 from tformer.train import TrainConfig, default_corpus, read_corpus, train
@@ -237,25 +240,57 @@ def demo(output, steps) -> None:
 
 
 @cli.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @click.option("--nhead", type=click.IntRange(min=1), help=NHEAD_HELP)
 def info(model, nhead) -> None:
-    """Show MODEL's configuration, size, tokenizer and what was verified when reading it."""
+    """Show MODEL's configuration, size, tokenizer and what was verified when reading it.
+
+    MODEL is a checkpoint or an export directory (which is verified as a load would verify it)."""
+    rows = _export_rows(Path(model)) if Path(model).is_dir() else _checkpoint_rows(model, nhead)
+    for key, value in rows:
+        click.echo(f"{key:<11} {value}")
+
+
+def _config_rows(c: ModelConfig) -> list[tuple[str, object]]:
+    with torch.device("meta"):
+        params = sum(t.numel() for k, t in TransformerLM(c).state_dict().items() if k != "pos_encoder.pe")
+    return [("parameters", f"{params:,}"), ("layers", c.n_layers), ("d_model", c.d_model), ("heads", c.nhead),
+            ("d_ff", c.d_ff), ("vocab", c.vocab_size), ("context", f"{c.max_len} tokens")]  # fmt: skip
+
+
+def _checkpoint_rows(model: str, nhead: int | None) -> list[tuple[str, object]]:
     ckpt = load_checkpoint(model, nhead)
-    c = ckpt.config
-    params = sum(t.numel() for k, t in ckpt.state_dict.items() if k != "pos_encoder.pe")
-    rows = [
-        ("file", f"{model} ({ckpt.kind})"),
-        ("parameters", f"{params:,}"),
-        ("layers", c.n_layers), ("d_model", c.d_model), ("heads", _heads(ckpt)), ("d_ff", c.d_ff),
-        ("vocab", c.vocab_size),
-        ("context", f"{c.max_len} tokens"),
+    rows = [("file", f"{model} ({ckpt.kind})"), *_config_rows(ckpt.config)]
+    rows[rows.index(("heads", ckpt.config.nhead))] = ("heads", _heads(ckpt))
+    return rows + [
         ("dtype", str(next(iter(ckpt.state_dict.values())).dtype).removeprefix("torch.")),
         ("tokenizer", f"yes ({ckpt.tokenizer.vocab_size} ids)" if ckpt.tokenizer else "no (use --tokenizer or --ids)"),
         ("verified", ckpt.integrity),
     ]  # fmt: skip
-    for key, value in rows:
-        click.echo(f"{key:<11} {value}")
+
+
+def _export_rows(directory: Path) -> list[tuple[str, object]]:
+    from tformer.export.integrity import FORMATS, verified_meta
+
+    meta = verified_meta(directory)
+    artifact = FORMATS[meta["format"]].artifact
+    size = (directory / artifact).stat().st_size / 2**20
+    validation = meta["validation"]
+    checked = "not validated (exported with --no-validate)" if validation is None else (
+        f"passed on {validation.get('device', 'cpu')}: logits within tolerance, greedy tokens identical to PyTorch")  # fmt: skip
+    tokenizer = "no (use --tokenizer or --ids)"
+    if meta["tokenizer"]:
+        tokenizer = f"yes ({Tokenizer.from_file(directory / 'tokenizer.json').vocab_size} ids)"
+    return [
+        ("directory", f"{directory} ({meta['format']} export, format version {meta['format_version']})"),
+        ("runs", f"{artifact} ({size:.1f} MiB)" + (f", ONNX opset {meta['opset']}" if "opset" in meta else "")),
+        *_config_rows(ModelConfig.from_dict(meta["config"])),
+        ("dtype", meta["dtype"]),
+        ("tokenizer", tokenizer),
+        ("validation", checked),
+        ("verified", f"SHA-256 of {', '.join(meta['files'])}; {artifact}'s embedded metadata matches tformer.json"),
+        ("exported by", ", ".join(f"{k} {v}" for k, v in meta["versions"].items())),
+    ]
 
 
 def _heads(ckpt) -> str:
@@ -293,7 +328,8 @@ def main() -> None:
 @click.option("--format", "fmt", default="onnx", show_default=True, type=click.Choice(["onnx", "pt2"]),
               help="onnx (onnxruntime, any language) or pt2 (AOTInductor package, PyTorch/C++).")
 @click.option("--nhead", type=click.IntRange(min=1), help=NHEAD_HELP)
-@click.option("--opset", default=18, show_default=True, help="ONNX opset version.")
+@click.option("--opset", default=DEFAULT_OPSET, show_default=True, type=click.IntRange(OPSETS.start, OPSETS.stop - 1),
+              help=f"ONNX opset version ({OPSETS.start} to {OPSETS.stop - 1}).")  # fmt: skip
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]), help="Weights and cache dtype.")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]),
               help="Where validation runs PyTorch and onnxruntime (cuda needs onnxruntime-gpu).")

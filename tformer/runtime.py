@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from tformer.backends import Backend, backend_class, create_backend
+from tformer.backends.base import FromExport
 from tformer.checkpoint import load_model
 from tformer.config import ModelConfig
 from tformer.errors import TformerError
@@ -52,6 +53,14 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
+def _device_for(backend: type, device: str | torch.device | None) -> torch.device:
+    """The device asked for, or where `backend` runs best here: an export backend knows (a .pt2
+    package runs on the CPU only), the others take CUDA when present."""
+    if device is None and issubclass(backend, FromExport):
+        return backend.default_device()
+    return resolve_device(device)
+
+
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     """None means float32; names like 'bf16' or 'float16' are accepted."""
     if dtype is None:
@@ -77,14 +86,16 @@ def load(
         file or a training-checkpoint dict (these need `nhead`), or a `tformer-export` directory.
     backend: which engine runs the decode step (see `tformer.backends.BACKENDS`); default "eager"
         for checkpoints, and for an export directory the backend that runs it ("onnx" or "aot").
-    device: default CUDA when available, else CPU. dtype: default float32.
+    device: default CUDA when available, else CPU; for an export directory, the best device its
+        backend can run on here (a .pt2 package: the CPU). dtype: default float32.
     tokenizer: a `tokenizer.json` path (or Tokenizer) to use instead of, or in the absence of, the
         checkpoint's own. Without any, use the id methods (`generate_ids`, `stream_ids`).
     Integers may be Python, numpy or torch scalars. Raises TformerError for anything wrong with
     these inputs.
     """
     path = as_path("path", path)
-    device = resolve_device(device)  # before reading a large file
+    if device is not None:
+        device = resolve_device(device)  # a bad device fails before a large file is read
     if backend is not None and not isinstance(backend, str):
         raise TformerError(f"backend must be a name such as 'eager' or 'onnx', got {type(backend).__name__}")
     if nhead is not None:
@@ -106,7 +117,8 @@ def _load_export(
     runs_on = {"tformer-onnx": "onnx", "tformer-pt2": "aot"}[read_meta(directory)["format"]]
     if backend not in (None, runs_on):
         raise TformerError(f"{directory} is an export for backend '{runs_on}', not '{backend}'")
-    engine = backend_class(runs_on).from_directory(directory, resolve_device(device))
+    cls = backend_class(runs_on)
+    engine = cls.from_directory(directory, _device_for(cls, device))
     if dtype is not None and resolve_dtype(dtype) != engine.dtype:
         raise TformerError(f"{directory} was exported as {engine.dtype}; export again with --dtype to change it")
     if tokenizer is None and engine.meta["tokenizer"]:  # its SHA-256 was verified with the rest
@@ -138,7 +150,8 @@ class Runtime:
         dtype: str | torch.dtype | None = None,
     ) -> Runtime:
         """A runtime around an in-memory model (the weights move to `device` / `dtype`)."""
-        return cls(create_backend(backend, model, resolve_device(device), resolve_dtype(dtype)), tokenizer)
+        device = _device_for(backend_class(backend), device)
+        return cls(create_backend(backend, model, device, resolve_dtype(dtype)), tokenizer)
 
     @property
     def config(self) -> ModelConfig:

@@ -28,6 +28,10 @@ class AotBackend(FromExport):
         self._check_device(device)
         self._open(*cached_export(model, dtype), device)
 
+    @staticmethod
+    def default_device() -> torch.device:
+        return torch.device("cpu")
+
     def _check_device(self, device: torch.device) -> None:
         if device.type != "cpu":
             raise TformerError("tformer .pt2 packages are compiled for the CPU; use device='cpu' (CUDA packages are not supported yet)")

@@ -64,6 +64,11 @@ class FromExport:
         backend._open(Path(directory), verified_meta(directory), device)
         return backend
 
+    @staticmethod
+    def default_device() -> torch.device:
+        """Where an export runs when the user names no device: the best this backend can use here."""
+        raise NotImplementedError
+
     def _check_device(self, device: torch.device) -> None:
         """Raise TformerError if this backend cannot run on `device` (never fall back quietly)."""
         raise NotImplementedError

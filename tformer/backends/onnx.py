@@ -116,6 +116,12 @@ class OnnxBackend(FromExport):
         self._check_device(device)
         self._open(*cached_export(model, dtype), device)
 
+    @staticmethod
+    def default_device() -> torch.device:
+        """CUDA when both torch and onnxruntime (onnxruntime-gpu) can use it, else the CPU."""
+        cuda = torch.cuda.is_available() and "CUDAExecutionProvider" in _ort().get_available_providers()
+        return torch.device("cuda" if cuda else "cpu")
+
     def _check_device(self, device: torch.device) -> None:
         provider_for(device)
 

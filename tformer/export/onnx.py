@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from tformer.config import ModelConfig
 from tformer.errors import TformerError
+from tformer.inputs import as_int
 from tformer.export.artifact import base_meta, cache_dir, embedded_metadata, export_copy, file_hashes, write_meta
 from tformer.export.integrity import FIX, check_embedded, one_line, verified_or_rebuilt
 from tformer.files import atomic_directory
@@ -39,6 +40,10 @@ from tformer.tokenizer import Tokenizer
 
 FORMAT_NAME = "tformer-onnx"
 DEFAULT_OPSET = 18
+# Opsets that export and validate here. Below 17 the exporter quietly emits 18 (or fails in
+# onnx's version converter); from 23 it emits ONNX's Attention op, which onnxruntime 1.32 computes
+# wrongly for left-padded batches (validation fails at batch 3), so they are refused up front.
+OPSETS = range(17, 23)
 
 
 def input_names(n_layers: int) -> list[str]:
@@ -121,6 +126,9 @@ def export_onnx(
     """
     import onnx  # noqa: F401  (the exporter needs onnx and onnxscript: fail early and clearly)
 
+    opset = as_int("opset", opset)
+    if opset not in OPSETS:
+        raise TformerError(f"opset {opset} is not supported; use {OPSETS.start} to {OPSETS.stop - 1} (default {DEFAULT_OPSET})")
     model = export_copy(model, dtype)
     meta = base_meta(FORMAT_NAME, model)
     with atomic_directory(out_dir, force) as tmp:
