@@ -33,6 +33,8 @@ from tformer.export.integrity import verified_meta
 from tformer.export.onnx import export_onnx
 from tformer.export.pt2 import export_pt2
 
+from corrupt import mutate
+
 ort = pytest.importorskip("onnxruntime")
 
 WORKER = Path(__file__).with_name("export_worker.py")
@@ -217,21 +219,14 @@ def add_file_trials(suite: Suite) -> None:
 
 
 def add_random_trials(suite: Suite, seed: int) -> None:
-    """Seeded: a random file of the directory, 1 to 16 random bytes replaced (3 in 4) or truncated."""
+    """Seeded: a random file of the directory, damaged by `corrupt.mutate` (bit flips, a
+    truncation or a zeroed run)."""
     rng = random.Random(seed)
     files = sorted(p.name for p in suite.pristine.iterdir())
     for i in range(RANDOM_TRIALS):
         name = rng.choice(files)
-        data = bytearray((suite.pristine / name).read_bytes())
-        if rng.random() < 0.75:
-            positions = rng.sample(range(len(data)), min(len(data), rng.randint(1, 16)))
-            for p in positions:
-                data[p] = rng.choice([b for b in range(256) if b != data[p]])
-            what = f"{len(positions)} bytes replaced at {sorted(positions)[:4]}..."
-        else:
-            del data[rng.randrange(len(data)) :]
-            what = f"truncated to {len(data)} bytes"
-        suite.add(f"random {i}: {name} {what}", "random", name, bytes(data))
+        data, what = mutate((suite.pristine / name).read_bytes(), rng)
+        suite.add(f"random {i}: {name} {what[:60]}", "random", name, data)
 
 
 def run_worker(suite: Suite, prompts: list[list[int]]) -> None:

@@ -36,7 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from tformer.config import ModelConfig
-from tformer.errors import TformerError, TformerNote
+from tformer.errors import TformerError, TformerNote, one_line
 from tformer.files import atomic_path
 from tformer.model import TransformerLM
 from tformer.tokenizer import Tokenizer
@@ -227,7 +227,7 @@ def _verify_zip(path: Path) -> None:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
     except Exception as exc:  # BadZipFile, zlib.error, EOFError, NotImplementedError, OSError, ...: all mean corrupt
-        raise TformerError(f"{path}: truncated or corrupt file ({_first_line(exc)}); re-save the checkpoint") from None
+        raise TformerError(f"{path}: truncated or corrupt file ({one_line(exc)}); re-save the checkpoint") from None
     if bad is not None:
         raise TformerError(f"{path}: corrupt file (entry '{bad}' fails its CRC-32 check); re-save the checkpoint")
 
@@ -244,7 +244,7 @@ def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], str, dict[str, str
                 "loading it could run code; re-save the weights with "
                 "torch.save(model.state_dict(), path)"
             ) from None
-        raise TformerError(f"{path}: truncated or corrupt PyTorch checkpoint ({_first_line(exc)}); re-save it") from None
+        raise TformerError(f"{path}: truncated or corrupt PyTorch checkpoint ({one_line(exc)}); re-save it") from None
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return dict(obj), "state_dict", {}
     if isinstance(obj, dict):
@@ -269,17 +269,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     except Exception as exc:  # SafetensorError, OSError (mmap of a bad size), ValueError, ...
         raise TformerError(
             f"{path}: not a readable checkpoint: neither a torch.save file nor a complete safetensors file "
-            f"({_first_line(exc)})"
+            f"({one_line(exc)})"
         ) from None
     return state, metadata
-
-
-def _first_line(exc: BaseException) -> str:
-    """A short reason from an exception; a bare code such as "(231)" or "[Errno 22]" says
-    nothing, so then the exception's type stands in."""
-    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip()
-    text = text.splitlines()[0][:160] if text else ""
-    return text if re.search(r"[A-Za-z]{4}", text) else type(exc).__name__
 
 
 def _unwrap(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:

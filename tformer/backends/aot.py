@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from tformer.backends.base import FromExport
-from tformer.errors import TformerError
-from tformer.export.integrity import FIX, check_embedded, one_line
+from tformer.errors import TformerError, one_line
+from tformer.export.integrity import FIX, check_embedded
 from tformer.model import KVCache, TransformerLM
 
 

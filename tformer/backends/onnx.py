@@ -23,9 +23,8 @@ import numpy as np
 import torch
 
 from tformer.backends.base import FromExport
-from tformer.errors import TformerError
+from tformer.errors import TformerError, one_line
 from tformer.export.artifact import file_sha256
-from tformer.export.integrity import one_line
 from tformer.files import atomic_path
 from tformer.model import TransformerLM, row_positions
 

@@ -216,12 +216,6 @@ def _check_config(config: dict, bad: Callable[[str, str], TformerError]) -> None
         raise bad("config", f"is invalid ({str(exc).split(';')[0]})") from None
 
 
-def one_line(exc: BaseException) -> str:
-    """The first line of an exception from a library (they span many), for a TformerError."""
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
 def _short(value: Any) -> str:
     """A value for a one-line message: its repr, cut at 60 characters."""
     text = repr(value)

@@ -30,10 +30,10 @@ import torch
 import torch.nn as nn
 
 from tformer.config import ModelConfig
-from tformer.errors import TformerError
+from tformer.errors import TformerError, one_line
 from tformer.inputs import as_int
 from tformer.export.artifact import base_meta, cache_dir, embedded_metadata, export_copy, file_hashes, write_meta
-from tformer.export.integrity import FIX, check_embedded, one_line, verified_or_rebuilt
+from tformer.export.integrity import FIX, check_embedded, verified_or_rebuilt
 from tformer.files import atomic_directory
 from tformer.model import TransformerLM, attention_bias
 from tformer.tokenizer import Tokenizer

@@ -24,11 +24,11 @@ import torch
 import torch.nn as nn
 
 from tformer.config import ModelConfig
-from tformer.errors import TformerError
+from tformer.errors import TformerError, one_line
 from tformer.export.artifact import (
     TOLERANCE, base_meta, cache_dir, embedded_metadata, export_copy, file_hashes, greedy_check, write_meta,
 )  # fmt: skip
-from tformer.export.integrity import FIX, check_embedded, one_line, verified_or_rebuilt
+from tformer.export.integrity import FIX, check_embedded, verified_or_rebuilt
 from tformer.files import atomic_directory
 from tformer.model import KVCache, TransformerLM
 from tformer.tokenizer import Tokenizer
