@@ -40,9 +40,10 @@ from tformer.tokenizer import Tokenizer
 
 FORMAT_NAME = "tformer-onnx"
 DEFAULT_OPSET = 18
-# Opsets that export and validate here. Below 17 the exporter quietly emits 18 (or fails in
-# onnx's version converter); from 23 it emits ONNX's Attention op, which onnxruntime 1.32 computes
-# wrongly for left-padded batches (validation fails at batch 3), so they are refused up front.
+# Opsets that export and validate here (torch 2.13, onnxruntime 1.32). Below 17 the exporter
+# quietly emits 18 (or fails in onnx's version converter); at 23 and 24 it emits ONNX's Attention
+# op and validation fails on a left-padded batch (max abs logit difference 2.6); 26 fails to
+# export. So the range is refused outside 17-22, up front.
 OPSETS = range(17, 23)
 
 
