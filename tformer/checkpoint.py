@@ -165,9 +165,13 @@ def load_model(
 ) -> tuple[TransformerLM, Tokenizer | None]:
     """`TransformerLM` (eval mode, fp32, CPU) with the checkpoint's weights, and its tokenizer."""
     ckpt = load_checkpoint(path, nhead)
+    return _build(ckpt), ckpt.tokenizer
+
+
+def _build(ckpt: Checkpoint) -> TransformerLM:
     model = TransformerLM(ckpt.config)
     model.load_state_dict(ckpt.state_dict, strict=True)
-    return model.eval(), ckpt.tokenizer
+    return model.eval()
 
 
 def convert_checkpoint(
@@ -182,9 +186,7 @@ def convert_checkpoint(
     if tokenizer is not None and tokenizer.vocab_size > ckpt.config.vocab_size:
         raise TformerError(f"the tokenizer has {tokenizer.vocab_size} ids but {source} only {ckpt.config.vocab_size}; "
                            "use the tokenizer the model was trained with")  # fmt: skip
-    model = TransformerLM(ckpt.config)
-    model.load_state_dict(ckpt.state_dict, strict=True)
-    save_checkpoint(target, model, tokenizer, nhead_supplied=ckpt.nhead_supplied)
+    save_checkpoint(target, _build(ckpt), tokenizer, nhead_supplied=ckpt.nhead_supplied)
     return ckpt
 
 
