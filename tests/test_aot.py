@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -55,3 +56,36 @@ def test_package_round_trip_in_a_fresh_process(trained, package):
     assert proc.returncode == 0, proc.stderr[-2000:]
     expected = Runtime.from_model(model, tokenizer, device="cpu").generate(PROMPTS, max_new_tokens=30, temperature=0)
     assert proc.stdout.strip() == repr(expected)
+
+
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        (("platform.machine", lambda: "aarch64"), "was compiled for x86_64, this machine is aarch64; re-export it here"),
+        (("torch.backends.cpu.get_cpu_capability", lambda: "DEFAULT"), "which this CPU lacks (DEFAULT)"),
+        (("torch.__version__", "1.0.0"), "AOTInductor packages run on the torch that built them"),
+    ],
+    ids=["other architecture", "CPU without the vector extension", "other torch"],
+)
+def test_package_built_for_another_machine_or_torch_is_refused(package, monkeypatch, patch, message):
+    """Machine code for another CPU or torch can die of an illegal instruction: refused first."""
+    import platform
+
+    from tformer.errors import TformerError
+    from tformer.export.integrity import verified_meta
+
+    if patch[0] == "platform.machine" and platform.machine() != "x86_64":
+        pytest.skip("the package is compiled for this machine's architecture, x86_64 expected here")
+    if patch[0].endswith("get_cpu_capability") and not any(w.startswith("AVX") for w in _isa(package)):
+        pytest.skip("the package needs no vector extension on this machine")
+    monkeypatch.setattr(*patch)
+    with pytest.raises(TformerError, match=re.escape(message)):
+        verified_meta(package)
+
+
+def _isa(package) -> list[str]:
+    import zipfile
+
+    with zipfile.ZipFile(package / "model.pt2") as z:
+        name = next(n for n in z.namelist() if n.endswith("wrapper_metadata.json"))
+        return json.loads(z.read(name)).get("AOTI_CPU_ISA", "").split()

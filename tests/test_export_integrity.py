@@ -193,9 +193,13 @@ def add_json_trials(suite: Suite, other_format: str) -> None:
             new = edited(meta, path, value)
             name = f"tformer.json: {'.'.join(path)} = {value!r:.40} (#{i})"
             suite.add(name, "json", "tformer.json", new, expect="error", match=(match,))
-    informational = {"exporter": "something else", "versions": {"torch": "0.0"}, "export_seconds": 999.5, "validation": None}
+    informational = {"exporter": "something else", "versions": {**meta["versions"], "onnx": "0.0"},
+                     "export_seconds": 999.5, "validation": None}  # fmt: skip
     for key, value in informational.items():
         suite.add(f"tformer.json: {key} = {value!r}", "json", "tformer.json", edited(meta, (key,), value), expect="same")
+    # The torch that built it: informational for ONNX, the one torch that can run a .pt2.
+    new = edited(meta, ("versions",), {**meta["versions"], "torch": "0.0"})
+    suite.add("tformer.json: versions.torch = '0.0'", "json", "tformer.json", new, expect="either", match=("'versions'",))
     suite.add("tformer.json re-indented", "json", "tformer.json", json.dumps(meta, indent=4).encode(), expect="same")
     for content in (b"[]", b"{}", b"{", b"", b"null", b'"tformer"', None):
         suite.add(f"tformer.json = {content!r}", "json", "tformer.json", content, expect="error", match=("tformer.json",))

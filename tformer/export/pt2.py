@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import platform
 import time
 import zipfile
 from collections.abc import Callable
@@ -107,6 +108,30 @@ def check_artifact(path: Path, meta: dict) -> None:
         check_embedded(meta, embedded, path)
         if embedded.get("AOTI_DEVICE_KEY", "cpu") != "cpu":
             raise TformerError(f"{path}: compiled for {embedded.get('AOTI_DEVICE_KEY')!r}, not the CPU; {FIX}")
+        _check_runs_here(path, embedded, meta["versions"].get("torch", ""))
+
+
+_ISA_LEVEL = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}  # x86 vector extensions, each implying the one before
+
+
+def _check_runs_here(path: Path, embedded: dict, built_by: str) -> None:
+    """A package is machine code for one torch, one architecture and one vector extension: run
+    elsewhere it can die of an illegal instruction or an ABI mismatch, so refuse it first."""
+    machine, here = embedded.get("AOTI_MACHINE"), platform.machine()
+    if machine and machine != here:
+        raise TformerError(f"{path} was compiled for {machine}, this machine is {here}; re-export it here")
+    needs = max((_ISA_LEVEL.get(word.split("_")[0], 0) for word in str(embedded.get("AOTI_CPU_ISA", "")).split()), default=0)
+    has = _ISA_LEVEL.get(torch.backends.cpu.get_cpu_capability().split("_")[0], 0)
+    if needs > has:
+        raise TformerError(
+            f"{path} was compiled for {embedded['AOTI_CPU_ISA']}, which this CPU lacks "
+            f"({torch.backends.cpu.get_cpu_capability()}); re-export it on this machine"
+        )
+    if built_by.split(".")[:2] != torch.__version__.split(".")[:2]:
+        raise TformerError(
+            f"{path} was compiled by torch {built_by} (field 'versions' of tformer.json), this is torch "
+            f"{torch.__version__}: AOTInductor packages run on the torch that built them; re-export it"
+        )
 
 
 def _compile(model: TransformerLM, path: Path, metadata: dict[str, str]) -> None:
