@@ -12,13 +12,13 @@ if not torch.cuda.is_available():  # before anything imports triton: its kernels
 
 from tformer.config import ModelConfig
 from tformer.model import TransformerLM
-from tformer.seed import TransformerModel
+from tformer.reference import TransformerModel
 from tformer.train import TrainConfig, default_corpus, read_corpus, train
 
 TINY = ModelConfig(vocab_size=61, d_model=32, nhead=4, d_ff=64, n_layers=2)
 
 
-def make_seed_model(config: ModelConfig = TINY, seed: int = 0) -> TransformerModel:
+def make_reference_model(config: ModelConfig = TINY, seed: int = 0) -> TransformerModel:
     """The tutorial's TransformerModel with random weights everywhere (biases and norms too), so
     that parity tests exercise every parameter rather than the tutorial's zero-initialised ones."""
     torch.manual_seed(seed)
@@ -39,8 +39,8 @@ def tformer_copy(ref: TransformerModel, config: ModelConfig = TINY) -> Transform
 
 
 @pytest.fixture
-def seed_model() -> TransformerModel:
-    return make_seed_model()
+def reference_model() -> TransformerModel:
+    return make_reference_model()
 
 
 @pytest.fixture(scope="session")

@@ -20,32 +20,32 @@ def same_weights(model, ref) -> bool:
     return all(torch.equal(v, theirs[k]) for k, v in model.state_dict().items())
 
 
-def test_bare_state_dict(tmp_path, seed_model):
+def test_bare_state_dict(tmp_path, reference_model):
     path = tmp_path / "model.pt"
-    torch.save(seed_model.state_dict(), path)
+    torch.save(reference_model.state_dict(), path)
     ckpt = load_checkpoint(path, nhead=4)
     assert ckpt.kind == "state_dict"
     assert ckpt.config == TINY  # sizes inferred from the weights
     model, tokenizer = load_model(path, nhead=4)
-    assert same_weights(model, seed_model) and tokenizer is None
+    assert same_weights(model, reference_model) and tokenizer is None
 
 
 @pytest.mark.parametrize("key", ["model_state_dict", "state_dict", "model"])
-def test_training_checkpoint_dict(tmp_path, seed_model, key):
+def test_training_checkpoint_dict(tmp_path, reference_model, key):
     path = tmp_path / "ckpt.pt"
-    torch.save({"epoch": 7, key: seed_model.state_dict(), "optimizer_state_dict": {"lr": 0.1}}, path)
+    torch.save({"epoch": 7, key: reference_model.state_dict(), "optimizer_state_dict": {"lr": 0.1}}, path)
     model, _ = load_model(path, nhead=4)
     assert load_checkpoint(path, nhead=4).kind == "training checkpoint"
-    assert same_weights(model, seed_model)
+    assert same_weights(model, reference_model)
 
 
-def test_bare_state_dict_in_safetensors(tmp_path, seed_model):
+def test_bare_state_dict_in_safetensors(tmp_path, reference_model):
     from safetensors.torch import save_file
 
     path = tmp_path / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in seed_model.state_dict().items()}, path)
+    save_file({k: v.contiguous() for k, v in reference_model.state_dict().items()}, path)
     model, _ = load_model(path, nhead=4)
-    assert same_weights(model, seed_model)
+    assert same_weights(model, reference_model)
 
 
 def test_own_format_round_trip_with_tokenizer(tmp_path, trained):
@@ -60,9 +60,9 @@ def test_own_format_round_trip_with_tokenizer(tmp_path, trained):
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp file left behind
 
 
-def test_nhead_required_and_checked(tmp_path, seed_model):
+def test_nhead_required_and_checked(tmp_path, reference_model):
     path = tmp_path / "model.pt"
-    torch.save(seed_model.state_dict(), path)
+    torch.save(reference_model.state_dict(), path)
     with pytest.raises(TformerError, match=r"model.pt: .*pass nhead= \(CLI: --nhead N\)"):
         load_checkpoint(path)
     with pytest.raises(TformerError, match="nhead=5 does not divide d_model=32"):
@@ -86,15 +86,15 @@ def test_malicious_pickle_is_refused_and_never_executed(tmp_path):
     assert not marker.exists()
 
 
-def test_whole_pickled_module_is_refused_with_resave_advice(tmp_path, seed_model):
+def test_whole_pickled_module_is_refused_with_resave_advice(tmp_path, reference_model):
     path = tmp_path / "whole.pt"
-    torch.save(seed_model, path)
+    torch.save(reference_model, path)
     with pytest.raises(TformerError, match=r"TransformerModel.*re-save the weights with torch.save\(model.state_dict\(\), path\)"):
         load_checkpoint(path, nhead=4)
 
 
-def bad_files(tmp_path, seed_model):
-    good = seed_model.state_dict()
+def bad_files(tmp_path, reference_model):
+    good = reference_model.state_dict()
     torch.save(good, tmp_path / "good.pt")
     raw = (tmp_path / "good.pt").read_bytes()
     (tmp_path / "empty.pt").write_bytes(b"")
@@ -104,7 +104,7 @@ def bad_files(tmp_path, seed_model):
     torch.save({**good, "head.weight": torch.zeros(3)}, tmp_path / "extra.pt")
     torch.save({k: v for k, v in good.items() if k != "decoder.bias"}, tmp_path / "missing.pt")
     torch.save({"epoch": 3, "optimizer": {}}, tmp_path / "noweights.pt")
-    model = tformer_copy(seed_model)
+    model = tformer_copy(reference_model)
     save_checkpoint(tmp_path / "own.safetensors", model)
     raw = (tmp_path / "own.safetensors").read_bytes()
     (tmp_path / "truncated.safetensors").write_bytes(raw[: len(raw) - 100])
@@ -124,8 +124,8 @@ def bad_files(tmp_path, seed_model):
         ("noweights.pt", "noweights.pt: no model weights found"),
     ],
 )
-def test_bad_files_give_one_clear_error(tmp_path, seed_model, name, message):
-    bad_files(tmp_path, seed_model)
+def test_bad_files_give_one_clear_error(tmp_path, reference_model, name, message):
+    bad_files(tmp_path, reference_model)
     with pytest.raises(TformerError, match=message) as info:
         load_checkpoint(tmp_path / name, nhead=4)
     assert "\n" not in str(info.value)
@@ -167,22 +167,22 @@ def test_own_format_content_hash_catches_any_edit(tmp_path, trained, edit):
         load_checkpoint(path, nhead=4)
 
 
-def test_format_1_files_without_a_hash_still_load(tmp_path, seed_model):
+def test_format_1_files_without_a_hash_still_load(tmp_path, reference_model):
     from safetensors.torch import save_file
 
-    model = tformer_copy(seed_model)
+    model = tformer_copy(reference_model)
     metadata = {"format": "tformer", "format_version": "1", "config": model.config.to_json()}
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "v1.safetensors", metadata=metadata)
     ckpt = load_checkpoint(tmp_path / "v1.safetensors")
-    assert ckpt.integrity == "none (format 1)" and same_weights(load_model(tmp_path / "v1.safetensors")[0], seed_model)
+    assert ckpt.integrity == "none (format 1)" and same_weights(load_model(tmp_path / "v1.safetensors")[0], reference_model)
 
 
-def test_tutorial_zip_crcs_are_checked(tmp_path, seed_model):
+def test_tutorial_zip_crcs_are_checked(tmp_path, reference_model):
     """torch.load itself reads a flipped weight without complaint; tformer refuses it."""
     import zipfile
 
     path = tmp_path / "model.pt"
-    torch.save(seed_model.state_dict(), path)
+    torch.save(reference_model.state_dict(), path)
     with zipfile.ZipFile(path) as archive:
         entry = next(i for i in archive.infolist() if i.filename.endswith("data/0"))
     raw = bytearray(path.read_bytes())
@@ -191,16 +191,16 @@ def test_tutorial_zip_crcs_are_checked(tmp_path, seed_model):
     raw[data_start + 5] ^= 0x40
     path.write_bytes(bytes(raw))
     silently = torch.load(path, weights_only=True)  # what torch alone does: loads a different model
-    assert not all(torch.equal(v, seed_model.state_dict()[k]) for k, v in silently.items())
+    assert not all(torch.equal(v, reference_model.state_dict()[k]) for k, v in silently.items())
     with pytest.raises(TformerError, match=r"model.pt: corrupt file \(entry '.*data/0' fails its CRC-32 check\)"):
         load_checkpoint(path, nhead=4)
 
 
 @pytest.mark.parametrize("fmt", ["pt", "safetensors"])
-def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, seed_model, fmt):
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, reference_model, fmt):
     from safetensors.torch import save_file
 
-    state = {k: v.clone().contiguous() for k, v in seed_model.state_dict().items()}
+    state = {k: v.clone().contiguous() for k, v in reference_model.state_dict().items()}
     state["transformer_encoder.layers.1.linear2.weight"][3, 4] = float("nan")
     state["transformer_encoder.layers.1.linear2.weight"][0, 0] = float("inf")
     path = tmp_path / f"bad.{fmt}"
@@ -209,8 +209,8 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, seed_model, 
         load_checkpoint(path, nhead=4)
 
 
-def test_non_finite_model_is_never_saved(tmp_path, seed_model):
-    model = tformer_copy(seed_model)
+def test_non_finite_model_is_never_saved(tmp_path, reference_model):
+    model = tformer_copy(reference_model)
     with torch.no_grad():
         model.decoder.bias[0] = float("nan")
     with pytest.raises(TformerError, match="weight 'decoder.bias' holds 1 NaN .*refusing to save it"):
@@ -219,23 +219,23 @@ def test_non_finite_model_is_never_saved(tmp_path, seed_model):
 
 
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
-def test_wrapper_prefixes_are_stripped_with_a_note(tmp_path, seed_model, prefix):
+def test_wrapper_prefixes_are_stripped_with_a_note(tmp_path, reference_model, prefix):
     from tformer.errors import TformerNote
 
     path = tmp_path / "ddp.pt"
-    torch.save({"model_state_dict": {prefix + k: v for k, v in seed_model.state_dict().items()}}, path)
+    torch.save({"model_state_dict": {prefix + k: v for k, v in reference_model.state_dict().items()}}, path)
     with pytest.warns(TformerNote, match="stripped the 'module.' prefix|stripped the '_orig_mod.' prefix"):
         model, _ = load_model(path, nhead=4)
-    assert same_weights(model, seed_model)
+    assert same_weights(model, reference_model)
     with pytest.warns(TformerNote):
         assert len(load_checkpoint(path, nhead=4).notes) == prefix.count(".")
 
 
-def test_corrupt_files_never_blame_pickles_or_give_bare_codes(tmp_path, seed_model):
+def test_corrupt_files_never_blame_pickles_or_give_bare_codes(tmp_path, reference_model):
     """Truncations at every 1/16 of a tutorial .pt and of a tformer file: each a one-line error
     that says the file is truncated or corrupt, never "pickled Python objects" or "(231)"."""
-    torch.save(seed_model.state_dict(), tmp_path / "good.pt")
-    save_checkpoint(tmp_path / "good.safetensors", tformer_copy(seed_model))
+    torch.save(reference_model.state_dict(), tmp_path / "good.pt")
+    save_checkpoint(tmp_path / "good.safetensors", tformer_copy(reference_model))
     for name in ("good.pt", "good.safetensors"):
         raw = (tmp_path / name).read_bytes()
         for cut in range(1, 16):
@@ -268,8 +268,8 @@ def test_convert_gives_the_head_count_once_and_keeps_the_model(tmp_path, trained
     theirs = tformer.load(tmp_path / "ckpt.pt", nhead=4, tokenizer=tmp_path / "tokenizer.json", device="cpu")
     assert ours == theirs.generate("def ", max_new_tokens=20, temperature=0)
     with pytest.raises(TformerError, match="tokenizer has 320 ids but .* only 61"):
-        from conftest import make_seed_model
+        from conftest import make_reference_model
 
-        torch.save(make_seed_model().state_dict(), tmp_path / "small.pt")
+        torch.save(make_reference_model().state_dict(), tmp_path / "small.pt")
         convert_checkpoint(tmp_path / "small.pt", tmp_path / "x.safetensors", nhead=4, tokenizer=tokenizer)
     assert not (tmp_path / "x.safetensors").exists()

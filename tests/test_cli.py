@@ -49,8 +49,8 @@ def test_generate_streams_prompt_and_completion(trained_file):
     assert again.output == run("generate", str(trained_file), "def ", "-n", "20", "--seed", "3").output
 
 
-def test_generate_with_ids_on_a_tutorial_checkpoint(tmp_path, seed_model):
-    torch.save(seed_model.state_dict(), tmp_path / "model.pt")
+def test_generate_with_ids_on_a_tutorial_checkpoint(tmp_path, reference_model):
+    torch.save(reference_model.state_dict(), tmp_path / "model.pt")
     result = run("generate", str(tmp_path / "model.pt"), "--ids", "1 2 3", "--nhead", "4", "-n", "6")
     assert result.exit_code == 0
     ids = [int(t) for t in result.output.split()]
@@ -72,9 +72,9 @@ def test_generate_with_ids_on_a_tutorial_checkpoint(tmp_path, seed_model):
         (["train", "-o", "{tmp}/x.safetensors", "--nhead", "5"], "nhead=5 does not divide d_model=128"),
     ],
 )
-def test_bad_input_is_one_line_with_exit_code_2(tmp_path, seed_model, args, message):
-    torch.save(seed_model.state_dict(), tmp_path / "model.pt")
-    torch.save(seed_model, tmp_path / "whole.pt")
+def test_bad_input_is_one_line_with_exit_code_2(tmp_path, reference_model, args, message):
+    torch.save(reference_model.state_dict(), tmp_path / "model.pt")
+    torch.save(reference_model, tmp_path / "whole.pt")
     result = CliRunner().invoke(cli, [a.format(tmp=tmp_path) for a in args])
     assert result.exit_code == 2, result.output
     assert message in result.output
@@ -146,8 +146,8 @@ def test_every_command_takes_help_and_documents_every_option(flag):
         (["train", "-o", "{tmp}/model.pt/x.safetensors"], "cannot write {tmp}/model.pt/x.safetensors: {tmp}/model.pt is a file, not a folder"),
     ],
 )
-def test_more_bad_input_is_one_line_with_exit_code_2(tmp_path, seed_model, args, message):
-    test_bad_input_is_one_line_with_exit_code_2(tmp_path, seed_model, args, message.format(tmp=tmp_path))
+def test_more_bad_input_is_one_line_with_exit_code_2(tmp_path, reference_model, args, message):
+    test_bad_input_is_one_line_with_exit_code_2(tmp_path, reference_model, args, message.format(tmp=tmp_path))
 
 
 def test_bench_threads_must_be_positive():

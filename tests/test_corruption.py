@@ -11,7 +11,7 @@ import torch
 
 from tformer.checkpoint import save_checkpoint
 
-from conftest import make_seed_model, tformer_copy
+from conftest import make_reference_model, tformer_copy
 from corrupt import run_trials
 
 TRIALS = 60
@@ -45,7 +45,7 @@ for trial in range(trials):
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pt"], ids=["tformer safetensors", "tutorial .pt"])
 def test_randomized_corruption_of_checkpoints(tmp_path, fmt):
-    ref = make_seed_model()
+    ref = make_reference_model()
     good = tmp_path / f"good.{fmt}"
     if fmt == "pt":
         torch.save(ref.state_dict(), good)

@@ -67,9 +67,9 @@ def test_kill_during_save_leaves_whole_or_absent_and_next_save_cleans_up(tmp_pat
     assert load_checkpoint(target).config == BIG
 
 
-def test_kill_during_export_leaves_nothing_and_next_export_cleans_up(tmp_path, seed_model):
+def test_kill_during_export_leaves_nothing_and_next_export_cleans_up(tmp_path, reference_model):
     pytest.importorskip("onnxruntime")
-    torch.save(seed_model.state_dict(), tmp_path / "model.pt")
+    torch.save(reference_model.state_dict(), tmp_path / "model.pt")
     out = tmp_path / "out"
     command = [sys.executable, "-m", "tformer", "export", str(tmp_path / "model.pt"), "--nhead", "4", "-o", str(out)]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -112,12 +112,12 @@ def test_failed_write_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_saved_files_and_exports_follow_the_umask(tmp_path, seed_model):
+def test_saved_files_and_exports_follow_the_umask(tmp_path, reference_model):
     from conftest import tformer_copy
 
     old = os.umask(0o027)
     try:
-        save_checkpoint(tmp_path / "m.safetensors", tformer_copy(seed_model))
+        save_checkpoint(tmp_path / "m.safetensors", tformer_copy(reference_model))
         with atomic_directory(tmp_path / "d") as tmp:
             (tmp / "f").write_text("x")
     finally:

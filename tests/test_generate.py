@@ -12,7 +12,7 @@ from tformer.errors import TformerError
 from tformer.generate import SamplingParams, sample
 from tformer.model import TransformerLM
 from tformer.runtime import Runtime
-from tformer.seed import TransformerModel, generate_full_recompute
+from tformer.reference import TransformerModel, generate_full_recompute
 
 
 def stock_copy(model) -> TransformerModel:

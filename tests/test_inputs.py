@@ -18,9 +18,9 @@ PROMPTS = [[1, 2, 3], [4, 5]]
 
 @pytest.fixture(scope="module")
 def runtime():
-    from conftest import make_seed_model
+    from conftest import make_reference_model
 
-    return Runtime.from_model(tformer_copy(make_seed_model()), device="cpu")
+    return Runtime.from_model(tformer_copy(make_reference_model()), device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +62,8 @@ def test_numpy_and_torch_sampling_values(runtime, expected):
     assert runtime.generate_ids(PROMPTS, max_new_tokens=torch.tensor(6), temperature=torch.tensor(0.0)) == expected
 
 
-def test_numpy_nhead_at_load(tmp_path, seed_model, expected):
-    torch.save(seed_model.state_dict(), tmp_path / "model.pt")
+def test_numpy_nhead_at_load(tmp_path, reference_model, expected):
+    torch.save(reference_model.state_dict(), tmp_path / "model.pt")
     loaded = tformer.load(tmp_path / "model.pt", nhead=np.int64(TINY.nhead), device="cpu")
     assert loaded.generate_ids(PROMPTS, max_new_tokens=6, temperature=0) == expected
 
@@ -139,8 +139,8 @@ def test_bad_text_values(text_runtime, call, message):
         (dict(device=0.5), "device must be 'cpu', 'cuda' or 'cuda:N', got float"),
     ],
 )
-def test_bad_load_values(tmp_path, seed_model, kwargs, message):
-    torch.save(seed_model.state_dict(), tmp_path / "model.pt")
+def test_bad_load_values(tmp_path, reference_model, kwargs, message):
+    torch.save(reference_model.state_dict(), tmp_path / "model.pt")
     with pytest.raises(TformerError, match=message) as info:
         tformer.load(**{"path": tmp_path / "model.pt", "nhead": 4, **kwargs})
     assert "\n" not in str(info.value)

@@ -6,7 +6,7 @@ import torch
 
 from tformer.model import KVCache, TransformerLM
 
-from conftest import TINY, make_seed_model, tformer_copy
+from conftest import TINY, make_reference_model, tformer_copy
 
 TOL = 1e-4
 
@@ -17,25 +17,25 @@ def reference_logits(ref, ids: torch.Tensor) -> torch.Tensor:
         return ref(ids.T, ref.generate_square_subsequent_mask(ids.shape[1])).transpose(0, 1)
 
 
-def test_weight_names_and_shapes_equal_the_tutorial_model(seed_model):
+def test_weight_names_and_shapes_equal_the_tutorial_model(reference_model):
     ours = TransformerLM(TINY).state_dict()
-    theirs = seed_model.state_dict()
+    theirs = reference_model.state_dict()
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
     assert TransformerLM(TINY).load_state_dict(theirs, strict=True).missing_keys == []
 
 
-def test_prefill_logits_match_stock_encoder(seed_model):
-    model = tformer_copy(seed_model)
+def test_prefill_logits_match_stock_encoder(reference_model):
+    model = tformer_copy(reference_model)
     ids = torch.randint(0, TINY.vocab_size, (3, 23))
     with torch.no_grad():
         ours = model(ids)
-    assert (ours - reference_logits(seed_model, ids)).abs().max() <= TOL
+    assert (ours - reference_logits(reference_model, ids)).abs().max() <= TOL
 
 
-def test_every_cached_decode_step_matches_full_recompute(seed_model):
-    model = tformer_copy(seed_model)
+def test_every_cached_decode_step_matches_full_recompute(reference_model):
+    model = tformer_copy(reference_model)
     ids = torch.randint(0, TINY.vocab_size, (2, 40))
-    expected = reference_logits(seed_model, ids)
+    expected = reference_logits(reference_model, ids)
     cache = KVCache.allocate(TINY, 2, 40, "cpu", torch.float32)
     with torch.no_grad():
         prefill = model(ids[:, :9], torch.arange(9), None, cache)
@@ -45,9 +45,9 @@ def test_every_cached_decode_step_matches_full_recompute(seed_model):
             assert (step[:, 0] - expected[:, t]).abs().max() <= TOL, f"decode step at position {t}"
 
 
-def test_left_padded_batch_matches_each_row_alone(seed_model):
+def test_left_padded_batch_matches_each_row_alone(reference_model):
     """Rows of different lengths, left-padded: each row's logits equal running it unpadded."""
-    model = tformer_copy(seed_model)
+    model = tformer_copy(reference_model)
     rows = [torch.randint(0, TINY.vocab_size, (n,)) for n in (11, 4, 1)]
     P = 11
     ids = torch.zeros(3, P, dtype=torch.long)
@@ -61,14 +61,14 @@ def test_left_padded_batch_matches_each_row_alone(seed_model):
         for t in range(5):
             batched.append(model(nxt[:, t : t + 1], torch.tensor([P + t]), start, cache)[:, 0])
         for b, r in enumerate(rows):
-            alone = reference_logits(seed_model, torch.cat([r, nxt[b]])[None])[0]
+            alone = reference_logits(reference_model, torch.cat([r, nxt[b]])[None])[0]
             for t, got in enumerate(batched):
                 assert (got[b] - alone[len(r) - 1 + t]).abs().max() <= TOL, f"row {b} step {t}"
 
 
-def test_fully_masked_padding_rows_stay_finite(seed_model):
+def test_fully_masked_padding_rows_stay_finite(reference_model):
     """Padding queries attend to nothing; with a finite mask value they must not become NaN."""
-    model = tformer_copy(seed_model)
+    model = tformer_copy(reference_model)
     ids = torch.randint(0, TINY.vocab_size, (2, 6))
     start = torch.tensor([0, 5])  # row 1: slots 0..4 are padding
     cache = KVCache.allocate(TINY, 2, 8, "cpu", torch.float32)
@@ -76,15 +76,15 @@ def test_fully_masked_padding_rows_stay_finite(seed_model):
         logits = model(ids, torch.arange(6), start, cache)
     assert torch.isfinite(logits).all()
     for dtype in (torch.float16, torch.bfloat16):
-        half = tformer_copy(make_seed_model()).to(dtype)
+        half = tformer_copy(make_reference_model()).to(dtype)
         cache = KVCache.allocate(TINY, 2, 8, "cpu", dtype)
         with torch.no_grad():
             assert torch.isfinite(half(ids, torch.arange(6), start, cache)).all(), dtype
 
 
-def test_cache_slots_beyond_the_current_position_are_ignored(seed_model):
+def test_cache_slots_beyond_the_current_position_are_ignored(reference_model):
     """Garbage in not-yet-written slots must not leak into the result (they are masked)."""
-    model = tformer_copy(seed_model)
+    model = tformer_copy(reference_model)
     ids = torch.randint(0, TINY.vocab_size, (1, 7))
     clean = KVCache.allocate(TINY, 1, 12, "cpu", torch.float32)
     dirty = KVCache.allocate(TINY, 1, 12, "cpu", torch.float32)

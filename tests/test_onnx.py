@@ -25,10 +25,10 @@ ort = pytest.importorskip("onnxruntime")
 @pytest.fixture(scope="module")
 def tutorial_export(tmp_path_factory):
     """A checkpoint saved by the tutorial's own code, exported through the CLI."""
-    from conftest import make_seed_model
+    from conftest import make_reference_model
 
     root = tmp_path_factory.mktemp("onnx")
-    ref = make_seed_model()
+    ref = make_reference_model()
     torch.save(ref.state_dict(), root / "model.pt")
     result = CliRunner().invoke(export_cmd, [str(root / "model.pt"), "--nhead", "4"])
     assert result.exit_code == 0, result.output
@@ -145,12 +145,12 @@ def test_bad_export_inputs(tmp_path, tutorial_export):
     assert no_leftovers(tmp_path) and no_leftovers(existing.parent) and not (tmp_path / "model-onnx").exists()
 
 
-def test_failed_validation_names_the_shape_and_leaves_nothing(tmp_path, monkeypatch, seed_model):
+def test_failed_validation_names_the_shape_and_leaves_nothing(tmp_path, monkeypatch, reference_model):
     from conftest import tformer_copy
 
     monkeypatch.setitem(artifact.TOLERANCE, torch.float32, 0.0)  # nothing can pass
     with pytest.raises(TformerError, match=r"validation failed at batch 1, 1 new tokens, past 0"):
-        export_onnx(tformer_copy(seed_model), tmp_path / "out")
+        export_onnx(tformer_copy(reference_model), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -159,10 +159,10 @@ def test_export_directory_runs_only_on_onnx(tutorial_export):
         tformer.load(tutorial_export[1], backend="eager")
 
 
-def test_fp16_export_validates_at_its_own_tolerance(tmp_path, seed_model):
+def test_fp16_export_validates_at_its_own_tolerance(tmp_path, reference_model):
     from conftest import tformer_copy
 
-    meta = export_onnx(tformer_copy(seed_model), tmp_path / "fp16", dtype=torch.float16)
+    meta = export_onnx(tformer_copy(reference_model), tmp_path / "fp16", dtype=torch.float16)
     assert meta["dtype"] == "float16" and meta["inputs"][3]["dtype"] == "float16"
     assert all(r["ok"] and r["tolerance"] == artifact.TOLERANCE[torch.float16] for r in meta["validation"]["shapes"])
     runtime = tformer.load(tmp_path / "fp16", device="cpu")
@@ -184,23 +184,23 @@ def test_info_describes_a_verified_export_directory(tutorial_export):
 
 
 @pytest.mark.parametrize("opset", [5, 16, 23, 99])
-def test_unsupported_opsets_are_refused_up_front(tmp_path, seed_model, opset):
+def test_unsupported_opsets_are_refused_up_front(tmp_path, reference_model, opset):
     from conftest import tformer_copy
 
-    torch.save(seed_model.state_dict(), tmp_path / "model.pt")
+    torch.save(reference_model.state_dict(), tmp_path / "model.pt")
     result = CliRunner().invoke(export_cmd, [str(tmp_path / "model.pt"), "--nhead", "4", "--opset", str(opset)])
     assert result.exit_code == 2 and f"'--opset': {opset} is not in the range 17<=x<=22" in result.output
     assert result.output.count("\n") == 1
     with pytest.raises(TformerError, match=f"opset {opset} is not supported; use 17 to 22"):
-        export_onnx(tformer_copy(seed_model), tmp_path / "out", opset=opset)
+        export_onnx(tformer_copy(reference_model), tmp_path / "out", opset=opset)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
 
 
-def test_a_supported_opset_is_the_graphs_own(tmp_path, seed_model):
+def test_a_supported_opset_is_the_graphs_own(tmp_path, reference_model):
     import onnx
 
     from conftest import tformer_copy
 
-    meta = export_onnx(tformer_copy(seed_model), tmp_path / "out", opset=17)
+    meta = export_onnx(tformer_copy(reference_model), tmp_path / "out", opset=17)
     graph = onnx.load(str(tmp_path / "out" / "model.onnx"))
     assert meta["opset"] == 17 == next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))

@@ -62,9 +62,9 @@ def test_stop_strings_cut_generate_and_stream_alike(saved):
         runtime.generate("def ", stop=[""])
 
 
-def test_tutorial_checkpoint_without_tokenizer(tmp_path, seed_model, trained):
+def test_tutorial_checkpoint_without_tokenizer(tmp_path, reference_model, trained):
     path = tmp_path / "model.pt"
-    torch.save(seed_model.state_dict(), path)
+    torch.save(reference_model.state_dict(), path)
     runtime = tformer.load(path, nhead=4, device="cpu")
     assert len(runtime.generate_ids([[1, 2, 3]], max_new_tokens=5)[0]) == 5
     with pytest.raises(TformerError, match="no tokenizer: pass tokenizer='tokenizer.json'"):

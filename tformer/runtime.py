@@ -24,6 +24,7 @@ from tformer.errors import TformerError
 from tformer.generate import SamplingParams, generate_tokens
 from tformer.inputs import as_int, as_path, as_prompt, as_prompts, as_stop, as_text, as_texts
 from tformer.model import TransformerLM
+from tformer.text import StopText
 from tformer.tokenizer import Tokenizer
 
 DTYPES = {
@@ -193,7 +194,7 @@ class Runtime:
         """
         prompts = as_texts(prompts)
         stop = as_stop(stop)
-        rows = [_StopText(self._text_tokenizer(), stop) for _ in prompts]
+        rows = [StopText(self._text_tokenizer(), stop) for _ in prompts]
         for step in self._steps([self._encode(p) for p in prompts], sampling):
             for row, token in zip(rows, step):
                 if token is not None:
@@ -207,11 +208,11 @@ class Runtime:
 
         Input errors raise at call time, before the first piece.
         """
-        row = _StopText(self._text_tokenizer(), as_stop(stop))
+        row = StopText(self._text_tokenizer(), as_stop(stop))
         return self._stream_text(row, self._steps([self._encode(as_text("prompt", prompt))], sampling))
 
     @staticmethod
-    def _stream_text(row: _StopText, steps: Iterator[list[int | None]]) -> Iterator[str]:
+    def _stream_text(row: StopText, steps: Iterator[list[int | None]]) -> Iterator[str]:
         for (token,) in steps:
             if token is None:
                 break
@@ -241,35 +242,3 @@ class Runtime:
 
     def _encode(self, prompt: str) -> list[int]:
         return self._text_tokenizer().encode(prompt)
-
-
-class _StopText:
-    """One row's completion text, built piece by piece, cut at the first stop string."""
-
-    def __init__(self, tokenizer: Tokenizer, stop: list[str]):
-        self.stop = stop
-        self.longest = max(map(len, self.stop), default=0)
-        self.pieces = tokenizer.text_stream()
-        self.text = ""
-        self.shown = 0
-        self.stopped = False
-
-    def push(self, token: int) -> None:
-        piece = self.pieces.push(token)
-        if not piece or self.stopped:
-            return
-        search_from = max(0, len(self.text) - self.longest + 1)  # a stop string may span pieces
-        self.text += piece
-        hits = [i for s in self.stop if (i := self.text.find(s, search_from)) >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
-            self.stopped = True
-
-    def ready(self) -> str:
-        """Text not yet shown, minus a tail that could still turn out to begin a stop string."""
-        hold = 0
-        if not self.stopped:
-            hold = max((n for s in self.stop for n in range(1, len(s)) if self.text.endswith(s[:n])), default=0)
-        end = max(self.shown, len(self.text) - hold)
-        piece, self.shown = self.text[self.shown : end], end
-        return piece

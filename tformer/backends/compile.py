@@ -15,9 +15,8 @@ import os
 import torch
 from torch._dynamo.utils import counters
 
-from tformer.backends.eager import transpose_weights_in_memory
 from tformer.files import cache_root
-from tformer.model import KVCache, TransformerLM
+from tformer.model import KVCache, TransformerLM, column_major_weights
 
 
 class CompileBackend:
@@ -38,7 +37,7 @@ class CompileBackend:
         # `freezing` instead 2.7-2.9 and it bypasses the FX graph cache. CUDA graphs do both jobs on a GPU.
         options = None if cuda else {"cpp_wrapper": True}
         if not cuda:
-            transpose_weights_in_memory(self.model)
+            column_major_weights(self.model)
         model = self.model
 
         def forward(input_ids, input_pos, start, k: list[torch.Tensor], v: list[torch.Tensor]) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 
 from tformer.errors import TformerError
 from tformer.model import TransformerLM
-from tformer.seed import TransformerModel
+from tformer.reference import TransformerModel
 
 
 class NaiveBackend:
@@ -21,10 +21,10 @@ class NaiveBackend:
 
     def __init__(self, model: TransformerLM, device: torch.device, dtype: torch.dtype):
         c = model.config
-        seed = TransformerModel(c.vocab_size, c.d_model, c.nhead, c.d_ff, c.n_layers, c.dropout)
-        seed.pos_encoder.pe = seed.pos_encoder.pe[: c.max_len]  # the tutorial fixes 5000 rows
-        seed.load_state_dict(model.state_dict(), strict=True)
-        self.model = seed.to(device=device, dtype=dtype).eval()
+        reference = TransformerModel(c.vocab_size, c.d_model, c.nhead, c.d_ff, c.n_layers, c.dropout)
+        reference.pos_encoder.pe = reference.pos_encoder.pe[: c.max_len]  # the tutorial fixes 5000 rows
+        reference.load_state_dict(model.state_dict(), strict=True)
+        self.model = reference.to(device=device, dtype=dtype).eval()
         self.config = c
         self.device = device
         self.dtype = dtype

@@ -44,11 +44,11 @@ class TritonBackend:
         if T == 1:
             lengths = torch.full((B,), filled, device=self.device, dtype=torch.int32)
 
-            def attention(q, k, v):  # (B, H, 1, Dh) against the whole cache, rows cut at lengths
+            def attend(q, k, v):  # (B, H, 1, Dh) against the whole cache, rows cut at lengths
                 return self.kernels.decode_attention(q, k, v, lengths, start)
         else:
 
-            def attention(q, k, v):  # (B, H, T, Dh): the T queries sit at the end of the filled slots
+            def attend(q, k, v):  # (B, H, T, Dh): the T queries sit at the end of the filled slots
                 return self.kernels.prefill_attention(q, k[:, :, :filled], v[:, :, :filled], start)
 
-        return self.model.run(input_ids, row_positions(input_pos, start).expand(B, T), None, cache, input_pos, attention)
+        return self.model.run(input_ids, row_positions(input_pos, start).expand(B, T), None, cache, input_pos, attend)
