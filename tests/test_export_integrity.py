@@ -27,11 +27,10 @@ import pytest
 import torch
 
 import tformer
-from tformer.backends.onnx import OnnxBackend
+from tformer.backends import open_export
 from tformer.errors import TformerError
 from tformer.export.integrity import verified_meta
-from tformer.export.onnx import export_onnx
-from tformer.export.pt2 import export_pt2
+from tformer.exporter import export_model
 
 from corrupt import mutate
 
@@ -260,13 +259,13 @@ def suites(trained, tmp_path_factory) -> dict[str, Suite]:
     """The one ONNX and the one .pt2 export of this file, every trial on them, and the outcomes."""
     model, tokenizer = trained
     root = tmp_path_factory.mktemp("integrity")
-    export_onnx(model, root / "onnx", tokenizer)  # its validation loads it: that writes the graph cache
-    export_pt2(model, root / "pt2", tokenizer)
+    export_model(model, root / "onnx", "onnx", tokenizer)  # its validation loads it: that writes the graph cache
+    export_model(model, root / "pt2", "pt2", tokenizer)
     assert CACHE_FILES <= {p.name for p in (root / "onnx").iterdir()}
     other = copy.deepcopy(model)
     with torch.no_grad():
         other.decoder.bias.add_(torch.randn_like(other.decoder.bias))  # another model of the same shapes
-    export_onnx(other, root / "onnx-other", tokenizer, validate=False)
+    export_model(other, root / "onnx-other", "onnx", tokenizer, validate=False)
 
     onnx, pt2 = Suite(root / "onnx"), Suite(root / "pt2")
     for suite, other_format, seed in ((onnx, "tformer-pt2", 1), (pt2, "tformer-onnx", 2)):
@@ -345,7 +344,7 @@ def test_onnx_export_refuses_a_device_it_cannot_run_on(suites, monkeypatch):
     directory = suites["onnx"].pristine
     if torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("CUDA and onnxruntime's CUDA provider are both here")
-    loads = (lambda: tformer.load(directory, device="cuda"), lambda: OnnxBackend.from_directory(directory, torch.device("cuda")))
+    loads = (lambda: tformer.load(directory, device="cuda"), lambda: open_export(directory, torch.device("cuda")))
     for load in loads:
         with pytest.raises(TformerError, match="CUDA") as info:
             load()
@@ -354,7 +353,7 @@ def test_onnx_export_refuses_a_device_it_cannot_run_on(suites, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     with pytest.raises(TformerError, match="onnxruntime has no CUDA provider"):
-        OnnxBackend.from_directory(directory, torch.device("cuda"))
+        open_export(directory, torch.device("cuda"))
 
 
 @pytest.mark.parametrize(

@@ -169,7 +169,7 @@ def test_triton_backend_greedy_equals_eager(trained):
     model, tokenizer = trained
     eager = Runtime.from_model(copy.deepcopy(model), tokenizer, backend="eager", device=DEVICE)
     triton = Runtime.from_model(copy.deepcopy(model), tokenizer, backend="triton", device=DEVICE)
-    assert "Triton" in triton.backend.attention
+    assert "Triton" in triton.backend.implementation
     prompts = [tokenizer.encode(text) for text in ("def main(", "import os\nclass ", "x")]
     assert len({len(p) for p in prompts}) == 3  # different lengths: a left-padded batch
     want = eager.generate_ids(prompts, max_new_tokens=12, temperature=0)

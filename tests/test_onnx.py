@@ -13,8 +13,9 @@ import tformer
 from tformer.checkpoint import save_checkpoint
 from tformer.cli import export_cmd
 from tformer.errors import TformerError
-from tformer.export import artifact
-from tformer.export.onnx import export_onnx, input_names, output_names
+from tformer import exporter
+from tformer.export.onnx import input_names, output_names
+from tformer.exporter import export_model
 from tformer.runtime import Runtime
 
 from conftest import TINY
@@ -39,7 +40,7 @@ def tutorial_export(tmp_path_factory):
 def trained_export(tmp_path_factory, trained):
     model, tokenizer = trained
     out = tmp_path_factory.mktemp("trained") / "export"
-    export_onnx(model, out, tokenizer)
+    export_model(model, out, "onnx", tokenizer)
     return out
 
 
@@ -148,9 +149,9 @@ def test_bad_export_inputs(tmp_path, tutorial_export):
 def test_failed_validation_names_the_shape_and_leaves_nothing(tmp_path, monkeypatch, reference_model):
     from conftest import tformer_copy
 
-    monkeypatch.setitem(artifact.TOLERANCE, torch.float32, 0.0)  # nothing can pass
+    monkeypatch.setitem(exporter.TOLERANCE, torch.float32, 0.0)  # nothing can pass
     with pytest.raises(TformerError, match=r"validation failed at batch 1, 1 new tokens, past 0"):
-        export_onnx(tformer_copy(reference_model), tmp_path / "out")
+        export_model(tformer_copy(reference_model), tmp_path / "out", "onnx")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -162,9 +163,9 @@ def test_export_directory_runs_only_on_onnx(tutorial_export):
 def test_fp16_export_validates_at_its_own_tolerance(tmp_path, reference_model):
     from conftest import tformer_copy
 
-    meta = export_onnx(tformer_copy(reference_model), tmp_path / "fp16", dtype=torch.float16)
+    meta = export_model(tformer_copy(reference_model), tmp_path / "fp16", "onnx", dtype=torch.float16)
     assert meta["dtype"] == "float16" and meta["inputs"][3]["dtype"] == "float16"
-    assert all(r["ok"] and r["tolerance"] == artifact.TOLERANCE[torch.float16] for r in meta["validation"]["shapes"])
+    assert all(r["ok"] and r["tolerance"] == exporter.TOLERANCE[torch.float16] for r in meta["validation"]["shapes"])
     runtime = tformer.load(tmp_path / "fp16", device="cpu")
     assert runtime.backend.dtype == torch.float16
     assert len(runtime.generate_ids([[1, 2, 3], [4]], max_new_tokens=6)[1]) == 6
@@ -192,7 +193,7 @@ def test_unsupported_opsets_are_refused_up_front(tmp_path, reference_model, opse
     assert result.exit_code == 2 and f"'--opset': {opset} is not in the range 17<=x<=22" in result.output
     assert result.output.count("\n") == 1
     with pytest.raises(TformerError, match=f"opset {opset} is not supported; use 17 to 22"):
-        export_onnx(tformer_copy(reference_model), tmp_path / "out", opset=opset)
+        export_model(tformer_copy(reference_model), tmp_path / "out", "onnx", opset=opset)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
 
 
@@ -201,6 +202,20 @@ def test_a_supported_opset_is_the_graphs_own(tmp_path, reference_model):
 
     from conftest import tformer_copy
 
-    meta = export_onnx(tformer_copy(reference_model), tmp_path / "out", opset=17)
+    meta = export_model(tformer_copy(reference_model), tmp_path / "out", "onnx", opset=17)
     graph = onnx.load(str(tmp_path / "out" / "model.onnx"))
     assert meta["opset"] == 17 == next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def test_step_takes_non_contiguous_ids(tutorial_export):
+    """IOBinding keeps only an address: a temporary contiguous copy of the ids must live until
+    the run (a column slice of a batch is not contiguous)."""
+    from tformer.backends import open_export
+
+    backend = open_export(tutorial_export[1], torch.device("cpu"))
+    ids = torch.randint(0, TINY.vocab_size, (2, 12))
+    results = []
+    for batch in (ids[:, 3:9], ids[:, 3:9].clone()):
+        cache = backend.allocate_cache(2, 6)
+        results.append(backend.step(batch, torch.arange(6), torch.tensor([0, 2]), cache))
+    assert not ids[:, 3:9].is_contiguous() and torch.equal(results[0], results[1])

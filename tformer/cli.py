@@ -18,8 +18,9 @@ import torch
 from tformer.checkpoint import convert_checkpoint, load_checkpoint, load_model, save_checkpoint
 from tformer.config import ModelConfig
 from tformer.errors import TformerError, TformerNote
+from tformer.export.formats import FORMATS
 from tformer.export.onnx import DEFAULT_OPSET, OPSETS
-from tformer.files import check_writable
+from tformer.files import check_writable, keep_compiled_kernels_in_store
 from tformer.model import TransformerLM
 from tformer.runtime import load
 from tformer.tokenizer import Tokenizer
@@ -96,6 +97,7 @@ def cli() -> None:
     Start with `tformer demo`: it trains a small model on Python's own standard library
     (about two minutes on a laptop CPU) and generates from it.
     """
+    keep_compiled_kernels_in_store()
 
 
 NHEAD_HELP = ("Head count; required for a tutorial state_dict (.pt), which does not store it. A wrong count "
@@ -147,8 +149,8 @@ def generate(model, prompt, ids, stop, backend, device, dtype, nhead, tokenizer,
     if (prompt is None) == (ids is None):
         raise CliError('give either a PROMPT or --ids "1 2 3"')
     runtime = load(model, backend=backend, device=device, dtype=dtype, nhead=nhead, tokenizer=tokenizer)
-    if runtime.backend.name == "onnx":
-        click.echo(f"running on {runtime.backend.attention}", err=True)
+    if runtime.backend.traits.export_format:  # say what runs an export (which onnxruntime provider)
+        click.echo(f"running on {runtime.backend.implementation}", err=True)
     params = _sampling(**sampling)
     if ids is not None:
         try:
@@ -270,10 +272,11 @@ def _checkpoint_rows(model: str, nhead: int | None) -> list[tuple[str, object]]:
 
 
 def _export_rows(directory: Path) -> list[tuple[str, object]]:
-    from tformer.export.integrity import FORMATS, verified_meta
+    from tformer.export.formats import format_named
+    from tformer.export.integrity import verified_meta
 
     meta = verified_meta(directory)
-    artifact = FORMATS[meta["format"]].artifact
+    artifact = format_named(meta["format"]).artifact
     size = (directory / artifact).stat().st_size / 2**20
     validation = meta["validation"]
     checked = "not validated (exported with --no-validate)" if validation is None else (
@@ -325,43 +328,38 @@ def main() -> None:
 @cli.command(name="export", cls=Command, context_settings=CONTEXT)
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Output directory [default: MODEL's name + '-onnx' or '-pt2'].")
-@click.option("--format", "fmt", default="onnx", show_default=True, type=click.Choice(["onnx", "pt2"]),
-              help="onnx (onnxruntime, any language) or pt2 (AOTInductor package, PyTorch/C++).")
+@click.option("--format", "fmt", default="onnx", show_default=True, type=click.Choice(list(FORMATS)),
+              help="onnx (onnxruntime, any language) or pt2 (AOTInductor package, PyTorch/C++, CPU).")
 @click.option("--nhead", type=click.IntRange(min=1), help=NHEAD_HELP)
-@click.option("--opset", default=DEFAULT_OPSET, show_default=True, type=click.IntRange(OPSETS.start, OPSETS.stop - 1),
-              help=f"ONNX opset version ({OPSETS.start} to {OPSETS.stop - 1}).")  # fmt: skip
+@click.option("--opset", type=click.IntRange(OPSETS.start, OPSETS.stop - 1),
+              help=f"ONNX opset version, {OPSETS.start} to {OPSETS.stop - 1} [default: {DEFAULT_OPSET}].")  # fmt: skip
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]), help="Weights and cache dtype.")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]),
-              help="Where validation runs PyTorch and onnxruntime (cuda needs onnxruntime-gpu).")
+              help="Where validation runs PyTorch and the export (ONNX on cuda needs onnxruntime-gpu; pt2 is CPU-only).")
 @click.option("--no-validate", is_flag=True, help="Skip the comparison with PyTorch (not recommended).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def export_cmd(model, output, fmt, nhead, opset, dtype, device, no_validate, force) -> None:
     """Export MODEL with a KV cache to ONNX (default) or an AOTInductor .pt2, validated against PyTorch.
 
     Writes a directory with model.onnx or model.pt2, tformer.json (config, input/output contract,
-    versions, validation report) and tokenizer.json when the checkpoint has one. Run it with
-    `tformer generate DIR "..."` or `tformer.load(DIR)`.
+    versions, SHA-256 of every file, validation report) and tokenizer.json when the checkpoint has
+    one. Run it with `tformer generate DIR "..."` or `tformer.load(DIR)`.
     """
+    from tformer.exporter import export_model
     from tformer.runtime import resolve_device, resolve_dtype
 
+    keep_compiled_kernels_in_store()  # also when run as tformer-export, outside the group
+    options = {} if opset is None else {"opset": opset}
     lm, tokenizer = load_model(model, nhead)
     out = Path(output) if output else Path(model).with_name(f"{Path(model).stem}-{fmt}")
     began = time.perf_counter()
     log = lambda line: click.echo(line, err=True)  # noqa: E731
-    if fmt == "pt2":
-        from tformer.export.pt2 import export_pt2
-
-        if device != "cpu":
-            raise CliError("--format pt2 builds a CPU package; CUDA packages are not supported yet (drop --device)")
-        meta = export_pt2(lm, out, tokenizer, resolve_dtype(dtype), validate=not no_validate, force=force, log=log)
-    else:
-        from tformer.export.onnx import export_onnx
-
-        meta = export_onnx(lm, out, tokenizer, opset, resolve_dtype(dtype), validate=not no_validate, force=force,
-                           log=log, device=resolve_device(device))  # fmt: skip
-    size = sum(f.stat().st_size for f in out.iterdir() if f.name.startswith(f"model.{fmt}")) / 2**20
+    meta = export_model(lm, out, fmt, tokenizer, resolve_dtype(dtype), validate=not no_validate, force=force, log=log,
+                        device=resolve_device(device), **options)  # fmt: skip
+    artifact = FORMATS[fmt].artifact
+    size = (out / artifact).stat().st_size / 2**20
     checked = "validated" if meta["validation"] else "NOT validated"
-    click.echo(f"wrote {out}/ (model.{fmt} {size:.1f} MiB, {checked}) in {time.perf_counter() - began:.0f} s")
+    click.echo(f"wrote {out}/ ({artifact} {size:.1f} MiB, {checked}) in {time.perf_counter() - began:.0f} s")
 
 
 def export_main() -> None:

@@ -163,7 +163,24 @@ def _fsync(path: Path) -> None:
             os.close(fd)
 
 
-def cache_root() -> Path:
-    """Where tformer keeps what it builds on first use (ONNX exports, compiled kernels):
-    $TFORMER_CACHE, else ~/.cache/tformer."""
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks (a model need not fit in memory twice)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def store_root() -> Path:
+    """Where tformer stores what it builds on first use (exports of a checkpoint, compiled
+    kernels), to reuse it in later processes: $TFORMER_CACHE, else ~/.cache/tformer. ("Store",
+    not "cache", in the code: a cache there is always a model's KV cache.)"""
     return Path(os.environ.get("TFORMER_CACHE") or Path.home() / ".cache" / "tformer")
+
+
+def keep_compiled_kernels_in_store() -> None:
+    """Point torch.compile's and AOTInductor's on-disk store into tformer's, unless the user set
+    $TORCHINDUCTOR_CACHE_DIR. The commands call this for their own process; the library never
+    changes the environment of a program that imports it."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(store_root() / "inductor"))

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-from tformer.backends import Backend, backend_class, create_backend
-from tformer.backends.base import FromExport
+from tformer.backends import REFERENCE, Backend, backend_class, create_backend, default_device, export_backend_name, open_export
 from tformer.checkpoint import load_model
 from tformer.config import ModelConfig
 from tformer.errors import TformerError
@@ -52,14 +51,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise TformerError(f"there is no {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
-
-
-def _device_for(backend: type, device: str | torch.device | None) -> torch.device:
-    """The device asked for, or where `backend` runs best here: an export backend knows (a .pt2
-    package runs on the CPU only), the others take CUDA when present."""
-    if device is None and issubclass(backend, FromExport):
-        return backend.default_device()
-    return resolve_device(device)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -106,20 +97,16 @@ def load(
     if Path(path).is_dir():
         return _load_export(Path(path), backend, device, dtype, tokenizer)
     model, own_tokenizer = load_model(path, nhead)
-    return Runtime.from_model(model, tokenizer or own_tokenizer, backend or "eager", device, dtype)
+    return Runtime.from_model(model, tokenizer or own_tokenizer, backend or REFERENCE, device, dtype)
 
 
 def _load_export(
-    directory: Path, backend: str | None, device, dtype, tokenizer: Tokenizer | None
+    directory: Path, backend: str | None, device: torch.device | None, dtype, tokenizer: Tokenizer | None
 ) -> Runtime:
-    from tformer.export.integrity import read_meta
-
-    # read_meta only checks the schema (enough to pick the backend); the backend verifies it all
-    runs_on = {"tformer-onnx": "onnx", "tformer-pt2": "aot"}[read_meta(directory)["format"]]
+    runs_on = export_backend_name(directory)  # from the schema-checked tformer.json; the backend verifies it all
     if backend not in (None, runs_on):
         raise TformerError(f"{directory} is an export for backend '{runs_on}', not '{backend}'")
-    cls = backend_class(runs_on)
-    engine = cls.from_directory(directory, _device_for(cls, device))
+    engine = open_export(directory, device)
     if dtype is not None and resolve_dtype(dtype) != engine.dtype:
         raise TformerError(f"{directory} was exported as {engine.dtype}; export again with --dtype to change it")
     if tokenizer is None and engine.meta["tokenizer"]:  # its SHA-256 was verified with the rest
@@ -146,12 +133,12 @@ class Runtime:
         cls,
         model: TransformerLM,
         tokenizer: Tokenizer | None = None,
-        backend: str = "eager",
+        backend: str = REFERENCE,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
     ) -> Runtime:
         """A runtime around an in-memory model (the weights move to `device` / `dtype`)."""
-        device = _device_for(backend_class(backend), device)
+        device = default_device(backend_class(backend)) if device is None else resolve_device(device)
         return cls(create_backend(backend, model, device, resolve_dtype(dtype)), tokenizer)
 
     @property

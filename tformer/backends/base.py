@@ -7,23 +7,40 @@ short file that implements these two methods.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
 
 import torch
 
 from tformer.config import ModelConfig
-from tformer.errors import TformerError
-from tformer.export.integrity import verified_meta
+
+
+@dataclass(frozen=True)
+class Traits:
+    """What generic code (the factory, the runtime, the benchmark) needs to know about a backend
+    class, declared once by the backend instead of tested by name elsewhere."""
+
+    devices: tuple[str, ...] = ("cpu", "cuda")  # the device types it can run on at all
+    compiles: bool = False  # its setup compiles (benchmarks time setup with cold and warm caches)
+    # It runs an export directory of this format (a key of tformer.export.formats.FORMATS): built
+    # from a directory; given a model, the factory exports it to tformer's store first.
+    export_format: str | None = None
 
 
 class Backend(Protocol):
     name: str
-    attention: str  # which attention implementation runs, for benchmark records
+    traits: ClassVar[Traits]
+    implementation: str  # what runs the step ("onnxruntime 1.32 (CPUExecutionProvider)"), for records
+    untimed: str | None  # why timing it here would mean nothing (the Triton interpreter), else None
+    notes: tuple[str, ...]  # what happened while running that a benchmark should report
     config: ModelConfig
     device: torch.device
     dtype: torch.dtype  # of the weights and the cache
+
+    @classmethod
+    def unavailable(cls, device: torch.device) -> str | None:
+        """Why it cannot run on `device` here (a missing package, provider or GPU), else None."""
+        ...
 
     def allocate_cache(self, batch: int, max_len: int) -> Any:
         """A cache for `batch` rows of up to `max_len` slots (prompt + new tokens), allocated once.
@@ -48,39 +65,13 @@ class Backend(Protocol):
         ...
 
 
-class FromExport:
-    """For backends that run an export directory: `from_directory` opens one made by
-    `tformer-export`; the constructor (from a model) exports to tformer's cache first. Either way
-    the directory is verified (`tformer.export.integrity.verified_meta`) before the native
-    runtime sees it, and the device is checked before anything is verified or exported."""
+class BackendBase:
+    """The defaults of `Backend`'s descriptive parts, for backends to inherit."""
 
-    export_format: str  # the tformer.json "format" this backend runs
-    meta: dict  # the directory's tformer.json, verified
+    traits: ClassVar[Traits] = Traits()
+    untimed: str | None = None
+    notes: tuple[str, ...] = ()
 
     @classmethod
-    def from_directory(cls, directory: str | os.PathLike, device: torch.device):
-        backend = cls.__new__(cls)
-        backend._check_device(device)
-        backend._open(Path(directory), verified_meta(directory), device)
-        return backend
-
-    @staticmethod
-    def default_device() -> torch.device:
-        """Where an export runs when the user names no device: the best this backend can use here."""
-        raise NotImplementedError
-
-    def _check_device(self, device: torch.device) -> None:
-        """Raise TformerError if this backend cannot run on `device` (never fall back quietly)."""
-        raise NotImplementedError
-
-    def _open(self, directory: Path, meta: dict, device: torch.device) -> None:
-        """Load the verified export in `directory` (`meta`: its tformer.json) onto `device`."""
-        raise NotImplementedError
-
-    def _adopt(self, directory: Path, meta: dict) -> None:
-        """Check that the export is this backend's format; take `config` and `dtype` from it."""
-        if meta["format"] != self.export_format:
-            raise TformerError(f"{directory} is a {meta['format']} export, not {self.export_format}")
-        self.meta = meta
-        self.config = ModelConfig.from_dict(meta["config"])
-        self.dtype = getattr(torch, meta["dtype"])
+    def unavailable(cls, device: torch.device) -> str | None:
+        return None

@@ -4,33 +4,32 @@ Decode (one token per row) is compiled with `fullgraph=True` for fixed shapes: t
 allocated at one fixed length for every generation (`cache_len`, grown only when a request needs
 more), and the position arrives as a tensor, so a decode step has the same shapes whatever the
 prompt length; there is one graph per batch size. On CUDA it runs with `mode="reduce-overhead"`
-(CUDA graphs). Prefill is compiled with a dynamic sequence length. Compiled artifacts go to the
-inductor cache under tformer's cache directory, so a second process reuses them.
+(CUDA graphs). Prefill is compiled with a dynamic sequence length. Compiled artifacts go to
+inductor's own store ($TORCHINDUCTOR_CACHE_DIR, which the tformer commands point into tformer's
+store), so a second process reuses them; the library leaves the environment alone.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch._dynamo.utils import counters
 
-from tformer.files import cache_root
+from tformer.backends.base import BackendBase, Traits
 from tformer.model import KVCache, TransformerLM, column_major_weights
 
 
-class CompileBackend:
+class CompileBackend(BackendBase):
     name = "compile"
+    traits = Traits(compiles=True)
 
     def __init__(self, model: TransformerLM, device: torch.device, dtype: torch.dtype):
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
         self.model = model.to(device=device, dtype=dtype).eval()
         self.config = model.config
         self.device = device
         self.dtype = dtype
         self.cache_len = 0
         cuda = device.type == "cuda"
-        self.attention = "torch.compile, inductor" + (" + CUDA graphs" if cuda else " C++, C++ wrapper")
+        self.implementation = "torch.compile, inductor" + (" + CUDA graphs" if cuda else " C++, C++ wrapper")
         # On the CPU a decode step is bound by per-call overhead and weight streaming. Measured at
         # d_model 256 on the 2-core CI CPU (ms/step, eager 3.4): default inductor 3.3; column-major
         # weights (see eager) 2.9; plus `cpp_wrapper` (the graph's launcher in C++, not Python) 2.5;
@@ -73,7 +72,7 @@ class CompileBackend:
             skips = counters["inductor"]["cudagraph_skips"]
             logits = self._decode(*args).clone()  # a replay overwrites the previous call's outputs
             if counters["inductor"]["cudagraph_skips"] != skips:  # inductor logged why, as a warning
-                self.attention = "torch.compile, inductor; CUDA graphs SKIPPED (see inductor's warning)"
+                self.notes = ("CUDA graphs SKIPPED: decode ran without them (see inductor's warning)",)
             return logits
         if not self._ahead:
             return self._decode(*args)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from tformer.backends.base import BackendBase
 from tformer.model import KVCache, TransformerLM, column_major_weights
 
 
-class EagerBackend:
+class EagerBackend(BackendBase):
     name = "eager"
-    attention = "torch scaled_dot_product_attention (float mask)"
+    implementation = "torch scaled_dot_product_attention (float mask)"
 
     def __init__(self, model: TransformerLM, device: torch.device, dtype: torch.dtype):
         self.model = model.to(device=device, dtype=dtype).eval()

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import torch
 
+from tformer.backends.base import BackendBase
 from tformer.errors import TformerError
 from tformer.model import TransformerLM
 from tformer.reference import TransformerModel
 
 
-class NaiveBackend:
+class NaiveBackend(BackendBase):
     name = "naive"
-    attention = "nn.TransformerEncoder, full recompute (no cache)"
+    implementation = "nn.TransformerEncoder, full recompute (no cache)"
 
     def __init__(self, model: TransformerLM, device: torch.device, dtype: torch.dtype):
         c = model.config

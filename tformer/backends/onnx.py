@@ -7,7 +7,7 @@ past is read from one while onnxruntime writes the present straight into the oth
 swap. On CUDA the buffers live on the GPU, so the cache never leaves it.
 
 Sessions are built with full graph optimization, and the optimized graph is cached beside
-model.onnx (`GraphCache`) so that later loads skip optimizing.
+model.onnx (`OptimizedGraph`) so that later loads skip optimizing.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from tformer.backends.base import FromExport
+from tformer.backends.base import Traits
+from tformer.backends.exported import ExportBackend
 from tformer.errors import TformerError, one_line
-from tformer.export.artifact import file_sha256
-from tformer.files import atomic_path
-from tformer.model import TransformerLM, row_positions
+from tformer.files import atomic_path, file_sha256
+from tformer.model import row_positions
 
 T = TypeVar("T")
 
@@ -41,26 +41,9 @@ def _ort():
     return onnxruntime
 
 
-def provider_for(device: torch.device) -> str:
-    """The onnxruntime execution provider for `device`; TformerError if it has none here (a CUDA
-    request never falls back to the CPU quietly)."""
-    ort = _ort()
-    if device.type == "cpu":
-        return "CPUExecutionProvider"
-    if device.type != "cuda":
-        raise TformerError(f"onnxruntime runs on 'cpu' or 'cuda', not '{device}'")
-    if not torch.cuda.is_available():
-        raise TformerError("CUDA is not available on this machine; use device='cpu' (CLI: --device cpu)")
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise TformerError(
-            "onnxruntime has no CUDA provider here: pip install onnxruntime-gpu, or use device='cpu' (CLI: --device cpu)"
-        )
-    return "CUDAExecutionProvider"
-
-
-class GraphCache:
-    """onnxruntime's optimized graph of a model.onnx, kept beside it so that later loads skip
-    optimizing. A cache, never an input: `model.<provider>.opt.onnx` plus `model.<provider>.opt.json`,
+class OptimizedGraph:
+    """onnxruntime's optimized graph of a model.onnx, stored beside it so that later loads skip
+    optimizing. Never an input: `model.<provider>.opt.onnx` plus `model.<provider>.opt.json`,
     which holds the key the graph was built for (model.onnx's SHA-256, onnxruntime's version, the
     provider, the machine) and the graph's own SHA-256. Both files are written atomically; a
     graph that is stale, truncated, flipped or unreadable is rebuilt, never reported."""
@@ -104,33 +87,26 @@ class OnnxCache:
     current: int = 0
 
 
-class OnnxBackend(FromExport):
+class OnnxBackend(ExportBackend):
     name = "onnx"
-    export_format = "tformer-onnx"
+    traits = Traits(export_format="onnx")
 
-    def __init__(self, model: TransformerLM, device: torch.device, dtype: torch.dtype):
-        """Export `model` to the cache directory (first use only) and open it."""
-        from tformer.export.onnx import cached_export
+    @classmethod
+    def unavailable(cls, device: torch.device) -> str | None:
+        """A CUDA request never falls back to the CPU quietly: without onnxruntime-gpu it is refused."""
+        try:
+            ort = _ort()
+        except TformerError as exc:
+            return str(exc)
+        if device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            return "onnxruntime has no CUDA provider here: pip install onnxruntime-gpu, or use device='cpu' (CLI: --device cpu)"
+        return None
 
-        self._check_device(device)
-        self._open(*cached_export(model, dtype), device)
-
-    @staticmethod
-    def default_device() -> torch.device:
-        """CUDA when both torch and onnxruntime (onnxruntime-gpu) can use it, else the CPU."""
-        cuda = torch.cuda.is_available() and "CUDAExecutionProvider" in _ort().get_available_providers()
-        return torch.device("cuda" if cuda else "cpu")
-
-    def _check_device(self, device: torch.device) -> None:
-        provider_for(device)
-
-    def _open(self, directory: Path, meta: dict, device: torch.device) -> None:
+    def _open(self, directory: Path) -> None:
         ort = _ort()
-        self._adopt(directory, meta)
-        self.provider = provider_for(device)
-        self.device = device
-        self.attention = f"onnxruntime {ort.__version__} ({self.provider})"
-        self.session = self._session(ort, directory, meta["files"]["model.onnx"])
+        self.provider = "CUDAExecutionProvider" if self.device.type == "cuda" else "CPUExecutionProvider"
+        self.implementation = f"onnxruntime {ort.__version__} ({self.provider})"
+        self.session = self._session(ort, directory, self.meta["files"]["model.onnx"])
         if self.session.get_providers()[0] != self.provider:  # onnxruntime falls back to the CPU when CUDA fails
             raise TformerError(
                 f"onnxruntime could not start {self.provider} (see its log above); use device='cpu' (CLI: --device cpu)"
@@ -138,18 +114,18 @@ class OnnxBackend(FromExport):
         self._ort_device = ("cuda", self.device.index or 0) if self.device.type == "cuda" else ("cpu", 0)
 
     def _session(self, ort, directory: Path, graph_sha256: str):
-        """A session on the cached optimized graph when it is valid, else on model.onnx with full
-        optimization, saving the result as the cache (when the directory is writable)."""
-        cache = GraphCache(directory, self.provider, graph_sha256)
-        if cache.valid():
+        """A session on the stored optimized graph when it is valid, else on model.onnx with full
+        optimization, storing the result (when the directory is writable)."""
+        optimized = OptimizedGraph(directory, self.provider, graph_sha256)
+        if optimized.valid():
             try:
-                return self._new_session(ort, cache.graph, optimize=False)
-            except Exception:  # onnxruntime cannot read it after all: a cache, so rebuild it
+                return self._new_session(ort, optimized.graph, optimize=False)
+            except Exception:  # onnxruntime cannot read it after all: never an input, so rebuild it
                 pass
         graph = directory / "model.onnx"
         try:
-            return cache.rebuild(lambda tmp: self._new_session(ort, graph, optimize=True, save_to=tmp))
-        except OSError:  # read-only or full directory: run without the cache
+            return optimized.rebuild(lambda tmp: self._new_session(ort, graph, optimize=True, save_to=tmp))
+        except OSError:  # read-only or full directory: run without storing it
             return self._new_session(ort, graph, optimize=True)
 
     def _new_session(self, ort, graph: Path, optimize: bool, save_to: str | None = None):
@@ -183,12 +159,15 @@ class OnnxBackend(FromExport):
         P = cache.length
         if P + S > cache.max_len:
             raise TformerError(f"cache of {cache.max_len} slots is full")
-        positions = row_positions(input_pos, start)  # (B, S)
+        # A binding keeps only an address: every bound tensor must stay referenced until the run
+        # (a temporary `.contiguous()` copy would be freed and read after).
+        ids = input_ids.contiguous()  # (B, S)
+        positions = row_positions(input_pos, start).contiguous()  # (B, S)
         mask = (torch.arange(P + S, device=self.device)[None, :] >= start[:, None]).long()  # (B, P + S)
         logits = torch.empty(B, S, c.vocab_size, device=self.device, dtype=self.dtype)
         binding = self.session.io_binding()
-        self._bind(binding.bind_input, "input_ids", input_ids.contiguous())
-        self._bind(binding.bind_input, "position_ids", positions.contiguous())
+        self._bind(binding.bind_input, "input_ids", ids)
+        self._bind(binding.bind_input, "position_ids", positions)
         self._bind(binding.bind_input, "attention_mask", mask)
         shape_past = (B, c.nhead, P, c.head_dim)
         shape_present = (B, c.nhead, P + S, c.head_dim)

@@ -10,22 +10,27 @@ from __future__ import annotations
 
 import torch
 
-from tformer.errors import TformerError
+from tformer.backends.base import BackendBase
 from tformer.model import KVCache, TransformerLM, row_positions
 
 
-class TritonBackend:
+class TritonBackend(BackendBase):
     name = "triton"
-    attention = "tformer Triton kernels (fused causal prefill, split-K decode)"
+    implementation = "tformer Triton kernels (fused causal prefill, split-K decode)"
+
+    @classmethod
+    def unavailable(cls, device: torch.device) -> str | None:
+        try:
+            from tformer.kernels import launch
+        except ImportError:
+            return "the triton backend needs triton: pip install 'tformer[triton]'"
+        if device.type != "cuda" and not launch.INTERPRET:
+            return f"the triton backend needs a CUDA GPU (device is {device}); {launch.INTERPRET_HINT}"
+        return None
 
     def __init__(self, model: TransformerLM, device: torch.device, dtype: torch.dtype):
-        try:
-            from tformer import kernels
-            from tformer.kernels.launch import INTERPRET, INTERPRET_HINT
-        except ImportError:
-            raise TformerError("the triton backend needs triton: pip install 'tformer[triton]'") from None
-        if device.type != "cuda" and not INTERPRET:
-            raise TformerError(f"the triton backend needs a CUDA GPU (device is {device}); {INTERPRET_HINT}")
+        from tformer import kernels  # the factory has checked that triton is there
+
         self.kernels = kernels
         # Interpreted, it is correct but takes seconds per token: benchmarks list it, never time it.
         self.untimed = None if device.type == "cuda" else "runs under the Triton interpreter here (no GPU): a test mode"

@@ -13,12 +13,13 @@ import torch
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from tformer.bench.harness import ALL_BACKENDS, KNOWN_BACKENDS, run_benchmarks, versions
+from tformer.bench.harness import ALL_BACKENDS, run_benchmarks, versions
 from tformer.bench.kernels import IMPLS, KINDS, run_kernel_benchmarks
 from tformer.bench.report import print_kernel_table, print_table, require_matplotlib, write_csv, write_json, write_plot
 from tformer.checkpoint import load_model
 from tformer.cli import CliError, Command, Group
 from tformer.config import ModelConfig
+from tformer.files import keep_compiled_kernels_in_store
 from tformer.model import TransformerLM
 from tformer.runtime import resolve_device, resolve_dtype
 
@@ -44,6 +45,7 @@ def main() -> None:
     """Benchmarks. `tformer-bench [MODEL] [OPTIONS]` (the `generate` command) times generation
     backends side by side; `tformer-bench kernels` times tformer's Triton attention kernels
     against PyTorch's SDPA. `tformer-bench COMMAND --help` lists each one's options."""
+    keep_compiled_kernels_in_store()
 
 
 def _int_list(text: str) -> list[int]:
@@ -68,7 +70,7 @@ def _name_list(text: str, known: tuple[str, ...], what: str) -> list[str]:
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("--nhead", type=click.IntRange(min=1), help="Head count; required for a tutorial state_dict (.pt).")
 @click.option("--backends", default=",".join(ALL_BACKENDS), show_default=True,
-              help="Comma-separated rows, also 'aot'; 'naive' is the tutorial's full-recompute loop, 'hf' is HF generate.")
+              help="Comma-separated rows; 'naive' is the tutorial's full-recompute loop, 'hf' is HF generate.")
 @click.option("--batch-sizes", default="1,8", show_default=True, help="Comma-separated batch sizes, one row each.")
 @click.option("--prompt-len", default=32, show_default=True, help="Prompt tokens per row.")
 @click.option("--new-tokens", default=64, show_default=True, help="Tokens generated per row.")
@@ -92,7 +94,7 @@ def generate(model, nhead, backends, batch_sizes, prompt_len, new_tokens, device
     Each backend's greedy tokens are checked against eager first; a mismatch is flagged, never
     ranked. Backends that cannot run here are listed as skipped, with the reason.
     """
-    names = _name_list(backends, KNOWN_BACKENDS, "backend(s)")
+    names = _name_list(backends, ALL_BACKENDS, "backend(s)")
     sizes = _int_list(batch_sizes)
     if min(prompt_len, new_tokens, repeats) < 1 or warmup < 0:
         raise CliError("--prompt-len, --new-tokens and --repeats must be >= 1, --warmup >= 0")

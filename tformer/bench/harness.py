@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tformer.backends import BACKENDS, BASELINE, REFERENCE
 from tformer.bench.memory import PeakMemory
 from tformer.bench.stats import Spread, percentiles
 from tformer.checkpoint import save_checkpoint
@@ -35,9 +36,8 @@ from tformer.generate import SamplingParams, generate_tokens
 from tformer.model import TransformerLM
 from tformer.runtime import Runtime
 
-ALL_BACKENDS = ("eager", "compile", "onnx", "triton", "naive", "hf")  # the default rows
-KNOWN_BACKENDS = (*ALL_BACKENDS, "aot")  # aot compiles for ~half a minute per model: ask for it
-COMPILING = ("compile", "aot")  # setup compiles: timed as found (cold or warm caches), then warm
+HF_ROW = "hf"  # the peer row: HF transformers' generate, not a tformer backend
+ALL_BACKENDS = (*BACKENDS, HF_ROW)  # the default rows: every backend, then the peer
 CHECK_PROMPTS, CHECK_PROMPT_LEN, CHECK_NEW_TOKENS = 2, 8, 16
 
 # A generation to time: called with `tick`, which it must call once per step, after the step's
@@ -59,7 +59,8 @@ class Record:
     device: str = ""
     device_name: str = ""
     dtype: str = ""
-    attention: str = ""
+    implementation: str = ""  # what runs the step
+    notes: list[str] = field(default_factory=list)  # what the backend reported while running (e.g. CUDA graphs skipped)
     versions: dict[str, str | None] = field(default_factory=dict)
     repeats: int = 0
     warmup: int = 0
@@ -189,7 +190,8 @@ def benchmark_runtime(
         backend=backend.name, batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens, status="ok",
         device=backend.device.type, device_name=device_name(backend.device),
         dtype=str(backend.dtype).removeprefix("torch."),
-        attention=getattr(backend, "attention", ""), versions=versions(), repeats=repeats, warmup=warmup, **figures,
+        implementation=backend.implementation, notes=list(backend.notes), versions=versions(), repeats=repeats,
+        warmup=warmup, **figures,
     )  # fmt: skip
 
 
@@ -255,26 +257,26 @@ def run_benchmarks(
     note = progress or (lambda _: None)
     note("eager: setting up (also the reference for the correctness check)")
     began = time.perf_counter()
-    reference = build("eager")
+    reference = build(REFERENCE)
     eager_setup_s = time.perf_counter() - began
     records: list[Record] = []
     for name in backends:
-        if name == "hf":
+        if name == HF_ROW:
             records += _hf_records(hf_generation, model, batch_sizes, prompt_len, new_tokens, device, dtype,
                                    repeats, warmup, seed, note)  # fmt: skip
             continue
         began = time.perf_counter()
         try:
             note(f"{name}: setting up")
-            runtime = reference if name == "eager" else build(name)
+            runtime = reference if name == REFERENCE else build(name)
         except TformerError as exc:
             records += _skipped(name, batch_sizes, prompt_len, new_tokens, str(exc))
             continue
-        if getattr(runtime.backend, "untimed", None):  # runs, but timing it would mean nothing
+        if runtime.backend.untimed:  # runs, but timing it would mean nothing
             records += _skipped(name, batch_sizes, prompt_len, new_tokens, runtime.backend.untimed)
             continue
         mismatch = greedy_mismatch(runtime, reference, seed)  # compiling backends compile here too
-        setup_s = (eager_setup_s if name == "eager" else 0.0) + time.perf_counter() - began
+        setup_s = (eager_setup_s if name == REFERENCE else 0.0) + time.perf_counter() - began
         rows = []
         for batch in batch_sizes:
             record = benchmark_runtime(runtime, batch, prompt_len, new_tokens, repeats, warmup, seed,
@@ -283,7 +285,7 @@ def run_benchmarks(
             if mismatch:
                 record.status, record.reason = "mismatch", mismatch
             rows.append(record)
-        if warm_setup and name in COMPILING and not custom_build:
+        if warm_setup and runtime.backend.traits.compiles and not custom_build:
             note(f"{name}: setting up again in a second process, with the compile caches now warm")
             warm = warm_setup_seconds(model, name, device, dtype)
             for record in rows:
@@ -296,21 +298,21 @@ def run_benchmarks(
 def _hf_records(hf_generation, model, batch_sizes, prompt_len, new_tokens, device, dtype, repeats, warmup, seed, note):
     began = time.perf_counter()
     try:
-        note("hf: setting up")
-        make_run, attention, version = hf_generation(model.config, prompt_len + new_tokens, device, dtype)
+        note(f"{HF_ROW}: setting up")
+        make_run, implementation, version = hf_generation(model.config, prompt_len + new_tokens, device, dtype)
     except TformerError as exc:
-        return _skipped("hf", batch_sizes, prompt_len, new_tokens, str(exc))
+        return _skipped(HF_ROW, batch_sizes, prompt_len, new_tokens, str(exc))
     setup_s = time.perf_counter() - began
     records = []
     for batch in batch_sizes:
         prompts = make_prompts(model.config.vocab_size, batch, prompt_len, seed)
         figures = time_generation(make_run(prompts, new_tokens), batch, new_tokens, repeats, warmup, device,
-                                  lambda what: note(f"hf  batch {batch}  {what}"))  # fmt: skip
+                                  lambda what: note(f"{HF_ROW}  batch {batch}  {what}"))  # fmt: skip
         records.append(Record(
-            backend="hf", batch_size=batch, prompt_len=prompt_len, new_tokens=new_tokens, status="ok",
+            backend=HF_ROW, batch_size=batch, prompt_len=prompt_len, new_tokens=new_tokens, status="ok",
             reason=f"transformers {version} GPT2LMHeadModel.generate, same sizes, random weights (tokens not comparable)",
             device=device.type, device_name=device_name(device), dtype=str(dtype).removeprefix("torch."),
-            attention=attention, versions=versions(), repeats=repeats, warmup=warmup, setup_s=setup_s, **figures,
+            implementation=implementation, versions=versions(), repeats=repeats, warmup=warmup, setup_s=setup_s, **figures,
         ))  # fmt: skip
     return records
 
@@ -327,6 +329,6 @@ def _fill_ratios(records: list[Record]) -> None:
     for r in records:
         if r.e2e_tok_s is None:
             continue
-        naive, eager = e2e("naive", r.batch_size), e2e("eager", r.batch_size)
+        naive, eager = e2e(BASELINE, r.batch_size), e2e(REFERENCE, r.batch_size)
         r.vs_naive = r.e2e_tok_s.median / naive if naive else None
         r.vs_eager = r.e2e_tok_s.median / eager if eager else None

@@ -17,7 +17,7 @@ from tformer.errors import TformerError
 
 
 def hf_generation(config: ModelConfig, max_positions: int, device: torch.device, dtype: torch.dtype):
-    """(make_run(prompts, new_tokens) -> timed generation, attention implementation, transformers
+    """(make_run(prompts, new_tokens) -> timed generation, what runs it, transformers
     version). Raises TformerError when transformers is not installed."""
     try:
         import transformers
@@ -59,5 +59,5 @@ def hf_generation(config: ModelConfig, max_positions: int, device: torch.device,
 
         return run
 
-    attention = f"HF GPT-2 ({getattr(model.config, '_attn_implementation', 'eager')})"
-    return make_run, attention, transformers.__version__
+    implementation = f"HF GPT-2 ({getattr(model.config, '_attn_implementation', 'eager')} attention)"
+    return make_run, implementation, transformers.__version__

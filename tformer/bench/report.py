@@ -54,8 +54,10 @@ def print_table(records: Sequence[Record], title: str, console: Console | None =
             console.print(f"[red]! {r.backend} batch {r.batch_size}: {r.reason}; its figures are not ranked[/red]")
     for r in {r.backend: r for r in timed if r.warm_setup_s is not None}.values():
         console.print(f"{r.backend}: setup {_num(r.setup_s)} s as found here, {_num(r.warm_setup_s)} s in a second process (warm caches)")
-    for name, attention in dict.fromkeys((r.backend, r.attention) for r in timed if r.attention):
-        console.print(f"{name} runs {attention}")
+    for name, implementation in dict.fromkeys((r.backend, r.implementation) for r in timed if r.implementation):
+        console.print(f"{name} runs {implementation}")
+    for name, note in dict.fromkeys((r.backend, n) for r in timed for n in r.notes):
+        console.print(f"[yellow]{name}: {note}[/yellow]")
     for name, reason in dict.fromkeys((r.backend, r.reason) for r in records if r.status == "skipped"):
         console.print(f"skipped {name}: {reason}")
     console.print(f"memory: {next((r.mem_source for r in timed), '-')}; warm-up s = setup (build, export, compile, correctness check) + untimed warm-up runs")

@@ -23,72 +23,17 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 import os
-import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tformer.config import ModelConfig
 from tformer.errors import TformerError
-from tformer.export.artifact import EMBEDDED, FORMAT_VERSION, TOLERANCE, file_sha256
+from tformer.export.formats import EMBEDDED, FIELDS, FORMATS, format_named, is_number
+from tformer.files import file_sha256
 
 FIX = "re-export it (tformer-export --force)"
-EXPORT_DTYPES = [str(d).removeprefix("torch.") for d in TOLERANCE]  # the dtypes an export can have
-
-Check = tuple[Callable[[Any], bool], str]  # a field's test, and what it must be (for the message)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _is_sha256(v: Any) -> bool:
-    return isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v) is not None
-
-
-def _is_file_name(v: Any) -> bool:
-    """A plain name inside the directory: `files` must not point anywhere else."""
-    return isinstance(v, str) and v == Path(v).name and not v.startswith(".") and v != "tformer.json"
-
-
-@dataclass(frozen=True)
-class Format:
-    artifact: str  # the file its backend runs
-    # defines contract(config, dtype) -> {"inputs": ..., "outputs": ...} (the tformer.json fields)
-    # and check_artifact(path, meta): read the artifact, `check_embedded`, and the format's own checks
-    module: str
-    fields: dict[str, Check] = field(default_factory=dict)  # its own tformer.json fields
-
-
-FORMATS = {
-    "tformer-onnx": Format(
-        "model.onnx", "tformer.export.onnx", {"opset": (lambda v: _is_int(v) and v > 0, "a positive integer")}
-    ),
-    "tformer-pt2": Format("model.pt2", "tformer.export.pt2"),
-}  # fmt: skip
-
-# The fields every format has (after format and format_version), in the order they are checked.
-FIELDS: dict[str, Check] = {
-    "config": (lambda v: isinstance(v, dict), "an object"),
-    "dtype": (lambda v: v in EXPORT_DTYPES, " or ".join(map(repr, EXPORT_DTYPES))),
-    "weights_sha256": (_is_sha256, "a SHA-256 (64 lowercase hex digits)"),
-    "files": (lambda v: isinstance(v, dict) and all(_is_file_name(k) and _is_sha256(h) for k, h in v.items()),
-              "an object of file name -> SHA-256"),
-    "tokenizer": (lambda v: isinstance(v, bool), "true or false"),
-    "inputs": (lambda v: isinstance(v, list), "a list"),
-    "outputs": (lambda v: isinstance(v, list), "a list"),
-    "exporter": (lambda v: isinstance(v, str), "a string"),
-    "versions": (lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()), "an object of strings"),
-    "export_seconds": (lambda v: _is_number(v) and v >= 0, "a number of seconds"),
-    "validation": (lambda v: v is None or isinstance(v, dict), "null or an object"),
-}  # fmt: skip
 
 
 def read_meta(directory: str | os.PathLike) -> dict:
@@ -127,7 +72,7 @@ def verified_meta(directory: str | os.PathLike) -> dict:
             raise TformerError(f"{path}: cannot read it ({exc.strerror or exc})") from None
         if actual != digest:
             raise TformerError(f"{path} does not match the SHA-256 recorded in tformer.json (changed since export); {FIX}")
-    fmt = FORMATS[meta["format"]]
+    fmt = format_named(meta["format"])
     module = importlib.import_module(fmt.module)
     module.check_artifact(directory / fmt.artifact, meta)
     contract = module.contract(ModelConfig.from_dict(meta["config"]), meta["dtype"])
@@ -174,25 +119,26 @@ def _check_schema(meta: dict, path: Path) -> None:
     for name in ("format", "format_version"):  # first: they decide which schema applies
         if name not in meta:
             raise bad(name, "is missing")
-    fmt, version = meta["format"], meta["format_version"]
-    if not isinstance(fmt, str) or fmt not in FORMATS:
-        raise bad("format", f"must be one of {', '.join(FORMATS)}, not {_short(fmt)}")
-    if not _is_int(version):
+    fmt, version = format_named(meta["format"]), meta["format_version"]
+    if fmt is None:
+        names = ", ".join(f.name for f in FORMATS.values())
+        raise bad("format", f"must be one of {names}, not {_short(meta['format'])}")
+    if not isinstance(version, int) or isinstance(version, bool):
         raise bad("format_version", f"must be an integer, not {_short(version)}")
-    if version < FORMAT_VERSION:
-        raise TformerError(f"{path}: export format version {version} is older than this tformer's ({FORMAT_VERSION}); {FIX}")
-    if version > FORMAT_VERSION:
+    if version < fmt.version:
+        raise TformerError(f"{path}: export format version {version} is older than this tformer's ({fmt.version}); {FIX}")
+    if version > fmt.version:
         raise TformerError(f"{path}: written by a newer tformer (export format version {version}); upgrade tformer")
-    schema = {**FIELDS, **FORMATS[fmt].fields}
+    schema = {**FIELDS, **fmt.fields}
     for name in meta.keys() - schema.keys() - {"format", "format_version"}:
-        raise bad(name, f"is not part of export format version {FORMAT_VERSION}")
+        raise bad(name, f"is not part of export format version {fmt.version}")
     for name, (check, what) in schema.items():
         if name not in meta:
             raise bad(name, "is missing")
         if not check(meta[name]):
             raise bad(name, f"must be {what}, not {_short(meta[name])}")
     _check_config(meta["config"], bad)
-    files, artifact = meta["files"], FORMATS[fmt].artifact
+    files, artifact = meta["files"], fmt.artifact
     if artifact not in files:
         raise bad("files", f"lacks {artifact}")
     if ("tokenizer.json" in files) != meta["tokenizer"]:
@@ -208,7 +154,7 @@ def _check_config(config: dict, bad: Callable[[str, str], TformerError]) -> None
         raise bad(f"config.{name}", "is missing")
     for name in config.keys() - names:
         raise bad(f"config.{name}", "is not a model setting")
-    if not _is_number(config["dropout"]):
+    if not is_number(config["dropout"]):
         raise bad("config.dropout", f"must be a number, not {_short(config['dropout'])}")
     try:
         ModelConfig(**config)

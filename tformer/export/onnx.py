@@ -1,4 +1,4 @@
-"""ONNX export with a KV cache: one graph for prefill and decode, validated against PyTorch.
+"""The ONNX format's own part of an export: one graph for prefill and decode with a KV cache.
 
 The graph's inputs and outputs are the public contract that apps in any language code against
 (also written to `tformer.json` and the README):
@@ -20,25 +20,18 @@ compares with `tformer.json` (see `tformer.export.integrity`).
 from __future__ import annotations
 
 import logging
-import os
-import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from tformer.config import ModelConfig
 from tformer.errors import TformerError, one_line
+from tformer.export.integrity import FIX, check_embedded
+from tformer.export.writer import Step
 from tformer.inputs import as_int
-from tformer.export.artifact import base_meta, cache_dir, embedded_metadata, export_copy, file_hashes, write_meta
-from tformer.export.integrity import FIX, check_embedded, verified_or_rebuilt
-from tformer.files import atomic_directory
 from tformer.model import TransformerLM, attention_bias
-from tformer.tokenizer import Tokenizer
 
-FORMAT_NAME = "tformer-onnx"
 DEFAULT_OPSET = 18
 # Opsets that export and validate here (torch 2.13, onnxruntime 1.32). Below 17 the exporter
 # quietly emits 18 (or fails in onnx's version converter); at 23 and 24 it emits ONNX's Attention
@@ -72,12 +65,8 @@ class GrowingCache:
         return present
 
 
-class OnnxStep(nn.Module):
+class OnnxStep(Step):
     """`TransformerLM` with HF-style cache inputs and outputs: the module that is exported."""
-
-    def __init__(self, model: TransformerLM):
-        super().__init__()
-        self.model = model
 
     def forward(self, input_ids, position_ids, attention_mask, past):
         S = input_ids.shape[1]
@@ -90,72 +79,37 @@ class OnnxStep(nn.Module):
         return logits, tuple(cache.present)
 
 
-def example_inputs(model: TransformerLM, batch: int, seq: int, past: int, padded_rows: int = 0, seed: int = 0):
-    """Inputs of the contract: random ids, `padded_rows` rows left-padded by 3, random past K/V."""
+def example_inputs(model: TransformerLM):
+    """Inputs of the contract to trace with: batch 1, one new token, no past."""
     c, dtype = model.config, model.decoder.weight.dtype
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, c.vocab_size, (batch, seq), generator=g)
-    mask = torch.ones(batch, past + seq, dtype=torch.long)
-    mask[:padded_rows, : min(3, past + seq - 1)] = 0
-    positions = (mask.cumsum(1) - 1).clamp(min=0)[:, past:]  # position of each new token in its row
+    def empty() -> torch.Tensor:  # a fresh tensor each: inputs that alias one tensor are traced as one
+        return torch.zeros(1, c.nhead, 0, c.head_dim, dtype=dtype)
 
-    def kv() -> torch.Tensor:
-        return (0.5 * torch.randn(batch, c.nhead, past, c.head_dim, generator=g)).to(dtype)
-
-    return ids, positions, mask, tuple((kv(), kv()) for _ in range(c.n_layers))
+    past = tuple((empty(), empty()) for _ in range(c.n_layers))
+    return torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.long), past
 
 
-def export_onnx(
-    model: TransformerLM,
-    out_dir: str | os.PathLike,
-    tokenizer: Tokenizer | None = None,
-    opset: int = DEFAULT_OPSET,
-    dtype: torch.dtype = torch.float32,
-    validate: bool = True,
-    force: bool = False,
-    log: Callable[[str], None] = lambda _: None,
-    device: torch.device = torch.device("cpu"),
-) -> dict:
-    """Write `model.onnx`, `tokenizer.json` (when given) and `tformer.json` into `out_dir`.
-
-    The graph is traced on the CPU (it does not depend on the device); `device` is where
-    validation runs PyTorch and onnxruntime (CUDA: onnxruntime-gpu's CUDA provider).
-
-    The directory appears complete or not at all; an existing one needs `force`. Validation
-    (default on) runs `onnx.checker` and onnxruntime against PyTorch; a failure raises
-    TformerError naming the shape. Returns the `tformer.json` metadata.
-    """
-    import onnx  # noqa: F401  (the exporter needs onnx and onnxscript: fail early and clearly)
+def write_artifact(model: TransformerLM, path: Path, embedded: dict[str, str], log, opset: int = DEFAULT_OPSET) -> dict:
+    """Trace `model` (CPU, in its dtype) into `path` with `embedded` in its `metadata_props`, and
+    check it with `onnx.checker`; returns the format's own tformer.json fields."""
+    import onnx  # the exporter needs onnx and onnxscript: fail early and clearly
 
     opset = as_int("opset", opset)
     if opset not in OPSETS:
         raise TformerError(f"opset {opset} is not supported; use {OPSETS.start} to {OPSETS.stop - 1} (default {DEFAULT_OPSET})")
-    model = export_copy(model, dtype)
-    meta = base_meta(FORMAT_NAME, model)
-    with atomic_directory(out_dir, force) as tmp:
-        began = time.perf_counter()
-        log(f"exporting with torch.onnx.export(dynamo=True), opset {opset}, {meta['dtype']}")
-        _export(model, tmp / "model.onnx", opset, embedded_metadata(meta))
-        export_s = time.perf_counter() - began
-        if tokenizer is not None:
-            tokenizer.save(tmp / "tokenizer.json")
-        meta.update(
-            opset=opset,
-            **contract(model.config, meta["dtype"]),
-            tokenizer=tokenizer is not None,
-            exporter="torch.onnx.export(dynamo=True)",
-            versions=_versions(),
-            export_seconds=round(export_s, 1),
-            files=file_hashes(tmp),
-            validation=None,
-        )
-        write_meta(tmp, meta)
-        if validate:
-            from tformer.export.validate import validate_onnx
+    log(f"exporting with torch.onnx.export(dynamo=True), opset {opset}, {str(model.decoder.weight.dtype).removeprefix('torch.')}")
+    _export(model, path, opset, embedded)
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # onnx's ValidationError and friends
+        raise TformerError(f"the exported graph fails onnx.checker ({one_line(exc)})") from None
+    return {"opset": opset, "exporter": "torch.onnx.export(dynamo=True)", "versions": _versions()}
 
-            meta["validation"] = {"device": device.type, **validate_onnx(tmp, model, log, device)}
-            write_meta(tmp, meta)
-    return meta
+
+def validation_checks(path: Path) -> dict:
+    """What validation reports about the graph beyond comparing logits (it passed onnx.checker
+    when it was written, and its hash has been verified since)."""
+    return {"checker": "ok"}
 
 
 def _export(model: TransformerLM, path: Path, opset: int, metadata: dict[str, str]) -> None:
@@ -176,7 +130,7 @@ def _export(model: TransformerLM, path: Path, opset: int, metadata: dict[str, st
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                OnnxStep(model).eval(), example_inputs(model, 1, 1, 0), dynamo=True, dynamic_shapes=dynamic,
+                OnnxStep(model).eval(), example_inputs(model), dynamo=True, dynamic_shapes=dynamic,
                 input_names=input_names(c.n_layers), output_names=output_names(c.n_layers), opset_version=opset,
                 verbose=False,
             )  # fmt: skip
@@ -247,18 +201,3 @@ def _versions() -> dict[str, str]:
     import onnxscript
 
     return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxscript": onnxscript.__version__}
-
-
-def cached_export(
-    model: TransformerLM, dtype: torch.dtype, log: Callable[[str], None] = lambda _: None
-) -> tuple[Path, dict]:
-    """An export of `model` in the cache directory and its verified metadata: made on first use
-    (or when the cached one fails verification), reused while the weights, dtype and versions are
-    the same."""
-    directory = cache_dir(model, dtype, "onnx")
-
-    def export() -> None:
-        log(f"exporting to {directory} (first use of these weights)")
-        export_onnx(model, directory, dtype=dtype, validate=False, force=True)
-
-    return directory, verified_or_rebuilt(directory, export)
