@@ -15,6 +15,8 @@ from click.testing import CliRunner
 from tformer.bench import gpupass
 from tformer.bench.cli import main as bench
 from tformer.bench.gpupass import GPU, PARTS, Step, run_step, steps
+from tformer.bench.gpureport import Report
+from tformer.errors import TformerError
 
 from conftest import CUDA
 
@@ -135,15 +137,21 @@ def test_without_a_gpu_the_pass_says_to_dry_run(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_bad_parts_and_a_foreign_report_are_one_line_errors(tmp_path):
+def test_bad_parts_are_a_one_line_error(tmp_path):
     result = CliRunner().invoke(bench, ["gpu-pass", "--dry-run", "--part", "tests,bench", "--out", str(tmp_path)])
-    assert result.exit_code == 2 and "unknown part(s) bench; choose from tests,bench-fp32,bench-bf16,kernels" in result.output
-    if CUDA:
-        return  # a dry run on a GPU writes no report to collide with
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "unknown part(s) bench; choose from tests,bench-fp32,bench-bf16,kernels" in result.output
+
+
+def test_a_file_that_is_not_a_report_is_left_alone(tmp_path):
+    today = datetime.date.today()
     (tmp_path / f"{STEM}.json").write_text('{"records": []}')
-    result = CliRunner().invoke(bench, ["gpu-pass", "--dry-run", "--part", "kernels", "--out", str(tmp_path)])
-    assert result.exit_code == 2 and f"{STEM}.json: not a GPU-pass report" in result.output
-    assert "Traceback" not in result.output and (tmp_path / f"{STEM}.json").read_text() == '{"records": []}'
+    with pytest.raises(TformerError, match=f"{STEM}.json: not a GPU-pass report of format 1; move it away"):
+        Report(tmp_path, today, "dry-run", PARTS, dry_run=True)
+    (tmp_path / f"{STEM}.json").write_text('{"kind": "tformer GPU pass", "format')
+    with pytest.raises(TformerError, match=f"{STEM}.json: cannot read it as a report"):
+        Report(tmp_path, today, "dry-run", PARTS, dry_run=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{STEM}.json"]
 
 
 @pytest.mark.cuda
