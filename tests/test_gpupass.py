@@ -143,7 +143,7 @@ def test_bad_parts_are_a_one_line_error(tmp_path):
     assert "unknown part(s) bench; choose from tests,bench-fp32,bench-bf16,kernels" in result.output
 
 
-def test_a_file_that_is_not_a_report_is_left_alone(tmp_path):
+def test_a_report_that_cannot_be_read_or_written_is_refused_up_front(tmp_path):
     today = datetime.date.today()
     (tmp_path / f"{STEM}.json").write_text('{"records": []}')
     with pytest.raises(TformerError, match=f"{STEM}.json: not a GPU-pass report of format 1; move it away"):
@@ -152,6 +152,8 @@ def test_a_file_that_is_not_a_report_is_left_alone(tmp_path):
     with pytest.raises(TformerError, match=f"{STEM}.json: cannot read it as a report"):
         Report(tmp_path, today, "dry-run", PARTS, dry_run=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{STEM}.json"]
+    with pytest.raises(TformerError, match="is a file, not a folder"):  # before any step runs
+        Report(tmp_path / f"{STEM}.json" / "out", today, "dry-run", PARTS, dry_run=True)
 
 
 @pytest.mark.cuda

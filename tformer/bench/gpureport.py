@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from tformer.errors import TformerError
-from tformer.files import atomic_path
+from tformer.files import atomic_path, check_writable
 
 FORMAT_VERSION = 1
 KIND = "tformer GPU pass"
@@ -37,6 +37,7 @@ class Report:
         self.json_path = folder / f"{stem}.json"
         self.md_path = folder / f"{stem}.md"
         self.parts = dict(parts)
+        check_writable(self.md_path)  # now, not after the first step's minutes
         self.data = self._read() if self.json_path.exists() else {
             "kind": KIND, "format_version": FORMAT_VERSION, "date": date.isoformat(), "device": device,
             "dry_run": dry_run, "created": _now(), "parts": {}}  # fmt: skip
@@ -62,7 +63,6 @@ class Report:
         self.write()
 
     def write(self) -> None:
-        self.json_path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.json_path) as tmp:
             Path(tmp).write_text(json.dumps(self.data, indent=1), encoding="utf-8")
         with atomic_path(self.md_path) as tmp:
