@@ -1,4 +1,5 @@
-"""Shared fixtures: the tutorial's own model as the reference, and one tiny trained model."""
+"""Shared fixtures: the tutorial's own model as the reference, one tiny trained model, and the
+`device` cases of tests that run on a CUDA GPU too."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # before anything imports triton: its kernels then run on the CPU, interpreted
+CUDA = torch.cuda.is_available()
+if not CUDA:  # before anything imports triton: its kernels then run on the CPU, interpreted
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tformer.config import ModelConfig
@@ -16,6 +18,17 @@ from tformer.reference import TransformerModel
 from tformer.train import TrainConfig, default_corpus, read_corpus, train
 
 TINY = ModelConfig(vocab_size=61, d_model=32, nhead=4, d_ff=64, n_layers=2)
+
+
+def cuda_case(unavailable: str | None = None):
+    """The "cuda" case of a `device` parametrization. Marked `cuda`, which is how the GPU pass
+    (`tformer-bench gpu-pass`) selects these tests (`pytest -m cuda`); skipped, with the reason,
+    where there is no GPU or where `unavailable` says what else it lacks here."""
+    reason = "no CUDA GPU here" if not CUDA else unavailable
+    return pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(reason is not None, reason=str(reason))])
+
+
+DEVICES = ["cpu", cuda_case()]  # @pytest.mark.parametrize("device", DEVICES): the CPU always, CUDA where there is one
 
 
 def make_reference_model(config: ModelConfig = TINY, seed: int = 0) -> TransformerModel:

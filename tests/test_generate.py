@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -14,6 +15,8 @@ from tformer.model import TransformerLM
 from tformer.runtime import Runtime
 from tformer.reference import TransformerModel, generate_full_recompute
 
+from conftest import DEVICES
+
 
 def stock_copy(model) -> TransformerModel:
     c = model.config
@@ -25,9 +28,11 @@ def stock_copy(model) -> TransformerModel:
     return ref.eval()
 
 
-def test_cached_greedy_equals_full_recompute(trained):
+@pytest.mark.parametrize("device", DEVICES)
+def test_cached_greedy_equals_full_recompute(trained, device):
+    """Eager on `device` against the tutorial's own loop on the CPU."""
     model, tokenizer = trained
-    runtime = Runtime.from_model(model, device="cpu")
+    runtime = Runtime.from_model(copy.deepcopy(model), device=device)  # a copy: the shared model stays on the CPU
     ref = stock_copy(model)
     for text in ("def ", "import os\nclass "):
         prompt = tokenizer.encode(text)
@@ -36,13 +41,27 @@ def test_cached_greedy_equals_full_recompute(trained):
         assert len(set(ours)) >= 5, "degenerate output would make this comparison meaningless"
 
 
-def test_batched_with_padding_equals_one_by_one(trained):
+@pytest.mark.parametrize("device", DEVICES)
+def test_batched_with_padding_equals_one_by_one(trained, device):
     model, tokenizer = trained
-    runtime = Runtime.from_model(model, device="cpu")
+    runtime = Runtime.from_model(copy.deepcopy(model), device=device)
     prompts = [tokenizer.encode(t) for t in ("x", "    def __init__(self, ", "import sys\nfrom os import path\n")]
     assert len({len(p) for p in prompts}) == 3
     batched = runtime.generate_ids(prompts, max_new_tokens=40, temperature=0)
     assert batched == [runtime.generate_ids([p], max_new_tokens=40, temperature=0)[0] for p in prompts]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_naive_backend_greedy_equals_eager(trained, device):
+    """The tutorial's loop as a backend (no padding mask: prompts of one length) against eager."""
+    model, tokenizer = trained
+    prompts = [tokenizer.encode(t)[:6] for t in ("import sys\nfrom os import path\n", "    def __init__(self, ")]
+    assert [len(p) for p in prompts] == [6, 6] and prompts[0] != prompts[1]
+    naive = Runtime.from_model(copy.deepcopy(model), backend="naive", device=device)
+    eager = Runtime.from_model(copy.deepcopy(model), device=device)
+    ours = naive.generate_ids(prompts, max_new_tokens=30, temperature=0)
+    assert ours == eager.generate_ids(prompts, max_new_tokens=30, temperature=0)
+    assert all(len(set(row)) >= 5 for row in ours)
 
 
 def test_seed_makes_sampling_reproducible(trained):

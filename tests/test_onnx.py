@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -18,9 +19,12 @@ from tformer.export.onnx import input_names, output_names
 from tformer.exporter import export_model
 from tformer.runtime import Runtime
 
-from conftest import TINY
+from conftest import TINY, cuda_case
 
 ort = pytest.importorskip("onnxruntime")
+
+NO_PROVIDER = "onnxruntime has no CUDA provider here (pip install onnxruntime-gpu)"
+DEVICES = ["cpu", cuda_case(None if "CUDAExecutionProvider" in ort.get_available_providers() else NO_PROVIDER)]
 
 
 @pytest.fixture(scope="module")
@@ -87,17 +91,19 @@ def test_exported_graph_matches_the_stock_encoder(tutorial_export):
         assert np.abs(logits[:, 0] - expected[:, t]).max() <= 1e-4, f"decode step {t}"
 
 
-def test_onnx_backend_greedy_equals_eager_batched_padded_64_steps(trained, trained_export):
+@pytest.mark.parametrize("device", DEVICES)
+def test_onnx_backend_greedy_equals_eager_batched_padded_64_steps(trained, trained_export, device):
     model, tokenizer = trained
-    runtime = tformer.load(trained_export, device="cpu")
+    runtime = tformer.load(trained_export, device=device)
     assert runtime.backend.name == "onnx" and runtime.tokenizer is not None  # tokenizer.json came along
+    assert runtime.backend.device.type == device
     prompts = [tokenizer.encode(t) for t in ("x", "    def __init__(self, ", "import sys\nfrom os import path\n")]
     ours = runtime.generate_ids(prompts, max_new_tokens=64, temperature=0)
-    eager = Runtime.from_model(model, device="cpu").generate_ids(prompts, max_new_tokens=64, temperature=0)
+    eager = Runtime.from_model(copy.deepcopy(model), device=device).generate_ids(prompts, max_new_tokens=64, temperature=0)
     assert ours == eager
     assert all(len(set(row)) >= 5 for row in ours)
     assert runtime.generate("def ", max_new_tokens=20, temperature=0) == Runtime.from_model(
-        model, tokenizer, device="cpu"
+        copy.deepcopy(model), tokenizer, device=device
     ).generate("def ", max_new_tokens=20, temperature=0)
 
 
@@ -160,14 +166,18 @@ def test_export_directory_runs_only_on_onnx(tutorial_export):
         tformer.load(tutorial_export[1], backend="eager")
 
 
-def test_fp16_export_validates_at_its_own_tolerance(tmp_path, reference_model):
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp16_export_validates_at_its_own_tolerance(tmp_path, reference_model, device):
+    """Validated (logits against PyTorch in fp16, then greedy tokens) and run on `device`."""
     from conftest import tformer_copy
 
-    meta = export_model(tformer_copy(reference_model), tmp_path / "fp16", "onnx", dtype=torch.float16)
+    meta = export_model(tformer_copy(reference_model), tmp_path / "fp16", "onnx", dtype=torch.float16,
+                        device=torch.device(device))  # fmt: skip
     assert meta["dtype"] == "float16" and meta["inputs"][3]["dtype"] == "float16"
+    assert meta["validation"]["device"] == device and meta["validation"]["greedy"]["identical"]
     assert all(r["ok"] and r["tolerance"] == exporter.TOLERANCE[torch.float16] for r in meta["validation"]["shapes"])
-    runtime = tformer.load(tmp_path / "fp16", device="cpu")
-    assert runtime.backend.dtype == torch.float16
+    runtime = tformer.load(tmp_path / "fp16", device=device)
+    assert runtime.backend.dtype == torch.float16 and runtime.backend.device.type == device
     assert len(runtime.generate_ids([[1, 2, 3], [4]], max_new_tokens=6)[1]) == 6
     with pytest.raises(TformerError, match="was exported as torch.float16"):
         tformer.load(tmp_path / "fp16", device="cpu", dtype="fp32")

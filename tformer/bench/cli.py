@@ -1,5 +1,5 @@
 """`tformer-bench`: which backend wins for this model on this machine; `tformer-bench kernels`:
-our attention kernels against SDPA."""
+our attention kernels against SDPA; `tformer-bench gpu-pass`: everything that needs a GPU, one report."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ import contextlib
 import platform
 import sys
 import time
+from pathlib import Path
 
 import click
 import torch
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from tformer.bench.gpupass import PARTS, TIME_LIMIT_S, run_gpu_pass
 from tformer.bench.harness import ALL_BACKENDS, run_benchmarks, versions
 from tformer.bench.kernels import IMPLS, KINDS, run_kernel_benchmarks
 from tformer.bench.report import print_kernel_table, print_table, require_matplotlib, write_csv, write_json, write_plot
@@ -44,7 +46,8 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
 def main() -> None:
     """Benchmarks. `tformer-bench [MODEL] [OPTIONS]` (the `generate` command) times generation
     backends side by side; `tformer-bench kernels` times tformer's Triton attention kernels
-    against PyTorch's SDPA. `tformer-bench COMMAND --help` lists each one's options."""
+    against PyTorch's SDPA; `tformer-bench gpu-pass` runs the CUDA tests and both benchmarks on a
+    GPU into one dated report. `tformer-bench COMMAND --help` lists each one's options."""
     keep_compiled_kernels_in_store()
 
 
@@ -179,6 +182,31 @@ def kernels(kinds, batches, heads, seqs, head_dims, dtypes, impls, device, seed,
         write_json(json_path, records, meta)
     if csv_path:
         write_csv(csv_path, records)
+
+
+@main.command("gpu-pass", cls=Command, context_settings=CONTEXT)
+@click.option("--part", "parts", default="all", show_default=True,
+              help=f"Comma-separated parts, run in this order: {','.join(PARTS)}; or all.")
+@click.option("--out", default="docs/benchmarks", show_default=True, type=click.Path(file_okay=False),
+              help="Folder of the report, YYYY-MM-DD-gpu-DEVICE.md and .json.")
+@click.option("--time-limit", default=TIME_LIMIT_S, show_default=True, type=click.IntRange(min=0),
+              help="Seconds for this command (0 = none): a step still running then is stopped, later ones are not run, "
+                   "and the report is written.")  # fmt: skip
+@click.option("--dry-run", is_flag=True,
+              help="Print what the pass runs; without a GPU, also run a tiny CPU stand-in of each step (report: DATE-gpu-dry-run).")  # fmt: skip
+def gpu_pass(parts, out, time_limit, dry_run) -> None:
+    """Run everything that needs a CUDA GPU and write one dated report (markdown and JSON).
+
+    Parts: the tests' CUDA cases (pytest -m cuda); tformer-bench, every backend, at fp32 and at
+    bf16 (batch 1, 8, 32; prompt 128 and 1024); tformer-bench kernels (prefill and decode against
+    SDPA, seq 1k-16k, head dim 64 and 128). Each part is sized for one 10-minute command, and
+    each adds its section to the same report (a part run again replaces its own). Exit status 1
+    when a step failed, timed out, was not run or flagged a mismatch.
+    """
+    names = list(PARTS) if parts.strip() == "all" else _name_list(parts, tuple(PARTS), "part(s)")
+    ordered = [name for name in PARTS if name in names]
+    if not run_gpu_pass(ordered, Path(out), time_limit or None, dry_run, click.echo):
+        click.get_current_context().exit(1)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,165 @@
+"""`tformer-bench gpu-pass`: its CPU dry run for real (every part's stand-in, the report they
+write), the time limit, a part run again, and bad input. On a GPU the dry run only prints."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tformer.bench import gpupass
+from tformer.bench.cli import main as bench
+from tformer.bench.gpupass import GPU, PARTS, Step, run_step, steps
+from tformer.bench.gpureport import Report
+from tformer.errors import TformerError
+
+from conftest import CUDA
+
+STEM = f"{datetime.date.today().isoformat()}-gpu-dry-run"
+CUDA_TEST_FILES = ("test_model.py", "test_generate.py", "test_compile.py", "test_onnx.py", "test_kernels.py")
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    """The whole pass, dry, on this CPU: (CliRunner result, report folder)."""
+    if CUDA:
+        pytest.skip("on a GPU the dry run only prints (test_dry_run_on_a_gpu_only_prints)")
+    out = tmp_path_factory.mktemp("benchmarks")
+    return CliRunner().invoke(bench, ["gpu-pass", "--dry-run", "--out", str(out)]), out
+
+
+def test_dry_run_prints_the_gpu_steps_and_runs_their_stand_ins(dry_run):
+    result, out = dry_run
+    assert result.exit_code == 0, result.output
+    for part in PARTS:
+        for step in steps(part, GPU):
+            assert f"[{part}] {step.command}" in result.output
+            assert "--device cpu" not in step.command and "TRITON_INTERPRET" not in step.command
+    assert "--device cuda --dtype bf16 --prompt-len 1024 --batch-sizes 1,8,32" in result.output
+    assert "--kinds decode --device cuda --batch 1,8 --heads 16 --seq 1024,2048,4096,8192,16384 --head-dim 64,128" in result.output
+    assert f"report: {out / STEM}.md" in result.output
+    assert sorted(p.name for p in out.iterdir()) == [f"{STEM}.json", f"{STEM}.md"]
+
+
+def test_dry_run_report_json(dry_run):
+    _, out = dry_run
+    data = json.loads((out / f"{STEM}.json").read_text())
+    assert data["kind"] == "tformer GPU pass" and data["dry_run"] is True and data["device"] == "dry-run"
+    assert list(data["parts"]) == list(PARTS)
+    assert {"device", "versions", "onnxruntime providers", "python", "platform", "checkout"} <= set(data["environment"])
+    for part, entry in data["parts"].items():
+        assert [s["status"] for s in entry["steps"]] == ["ok"] * len(steps(part, GPU)), part
+        assert [s["stands_in_for"] for s in entry["steps"]] == [s.command for s in steps(part, GPU)]
+        assert all(s["returncode"] == 0 and s["seconds"] > 0 for s in entry["steps"])
+    (tests,) = data["parts"]["tests"]["steps"]
+    assert set(tests["counts"]) == {"skipped", "deselected"} and tests["counts"]["skipped"] >= 50
+    assert "no CUDA GPU here" in tests["stdout"] and tests["summary"].startswith(f"{tests['counts']['skipped']} skipped")
+    assert all(f"tests/{name}::" in tests["stdout"] for name in CUDA_TEST_FILES)
+    for part, dtype in (("bench-fp32", "float32"), ("bench-bf16", "bfloat16")):
+        for step in data["parts"][part]["steps"]:
+            rows = step["records"]["records"]
+            assert {r["backend"] for r in rows} == {"eager", "naive"} and {r["dtype"] for r in rows} == {dtype}
+            assert all(r["status"] == "ok" and r["matches_eager"] for r in rows)
+            assert step["records"]["meta"]["device"] == "cpu" and step["counts"] == {"ok": 4}
+    prefill, decode = data["parts"]["kernels"]["steps"]
+    assert {r["kind"] for r in prefill["records"]["records"]} == {"prefill"}
+    assert {r["kind"] for r in decode["records"]["records"]} == {"decode"}
+    assert all(r["status"] == "ok" for s in (prefill, decode) for r in s["records"]["records"])
+
+
+def test_dry_run_report_markdown(dry_run):
+    _, out = dry_run
+    md = (out / f"{STEM}.md").read_text()
+    assert md.startswith(f"# GPU pass, {datetime.date.today().isoformat()}: dry-run\n")
+    assert "**Dry run on a machine without a GPU.**" in md and "| versions | torch " in md
+    for part, what in PARTS.items():
+        assert f"\n## {part}: {what}\n" in md and f"| {part} | {what} | ok |" in md
+    assert md.count("\nOn a GPU: `python -m tformer.bench.cli ") == 6 and "\nOn a GPU: `python -m pytest -v -m cuda" in md
+    assert "e2e tok/s" in md and "TFLOP/s" in md and "skipped, " in md
+    assert not any(line != line.rstrip() for line in md.splitlines())
+
+
+def test_a_part_run_again_replaces_its_section_within_the_time_limit(dry_run, tmp_path, monkeypatch):
+    """A part's first step outlasts --time-limit: recorded as timed out, the next as not run, the
+    exit status is 1, and the other parts' sections stay as they were."""
+    shutil.copytree(dry_run[1], tmp_path / "out")
+    before = json.loads((tmp_path / "out" / f"{STEM}.json").read_text())
+
+    def slow_step(step: Step, seconds: float | None) -> dict:
+        time.sleep(seconds + 0.1)
+        return {"title": step.title, "command": step.command, "status": "timed out", "returncode": -9, "seconds": seconds}
+
+    monkeypatch.setattr(gpupass, "run_step", slow_step)
+    result = CliRunner().invoke(bench, ["gpu-pass", "--dry-run", "--part", "bench-fp32", "--time-limit", "1",
+                                        "--out", str(tmp_path / "out")])  # fmt: skip
+    assert result.exit_code == 1, result.output
+    after = json.loads((tmp_path / "out" / f"{STEM}.json").read_text())
+    timed_out, not_run = after["parts"]["bench-fp32"]["steps"]
+    assert (timed_out["status"], not_run["status"]) == ("timed out", "not run")
+    assert "time limit of 1 s was reached; run --part bench-fp32 again" in not_run["summary"]
+    assert {k: v for k, v in after["parts"].items() if k != "bench-fp32"} == {
+        k: v for k, v in before["parts"].items() if k != "bench-fp32"}  # fmt: skip
+    assert "| bench-fp32 | tformer-bench, every backend, fp32 | timed out |" in (tmp_path / "out" / f"{STEM}.md").read_text()
+
+
+def test_a_step_past_its_time_is_stopped_with_its_children():
+    code = ("import subprocess, sys, time\n"
+            "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+            "print('child', child.pid, flush=True)\ntime.sleep(60)")  # fmt: skip
+    began = time.monotonic()
+    result = run_step(Step("tests", "sleeper", ("-c", code)), seconds=3)
+    assert result["status"] == "timed out" and result["returncode"] == -9 and time.monotonic() - began < 30
+    child = int(result["stdout"].split()[1])  # what it printed before it was stopped is kept
+    assert _ends(child), "the step's own child outlived it"
+
+
+def _ends(pid: int) -> bool:
+    """Whether process `pid` is gone (or a zombie) within a few seconds."""
+    for _ in range(50):
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.skipif(CUDA, reason="checks what a machine without a GPU says")
+def test_without_a_gpu_the_pass_says_to_dry_run(tmp_path):
+    result = CliRunner().invoke(bench, ["gpu-pass", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "Error: the GPU pass needs a CUDA GPU" in result.output and "--dry-run" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_parts_are_a_one_line_error(tmp_path):
+    result = CliRunner().invoke(bench, ["gpu-pass", "--dry-run", "--part", "tests,bench", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "unknown part(s) bench; choose from tests,bench-fp32,bench-bf16,kernels" in result.output
+
+
+def test_a_report_that_cannot_be_read_or_written_is_refused_up_front(tmp_path):
+    today = datetime.date.today()
+    (tmp_path / f"{STEM}.json").write_text('{"records": []}')
+    with pytest.raises(TformerError, match=f"{STEM}.json: not a GPU-pass report of format 1; move it away"):
+        Report(tmp_path, today, "dry-run", PARTS, dry_run=True)
+    (tmp_path / f"{STEM}.json").write_text('{"kind": "tformer GPU pass", "format')
+    with pytest.raises(TformerError, match=f"{STEM}.json: cannot read it as a report"):
+        Report(tmp_path, today, "dry-run", PARTS, dry_run=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{STEM}.json"]
+    with pytest.raises(TformerError, match="is a file, not a folder"):  # before any step runs
+        Report(tmp_path / f"{STEM}.json" / "out", today, "dry-run", PARTS, dry_run=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="no CUDA GPU here")
+def test_dry_run_on_a_gpu_only_prints(tmp_path):
+    result = CliRunner().invoke(bench, ["gpu-pass", "--dry-run", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert all(f"[{s.part}] {s.command}" in result.output for part in PARTS for s in steps(part, GPU))
+    assert list(tmp_path.iterdir()) == []
