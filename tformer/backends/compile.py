@@ -3,12 +3,13 @@
 Decode (one token per row) is compiled with `fullgraph=True`, one graph per batch size: the cache
 is allocated at one fixed length for every generation (`cache_len`, grown only when a request
 needs more), and the position arrives as a tensor. On CUDA the step attends over the whole cache
-(fixed shapes, as CUDA graphs need: `mode="reduce-overhead"`). On the CPU it attends over the filled
-slots only, as eager does, with that length dynamic in the graph: reading the whole cache made
-compile slower than eager at batch 8, where K/V reads outweigh the weights (see
-docs/benchmarks/2026-11-26-cpu-2core.md). Prefill is compiled with a dynamic sequence length. Compiled artifacts go to
-inductor's own store ($TORCHINDUCTOR_CACHE_DIR, which the tformer commands point into tformer's
-store), so a second process reuses them; the library leaves the environment alone.
+(fixed shapes, as CUDA graphs need: `mode="reduce-overhead"`). On the CPU it attends over the
+filled slots only, as eager does, with that length dynamic in the graph: reading the whole cache
+made compile slower than eager at batch 8, where K/V reads outweigh the weights
+(docs/benchmarks/2026-11-25-compile-batch8-cpu-2core.md). Prefill is compiled with a dynamic
+sequence length. Compiled artifacts go to inductor's own store ($TORCHINDUCTOR_CACHE_DIR, which
+the tformer commands point into tformer's store), so a second process reuses them; the library
+leaves the environment alone.
 """
 
 from __future__ import annotations
