@@ -49,6 +49,11 @@ from tformer.runtime import Runtime
 HF_ROW = "hf"  # the peer row: HF transformers' generate, not a tformer backend
 ALL_BACKENDS = (*BACKENDS, HF_ROW)  # the default rows: every backend, then the peer
 CHECK_PROMPTS, CHECK_PROMPT_LEN, CHECK_NEW_TOKENS = 2, 8, 16
+# A pause before each timed run, so that thread pools a run leaves spinning have gone to sleep
+# before the next one starts: onnxruntime's workers spin for ~35 ms of CPU after a run (its default,
+# and what makes it fast), torch's OpenMP threads ~10 ms. On the 2-core CI CPU eager ran 1.6x
+# slower right after an onnx run (batch 1), and as fast as after eager once 50 ms had passed.
+SETTLE_S = 0.1
 
 # A generation to time: called with `tick`, which it must call once per step, after the step's
 # new tokens are on the host.
@@ -185,8 +190,10 @@ def time_interleaved(
 
     First each one's warm-up runs (timed apart: `warmup_s`), then `repeats` rounds: round r runs
     every generation once, starting with the (r mod n)-th, so that a noisy spell of the machine
-    slows one round of every row rather than every repeat of one row. `progress(i, what)` is told
-    what generation i is doing. Memory: the peak during each run (reset before it), in this process.
+    slows one round of every row rather than every repeat of one row. Each timed run starts after
+    a pause (`SETTLE_S`), so that none pays for the threads its predecessor left spinning.
+    `progress(i, what)` is told what generation i is doing. Memory: the peak during each run
+    (reset before it), in this process.
     """
     note = progress or (lambda i, what: None)
     memory = PeakMemory(device)
@@ -204,6 +211,7 @@ def time_interleaved(
             note(i, f"round {r + 1}/{repeats}")
             stamps: list[float] = []
             _sync(device)
+            time.sleep(SETTLE_S)
             memory.reset()
             start = time.perf_counter()
             runs[i](lambda: stamps.append(time.perf_counter()))
