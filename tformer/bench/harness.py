@@ -348,7 +348,10 @@ def run_benchmarks(
     return records
 
 
-def _set_up(model, backends, batch_sizes, prompt_len, new_tokens, device, dtype, seed, note, build):
+def _set_up(
+    model: TransformerLM, backends: Sequence[str], batch_sizes: Sequence[int], prompt_len: int, new_tokens: int,
+    device: torch.device, dtype: torch.dtype, seed: int, note: Progress, build: Callable[[str], Runtime] | None,
+) -> tuple[list[Entrant], list[Record]]:
     """(the rows that can be timed, set up and checked against eager; skipped records for the rest)."""
     build = build or (lambda name: Runtime.from_model(model, backend=name, device=device, dtype=dtype))
     note("eager: setting up (also the reference for the correctness check)")
@@ -424,7 +427,7 @@ def mark_noisy(records: list[Record]) -> None:
     """Rank the rows of each batch size by median e2e tokens/s, and mark each pair of neighbours
     that their repeats cannot tell apart: the slower one's fastest repeat reaches the faster one's
     median. Noise on a shared machine only ever slows a run down, so a row's upper half (median to
-    fastest) is where its speed is; one slowed repeat moves neither end of it."""
+    fastest) is where its speed is; one slowed repeat (of 3 or more) moves neither end of it."""
     for batch in {r.batch_size for r in records}:
         ranked = sorted((r for r in records if r.batch_size == batch and r.status == "ok" and r.e2e_tok_s),
                         key=lambda r: r.e2e_tok_s.median, reverse=True)  # fmt: skip
