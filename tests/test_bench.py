@@ -191,10 +191,10 @@ def test_a_noisy_spell_slows_one_round_of_every_row_and_no_rank_changes(model):
     """Timed repeats run in rounds, each round every row once in a rotated order, so a noisy spell
     of the machine costs each row one repeat; the median (and the rank by it) ignores it. Timed one
     row after another, the same spell would cost one row several repeats."""
-    machine = Machine("round 2/5", extra=0.03)  # 30 ms more per step during the second round
+    machine = Machine("round 2/5", extra=0.1)  # 100 ms more per step during the second round
 
     def build(name):
-        delay = {"quick": 0.001, "steady": 0.004}.get(name)
+        delay = {"quick": 0.002, "steady": 0.01}.get(name)
         backend = Paced(model, name, delay, machine) if delay else EagerBackend(model, torch.device("cpu"), torch.float32)
         return Runtime(backend, None)
 
@@ -204,9 +204,8 @@ def test_a_noisy_spell_slows_one_round_of_every_row_and_no_rank_changes(model):
     timed = [name for name, _ in machine.log[4:]]  # after each row's correctness check and warm-up
     assert timed == ["quick", "steady", "steady", "quick", "quick", "steady", "steady", "quick", "quick", "steady"]
     assert [noisy for _, noisy in machine.log] == [False] * 6 + [True] * 2 + [False] * 6
-    for r in (quick, steady):  # the spell: one slow repeat each, in the same round
-        slow = [i for i, tok_s in enumerate(r.e2e_samples) if tok_s < r.e2e_tok_s.median / 3]
-        assert slow == [1], (r.backend, r.e2e_samples)
+    for r in (quick, steady):  # the spell: each row's slowest repeat, far below its median, in the same round
+        assert r.e2e_samples.index(r.e2e_tok_s.min) == 1 and r.e2e_tok_s.min < r.e2e_tok_s.median / 3, r.e2e_samples
     assert quick.e2e_tok_s.min < steady.e2e_tok_s.median  # quick's slow repeat is slower than steady's typical one
     assert quick.e2e_tok_s.median > steady.e2e_tok_s.median and not quick.noisy and not steady.noisy
     assert quick.matches_eager and steady.matches_eager
