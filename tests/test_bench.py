@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+import time
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from rich.console import Console
 
 from tformer.backends.eager import EagerBackend
 from tformer.bench.cli import main as bench
-from tformer.bench.harness import Record, benchmark_runtime, run_benchmarks
+from tformer.bench.harness import Record, benchmark_runtime, mark_noisy, run_benchmarks
 from tformer.bench.report import print_table
 from tformer.bench.stats import Spread, percentiles
 from tformer.checkpoint import save_checkpoint
@@ -105,7 +106,8 @@ def test_benchmark_runtime_is_a_library_call(model):
 RECORD_FIELDS = {
     "backend", "batch_size", "prompt_len", "new_tokens", "status", "reason", "device", "device_name", "dtype",
     "implementation", "notes", "versions", "repeats", "warmup", "setup_s", "warmup_s", "warm_setup_s", "ttft_ms", "itl_ms", "decode_tok_s",
-    "e2e_tok_s", "peak_mem_mib", "mem_source", "matches_eager", "vs_naive", "vs_eager", "flagged",
+    "e2e_tok_s", "e2e_samples", "peak_mem_mib", "mem_source", "mem_base_mib", "matches_eager", "vs_naive", "vs_eager",
+    "noisy", "flagged",
 }  # fmt: skip
 
 
@@ -130,6 +132,8 @@ def test_cli_json_csv_and_plot_schema(tmp_path, model, monkeypatch):
             assert set(record["ttft_ms"]) == set(record["e2e_tok_s"]) == {"median", "min", "max"}
             assert set(record["itl_ms"]) == {"p50", "p90", "p99"}
             assert record["vs_naive"] > 0 and record["vs_eager"] > 0 and record["matches_eager"] is True
+            assert len(record["e2e_samples"]) == 2 and record["e2e_tok_s"]["max"] == max(record["e2e_samples"])
+            assert "set up this row alone" in record["mem_source"] and record["peak_mem_mib"] > 0
     eager1 = next(r for r in data["records"] if r["backend"] == "eager" and r["batch_size"] == 1)
     assert eager1["vs_eager"] == pytest.approx(1.0)
     rows = list(csv.DictReader(out["csv"].open()))
@@ -156,3 +160,101 @@ def test_plot_without_matplotlib_says_how_to_get_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     result = CliRunner().invoke(bench, ["--plot", "x.png"])
     assert result.exit_code == 2 and "pip install 'tformer[plot]'" in result.output
+
+
+class Paced(EagerBackend):
+    """eager's tokens at a set pace: each step sleeps `delay` s, plus `machine.extra` s while the
+    machine is in a noisy spell. Logs the start of each of its generations on the machine."""
+
+    def __init__(self, model, name, delay, machine):
+        super().__init__(model, torch.device("cpu"), torch.float32)
+        self.name, self.delay, self.machine = name, delay, machine
+
+    def step(self, input_ids, input_pos, start, cache):
+        if input_ids.shape[1] > 1:  # a prefill: a generation begins
+            self.machine.log.append((self.name, self.machine.noisy))
+        time.sleep(self.delay + (self.machine.extra if self.machine.noisy else 0.0))
+        return super().step(input_ids, input_pos, start, cache)
+
+
+class Machine:
+    """Shared by the paced backends: a noisy spell lasts while the benchmark times round `spell`."""
+
+    def __init__(self, spell: str, extra: float):
+        self.spell, self.extra, self.noisy, self.log = spell, extra, False, []
+
+    def progress(self, what: str) -> None:
+        self.noisy = self.spell in what
+
+
+def test_a_noisy_spell_slows_one_round_of_every_row_and_no_rank_changes(model):
+    """Timed repeats run in rounds, each round every row once in a rotated order, so a noisy spell
+    of the machine costs each row one repeat; the median (and the rank by it) ignores it. Timed one
+    row after another, the same spell would cost one row several repeats."""
+    machine = Machine("round 2/5", extra=0.1)  # 100 ms more per step during the second round
+
+    def build(name):
+        delay = {"quick": 0.002, "steady": 0.01}.get(name)
+        backend = Paced(model, name, delay, machine) if delay else EagerBackend(model, torch.device("cpu"), torch.float32)
+        return Runtime(backend, None)
+
+    records = run_benchmarks(model, ["quick", "steady"], batch_sizes=(1,), prompt_len=4, new_tokens=5, repeats=5,
+                             warmup=1, build=build, progress=machine.progress)  # fmt: skip
+    quick, steady = records
+    timed = [name for name, _ in machine.log[4:]]  # after each row's correctness check and warm-up
+    assert timed == ["quick", "steady", "steady", "quick", "quick", "steady", "steady", "quick", "quick", "steady"]
+    assert [noisy for _, noisy in machine.log] == [False] * 6 + [True] * 2 + [False] * 6
+    for r in (quick, steady):  # the spell: each row's slowest repeat, far below its median, in the same round
+        assert r.e2e_samples.index(r.e2e_tok_s.min) == 1 and r.e2e_tok_s.min < r.e2e_tok_s.median / 3, r.e2e_samples
+    assert quick.e2e_tok_s.min < steady.e2e_tok_s.median  # quick's slow repeat is slower than steady's typical one
+    assert quick.e2e_tok_s.median > steady.e2e_tok_s.median and not quick.noisy and not steady.noisy
+    assert quick.matches_eager and steady.matches_eager
+    assert "in this process (the other rows' memory included)" in quick.mem_source  # a custom build: no own process
+    console = Console(record=True, width=250)
+    print_table(records, "test", console)
+    text = console.export_text()
+    assert "batch 1: fastest is quick" in text and "too noisy" not in text and "5 rounds" in text
+
+
+def row(name: str, median: float, low: float, high: float, status: str = "ok") -> Record:
+    return Record(name, 1, 4, 5, status, e2e_tok_s=Spread(median, low, high), ttft_ms=Spread(1.0, 1.0, 1.0))
+
+
+def test_rows_that_their_spread_cannot_tell_apart_are_marked_too_noisy_to_rank():
+    records = [row("a", 100, 90, 105), row("b", 96, 60, 101), row("c", 50, 48, 60), row("d", 200, 10, 300, "mismatch")]
+    mark_noisy(records)
+    a, b, c, d = records
+    assert "b's fastest repeat (101 tok/s) reaches a's median (100): too noisy to rank a above b" == a.noisy == b.noisy
+    assert not c.noisy and not d.noisy  # c's fastest (60) is below b's median (96); a mismatch is never ranked
+    console = Console(record=True, width=250)
+    print_table(records, "test", console)
+    text = console.export_text()
+    assert "100 (90-105)~" in text and "50 (48-60) " in text
+    assert "batch 1: fastest is a (100 tok/s end to end) by median, but too noisy to rank (~)" in text
+    assert "~ batch 1: b's fastest repeat (101 tok/s) reaches a's median (100)" in text
+
+
+def test_skip_reasons_print_their_brackets(model, monkeypatch):
+    """rich reads "[hf]" as markup: the install hints must reach the terminal whole."""
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    records = run_benchmarks(model, ["onnx", "hf"], **FAST)
+    console = Console(record=True, width=250)
+    print_table(records, "test", console)
+    text = console.export_text()
+    assert "skipped hf: transformers is not installed (pip install 'tformer[hf]')" in text
+    assert "skipped onnx: onnxruntime is not installed (pip install 'tformer[onnx]')" in text
+
+
+def test_each_row_memory_is_measured_in_a_process_of_its_own(model):
+    """In one process every row would count what this process already holds (here 512 MiB of
+    ballast, as earlier rows would leave); each row's own process holds only that row."""
+    ballast = torch.ones(512 * 2**18)  # 512 MiB, touched
+    with open("/proc/self/status") as f:
+        here = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+    records = run_benchmarks(model, ["eager", "naive"], **FAST, warm_setup=True)
+    for r in records:
+        assert "process that set up this row alone" in r.mem_source
+        assert 0 < r.mem_base_mib < r.peak_mem_mib < here - 256, (r.backend, r.mem_base_mib, r.peak_mem_mib, here)
+        assert r.warm_setup_s is None  # neither compiles
+    del ballast

@@ -79,12 +79,13 @@ def _name_list(text: str, known: tuple[str, ...], what: str) -> list[str]:
 @click.option("--new-tokens", default=64, show_default=True, help="Tokens generated per row.")
 @click.option("--device", help="cpu or cuda [default: cuda if available].")
 @click.option("--dtype", default="fp32", show_default=True, help="fp32, bf16 or fp16.")
-@click.option("--repeats", default=3, show_default=True, help="Timed runs per row (median, min, max shown).")
+@click.option("--repeats", default=3, show_default=True,
+              help="Timed rounds per batch size, each running every row once in a rotated order (median, min, max shown).")
 @click.option("--warmup", default=1, show_default=True, help="Untimed runs first (compilation happens here).")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch [default: torch's choice].")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random prompts (and weights without MODEL).")
 @click.option("--warm-setup", is_flag=True,
-              help="Also time compile/aot setup in a second process with warm caches (cold vs warm compile).")
+              help="Also report compile/aot setup in the second process that measures memory (warm caches: cold vs warm compile).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every record as JSON.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write every record as CSV.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Plot tokens/s vs batch size (PNG).")
@@ -95,7 +96,10 @@ def generate(model, nhead, backends, batch_sizes, prompt_len, new_tokens, device
     Reports time to first token, inter-token latency percentiles, decode and end-to-end
     tokens/s, peak memory and the speed-up over the tutorial's loop ('naive') and over eager.
     Each backend's greedy tokens are checked against eager first; a mismatch is flagged, never
-    ranked. Backends that cannot run here are listed as skipped, with the reason.
+    ranked. Timed runs are interleaved: each round runs every row once, in an order rotated each
+    round; rows whose spread cannot tell them apart are marked as too noisy to rank. Peak memory
+    is each row's own, measured in a process that sets up only that row. Backends that cannot
+    run here are listed as skipped, with the reason.
     """
     names = _name_list(backends, ALL_BACKENDS, "backend(s)")
     sizes = _int_list(batch_sizes)

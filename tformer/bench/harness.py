@@ -10,11 +10,19 @@ What is timed: whole greedy generations of `new_tokens` tokens from random promp
 the host (the loop copies them there to check EOS, which also synchronizes a GPU):
 time to first token = prefill + first sample; inter-token latency = the gaps after it. Warm-up
 runs (where compilation happens) are timed apart and never mixed into the figures.
+
+Fairness on a shared, noisy machine: every row is set up first; then, per batch size, the timed
+repeats run in rounds, each round running every row once, in an order rotated by one each round.
+A slow minute then costs every row about one repeat instead of costing one row all of its
+repeats, and the median ignores it. Two rows that their spread cannot tell apart are marked
+(`Record.noisy`). Memory is measured per row in a process of its own (see `isolated`), because in
+one process each row would inherit what the rows before it left resident.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import platform
 import subprocess
 import sys
@@ -28,10 +36,12 @@ import numpy as np
 import torch
 
 from tformer.backends import BACKENDS, BASELINE, REFERENCE
+from tformer.bench.hf import hf_generation
 from tformer.bench.memory import PeakMemory
 from tformer.bench.stats import Spread, percentiles
 from tformer.checkpoint import save_checkpoint
-from tformer.errors import TformerError
+from tformer.config import ModelConfig
+from tformer.errors import TformerError, one_line
 from tformer.generate import SamplingParams, generate_tokens
 from tformer.model import TransformerLM
 from tformer.runtime import Runtime
@@ -39,6 +49,11 @@ from tformer.runtime import Runtime
 HF_ROW = "hf"  # the peer row: HF transformers' generate, not a tformer backend
 ALL_BACKENDS = (*BACKENDS, HF_ROW)  # the default rows: every backend, then the peer
 CHECK_PROMPTS, CHECK_PROMPT_LEN, CHECK_NEW_TOKENS = 2, 8, 16
+# A pause before each timed run, so that thread pools a run leaves spinning have gone to sleep
+# before the next one starts: onnxruntime's workers spin for ~35 ms of CPU after a run (its default,
+# and what makes it fast), torch's OpenMP threads ~10 ms. On the 2-core CI CPU eager ran 1.6x
+# slower right after an onnx run (batch 1), and as fast as after eager once 50 ms had passed.
+SETTLE_S = 0.1
 
 # A generation to time: called with `tick`, which it must call once per step, after the step's
 # new tokens are on the host.
@@ -71,11 +86,16 @@ class Record:
     itl_ms: dict[str, float] | None = None  # p50 / p90 / p99 over all gaps of all timed runs
     decode_tok_s: Spread | None = None  # tokens after the first / time after the first
     e2e_tok_s: Spread | None = None  # all new tokens / whole generation
+    # e2e tokens/s of each timed run, in round order: run r of every row at this batch size ran in
+    # the same round, side by side (pairs across rows share that round's noise).
+    e2e_samples: list[float] = field(default_factory=list)
     peak_mem_mib: float | None = None
-    mem_source: str = ""
+    mem_source: str = ""  # what peak_mem_mib measures, and in which process
+    mem_base_mib: float | None = None  # measured in its own process: what that held before the row's setup
     matches_eager: bool | None = None  # greedy tokens vs eager; None: not comparable (other weights)
     vs_naive: float | None = None  # e2e tokens/s ratios at the same batch size
     vs_eager: float | None = None
+    noisy: str = ""  # why its speed cannot be ranked against the next row's at this batch size ("": it can)
 
     @property
     def flagged(self) -> bool:
@@ -131,43 +151,110 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_generation(
-    run: Generation, batch_size: int, new_tokens: int, repeats: int, warmup: int, device: torch.device,
-    progress: Progress | None = None,
-) -> dict:
-    """Warm-up runs (timed apart), then `repeats` timed runs: the figures of a Record."""
-    note = progress or (lambda _: None)
-    began = time.perf_counter()
-    for i in range(warmup):
-        note(f"warm-up {i + 1}/{warmup}")
-        run(lambda: None)
-    _sync(device)
-    warmup_s = time.perf_counter() - began
+@dataclass
+class Samples:
+    """What the timed runs of one row at one batch size measured, run by run."""
+
+    ttft_ms: list[float] = field(default_factory=list)
+    gaps_ms: list[float] = field(default_factory=list)
+    decode_tok_s: list[float] = field(default_factory=list)
+    e2e_tok_s: list[float] = field(default_factory=list)
+    peak_mib: list[float] = field(default_factory=list)
+
+    def add(self, start: float, stamps: list[float], batch_size: int, peak_mib: float) -> None:
+        """One run that began at `start` and got each step's tokens at `stamps` (perf_counter)."""
+        self.ttft_ms.append(1000 * (stamps[0] - start))
+        self.gaps_ms.extend(1000 * np.diff(stamps))
+        if len(stamps) > 1:
+            self.decode_tok_s.append(batch_size * (len(stamps) - 1) / (stamps[-1] - stamps[0]))
+        self.e2e_tok_s.append(batch_size * len(stamps) / (stamps[-1] - start))
+        self.peak_mib.append(peak_mib)
+
+    def figures(self) -> dict:
+        """The Record fields these samples fill."""
+        return dict(
+            ttft_ms=Spread.of(self.ttft_ms),
+            itl_ms=percentiles(self.gaps_ms) if self.gaps_ms else None,
+            decode_tok_s=Spread.of(self.decode_tok_s) if self.decode_tok_s else None,
+            e2e_tok_s=Spread.of(self.e2e_tok_s),
+            e2e_samples=list(self.e2e_tok_s),
+            peak_mem_mib=max(self.peak_mib),
+        )
+
+
+def time_interleaved(
+    runs: Sequence[Generation], batch_size: int, new_tokens: int, repeats: int, warmup: int, device: torch.device,
+    progress: Callable[[int, str], None] | None = None,
+) -> list[dict]:
+    """The figures of a Record for each of `runs`, generations at one batch size.
+
+    First each one's warm-up runs (timed apart: `warmup_s`), then `repeats` rounds: round r runs
+    every generation once, starting with the (r mod n)-th, so that a noisy spell of the machine
+    slows one round of every row rather than every repeat of one row. Each timed run starts after
+    a pause (`SETTLE_S`), so that none pays for the threads its predecessor left spinning.
+    `progress(i, what)` is told what generation i is doing. Memory: the peak during each run
+    (reset before it), in this process.
+    """
+    note = progress or (lambda i, what: None)
     memory = PeakMemory(device)
-    memory.reset()
-    ttft, gaps, decode, e2e = [], [], [], []
-    for i in range(repeats):
-        note(f"repeat {i + 1}/{repeats}")
-        stamps: list[float] = []
+    figures = []
+    for i, run in enumerate(runs):
+        began = time.perf_counter()
+        for w in range(warmup):
+            note(i, f"warm-up {w + 1}/{warmup}")
+            run(lambda: None)
         _sync(device)
-        start = time.perf_counter()
-        run(lambda: stamps.append(time.perf_counter()))
-        if len(stamps) != new_tokens:
-            raise RuntimeError(f"the generation made {len(stamps)} steps, expected {new_tokens}")
-        ttft.append(1000 * (stamps[0] - start))
-        gaps.extend(1000 * np.diff(stamps))
-        if new_tokens > 1:
-            decode.append(batch_size * (new_tokens - 1) / (stamps[-1] - stamps[0]))
-        e2e.append(batch_size * new_tokens / (stamps[-1] - start))
-    return dict(
-        warmup_s=warmup_s,
-        ttft_ms=Spread.of(ttft),
-        itl_ms=percentiles(gaps) if gaps else None,
-        decode_tok_s=Spread.of(decode) if decode else None,
-        e2e_tok_s=Spread.of(e2e),
-        peak_mem_mib=memory.peak_mib(),
-        mem_source=memory.source,
-    )
+        figures.append(dict(warmup_s=time.perf_counter() - began))
+    samples = [Samples() for _ in runs]
+    for r in range(repeats):
+        for i in [(r + k) % len(runs) for k in range(len(runs))]:
+            note(i, f"round {r + 1}/{repeats}")
+            stamps: list[float] = []
+            _sync(device)
+            time.sleep(SETTLE_S)
+            memory.reset()
+            start = time.perf_counter()
+            runs[i](lambda: stamps.append(time.perf_counter()))
+            if len(stamps) != new_tokens:
+                raise RuntimeError(f"the generation made {len(stamps)} steps, expected {new_tokens}")
+            samples[i].add(start, stamps, batch_size, memory.peak_mib())
+    shared = " (the other rows' memory included)" if len(runs) > 1 else ""
+    for figure, sample in zip(figures, samples):
+        figure.update(sample.figures(), mem_source=f"{memory.source} during its runs, in this process{shared}")
+    return figures
+
+
+@dataclass
+class Entrant:
+    """A row set up for timing: what it runs, and how to make a generation of it."""
+
+    name: str
+    make_run: Callable[[list[list[int]], int], Generation]  # (prompts, new_tokens) -> a generation
+    device: torch.device
+    dtype: torch.dtype
+    implementation: str
+    notes: Callable[[], Sequence[str]]  # read after the runs: a backend may add notes while running
+    setup_s: float | None = None
+    matches_eager: bool | None = None  # None: not checked, or not comparable (other weights)
+    reason: str = ""  # why its tokens differ from eager's, or what the row is
+    compiles: bool = False
+
+    @classmethod
+    def of(cls, runtime: Runtime, setup_s: float | None = None, matches_eager: bool | None = None, reason: str = "") -> Entrant:
+        backend = runtime.backend
+        return cls(
+            backend.name, lambda prompts, n: loop_generation(runtime, prompts, n), backend.device, backend.dtype,
+            backend.implementation, lambda: backend.notes, setup_s, matches_eager, reason, backend.traits.compiles,
+        )  # fmt: skip
+
+    def record(self, batch_size: int, prompt_len: int, new_tokens: int, repeats: int, warmup: int, figures: dict) -> Record:
+        return Record(
+            backend=self.name, batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens,
+            status="mismatch" if self.matches_eager is False else "ok", reason=self.reason, device=self.device.type,
+            device_name=device_name(self.device), dtype=str(self.dtype).removeprefix("torch."),
+            implementation=self.implementation, notes=list(self.notes()), versions=versions(), repeats=repeats,
+            warmup=warmup, setup_s=self.setup_s, matches_eager=self.matches_eager, **figures,
+        )  # fmt: skip
 
 
 def benchmark_runtime(
@@ -181,26 +268,17 @@ def benchmark_runtime(
     progress: Progress | None = None,
 ) -> Record:
     """Time `runtime` at one batch size; a Record without the cross-row fields (ratios, check)."""
-    backend = runtime.backend
+    entrant = Entrant.of(runtime)
     prompts = make_prompts(runtime.config.vocab_size, batch_size, prompt_len, seed)
-    figures = time_generation(
-        loop_generation(runtime, prompts, new_tokens), batch_size, new_tokens, repeats, warmup, backend.device, progress
-    )
-    return Record(
-        backend=backend.name, batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens, status="ok",
-        device=backend.device.type, device_name=device_name(backend.device),
-        dtype=str(backend.dtype).removeprefix("torch."),
-        implementation=backend.implementation, notes=list(backend.notes), versions=versions(), repeats=repeats,
-        warmup=warmup, **figures,
-    )  # fmt: skip
+    [figures] = time_interleaved([entrant.make_run(prompts, new_tokens)], batch_size, new_tokens, repeats, warmup,
+                                 entrant.device, progress and (lambda _, what: progress(what)))  # fmt: skip
+    return entrant.record(batch_size, prompt_len, new_tokens, repeats, warmup, figures)
 
 
 def greedy_mismatch(runtime: Runtime, reference: Runtime, seed: int = 0) -> str | None:
-    """None when `runtime` generates the same greedy tokens as `reference` on a short check
-    (2 prompts x 8 ids, 16 new tokens); otherwise where they first differ."""
-    prompts = make_prompts(runtime.config.vocab_size, CHECK_PROMPTS, CHECK_PROMPT_LEN, seed + 1)
-    ours = runtime.generate_ids(prompts, max_new_tokens=CHECK_NEW_TOKENS, temperature=0)
-    theirs = reference.generate_ids(prompts, max_new_tokens=CHECK_NEW_TOKENS, temperature=0)
+    """None when `runtime` generates the same greedy tokens as `reference` on the check's
+    prompts (see `check_generation`); otherwise where they first differ."""
+    ours, theirs = check_generation(runtime, seed), check_generation(reference, seed)
     for row, (a, b) in enumerate(zip(ours, theirs)):
         if a != b:
             step = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -208,23 +286,11 @@ def greedy_mismatch(runtime: Runtime, reference: Runtime, seed: int = 0) -> str 
     return None
 
 
-def warm_setup_seconds(model: TransformerLM, backend: str, device: torch.device, dtype: torch.dtype) -> float:
-    """What a second process pays to set `backend` up (and compile for the correctness check's
-    batch) once this one has filled the caches: the cold/warm split users of compilers care about."""
-    code = (
-        "import sys, time\nimport tformer\nbegan = time.perf_counter()\n"
-        "rt = tformer.load(sys.argv[1], backend=sys.argv[2], device=sys.argv[3], dtype=sys.argv[4])\n"
-        f"rt.generate_ids([[1] * {CHECK_PROMPT_LEN}] * {CHECK_PROMPTS}, max_new_tokens={CHECK_NEW_TOKENS}, temperature=0)\n"
-        "print(time.perf_counter() - began)\n"
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.safetensors"
-        save_checkpoint(path, model)
-        args = [sys.executable, "-c", code, str(path), backend, device.type, str(dtype).removeprefix("torch.")]
-        done = subprocess.run(args, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"second-process setup of {backend} failed: {done.stderr.strip().splitlines()[-1:]}")
-    return float(done.stdout.split()[-1])
+def check_generation(runtime: Runtime, seed: int = 0) -> list[list[int]]:
+    """The generation of the correctness check (2 prompts x 8 ids, 16 new tokens): part of a
+    row's setup, where compiling backends compile for its shapes."""
+    prompts = make_prompts(runtime.config.vocab_size, CHECK_PROMPTS, CHECK_PROMPT_LEN, seed + 1)
+    return runtime.generate_ids(prompts, max_new_tokens=CHECK_NEW_TOKENS, temperature=0)
 
 
 def run_benchmarks(
@@ -244,77 +310,100 @@ def run_benchmarks(
 ) -> list[Record]:
     """Every backend at every batch size, side by side in one process, with ratios filled in.
 
-    `build(name)` makes a runtime (default: `Runtime.from_model(model, backend=name, ...)`); a
-    backend whose construction raises TformerError (unknown name, no GPU, missing package), or
-    that says it is `untimed` (the reason), becomes a skipped record carrying the reason.
-    `warm_setup` also times the setup of compiling backends in a second process once the caches
-    are warm (`warm_setup_s`).
+    Every row is set up (and checked against eager) first; then, per batch size, their timed
+    repeats run in interleaved rounds (see `time_interleaved`). `build(name)` makes a runtime
+    (default: `Runtime.from_model(model, backend=name, ...)`); a backend whose construction raises
+    TformerError (unknown name, no GPU, missing package), or that says it is `untimed` (the
+    reason), becomes a skipped record carrying the reason. Memory: with the default `build`, each
+    row's peak in a process of its own that sets up only that row (`run_alone`); with a custom
+    one, which another process cannot rebuild, the peak during its runs in this process.
+    `warm_setup` also records that process's setup time for compiling backends (`warm_setup_s`:
+    caches warm).
     """
-    from tformer.bench.hf import hf_generation  # transformers is imported only if hf runs
-
-    custom_build = build is not None
-    build = build or (lambda name: Runtime.from_model(model, backend=name, device=device, dtype=dtype))
     note = progress or (lambda _: None)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if build is None:  # the model as given, before the backends move it to their device and dtype
+            checkpoint = Path(tmp) / "model.safetensors"
+            save_checkpoint(checkpoint, model)
+        entrants, records = _set_up(model, backends, batch_sizes, prompt_len, new_tokens, device, dtype, seed, note,
+                                    build)  # fmt: skip
+        for batch in batch_sizes:
+            prompts = make_prompts(model.config.vocab_size, batch, prompt_len, seed)
+            runs = [e.make_run(prompts, new_tokens) for e in entrants]
+            figures = time_interleaved(runs, batch, new_tokens, repeats, warmup, device,
+                                       lambda i, what: note(f"batch {batch}  {what}  {entrants[i].name}"))  # fmt: skip
+            records += [e.record(batch, prompt_len, new_tokens, repeats, warmup, f) for e, f in zip(entrants, figures)]
+        for e in entrants if checkpoint else ():
+            note(f"{e.name}: peak memory in a process of its own")
+            alone = run_alone(checkpoint, e.name, device, dtype, batch_sizes, prompt_len, new_tokens, seed)
+            for r in (r for r in records if r.backend == e.name):
+                r.peak_mem_mib, r.mem_source = alone["peak_mib"].get(str(r.batch_size)), alone["source"]
+                r.mem_base_mib = alone["base_mib"]
+                r.warm_setup_s = alone["setup_s"] if warm_setup and e.compiles else None
+    order = {name: i for i, name in enumerate(backends)}
+    records.sort(key=lambda r: (order.get(r.backend, len(order)), r.batch_size))
+    _fill_ratios(records)
+    mark_noisy(records)
+    return records
+
+
+def _set_up(
+    model: TransformerLM, backends: Sequence[str], batch_sizes: Sequence[int], prompt_len: int, new_tokens: int,
+    device: torch.device, dtype: torch.dtype, seed: int, note: Progress, build: Callable[[str], Runtime] | None,
+) -> tuple[list[Entrant], list[Record]]:
+    """(the rows that can be timed, set up and checked against eager; skipped records for the rest)."""
+    build = build or (lambda name: Runtime.from_model(model, backend=name, device=device, dtype=dtype))
     note("eager: setting up (also the reference for the correctness check)")
     began = time.perf_counter()
     reference = build(REFERENCE)
     eager_setup_s = time.perf_counter() - began
-    records: list[Record] = []
+    entrants: list[Entrant] = []
+    skipped: list[Record] = []
     for name in backends:
-        if name == HF_ROW:
-            records += _hf_records(hf_generation, model, batch_sizes, prompt_len, new_tokens, device, dtype,
-                                   repeats, warmup, seed, note)  # fmt: skip
-            continue
         began = time.perf_counter()
+        note(f"{name}: setting up")
         try:
-            note(f"{name}: setting up")
+            if name == HF_ROW:
+                entrants.append(hf_entrant(model.config, prompt_len + new_tokens, device, dtype))
+                continue
             runtime = reference if name == REFERENCE else build(name)
         except TformerError as exc:
-            records += _skipped(name, batch_sizes, prompt_len, new_tokens, str(exc))
+            skipped += _skipped(name, batch_sizes, prompt_len, new_tokens, str(exc))
             continue
         if runtime.backend.untimed:  # runs, but timing it would mean nothing
-            records += _skipped(name, batch_sizes, prompt_len, new_tokens, runtime.backend.untimed)
+            skipped += _skipped(name, batch_sizes, prompt_len, new_tokens, runtime.backend.untimed)
             continue
         mismatch = greedy_mismatch(runtime, reference, seed)  # compiling backends compile here too
         setup_s = (eager_setup_s if name == REFERENCE else 0.0) + time.perf_counter() - began
-        rows = []
-        for batch in batch_sizes:
-            record = benchmark_runtime(runtime, batch, prompt_len, new_tokens, repeats, warmup, seed,
-                                       lambda what: note(f"{name}  batch {batch}  {what}"))  # fmt: skip
-            record.setup_s, record.matches_eager = setup_s, mismatch is None
-            if mismatch:
-                record.status, record.reason = "mismatch", mismatch
-            rows.append(record)
-        if warm_setup and runtime.backend.traits.compiles and not custom_build:
-            note(f"{name}: setting up again in a second process, with the compile caches now warm")
-            warm = warm_setup_seconds(model, name, device, dtype)
-            for record in rows:
-                record.warm_setup_s = warm
-        records += rows
-    _fill_ratios(records)
-    return records
+        entrants.append(Entrant.of(runtime, setup_s, mismatch is None, mismatch or ""))
+    return entrants, skipped
 
 
-def _hf_records(hf_generation, model, batch_sizes, prompt_len, new_tokens, device, dtype, repeats, warmup, seed, note):
+def hf_entrant(config: ModelConfig, max_positions: int, device: torch.device, dtype: torch.dtype) -> Entrant:
+    """The hf row, set up (raises TformerError without transformers, which only this imports)."""
     began = time.perf_counter()
+    make_run, implementation, version = hf_generation(config, max_positions, device, dtype)
+    reason = f"transformers {version} GPT2LMHeadModel.generate, same sizes, random weights (tokens not comparable)"
+    return Entrant(HF_ROW, make_run, device, dtype, implementation, lambda: (), time.perf_counter() - began, None, reason)
+
+
+def run_alone(
+    checkpoint: Path, name: str, device: torch.device, dtype: torch.dtype, batch_sizes: Sequence[int],
+    prompt_len: int, new_tokens: int, seed: int,
+) -> dict:
+    """Row `name` in a fresh process (`python -m tformer.bench.isolated`): its setup seconds there
+    and its peak memory per batch size. A failure there is reported in `source`, not raised: the
+    timings stand without it."""
+    spec = dict(checkpoint=str(checkpoint), backend=name, device=str(device), dtype=str(dtype).removeprefix("torch."),
+                batch_sizes=sorted(batch_sizes), prompt_len=prompt_len, new_tokens=new_tokens, seed=seed)  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "tformer.bench.isolated", json.dumps(spec)], capture_output=True, text=True)
     try:
-        note(f"{HF_ROW}: setting up")
-        make_run, implementation, version = hf_generation(model.config, prompt_len + new_tokens, device, dtype)
-    except TformerError as exc:
-        return _skipped(HF_ROW, batch_sizes, prompt_len, new_tokens, str(exc))
-    setup_s = time.perf_counter() - began
-    records = []
-    for batch in batch_sizes:
-        prompts = make_prompts(model.config.vocab_size, batch, prompt_len, seed)
-        figures = time_generation(make_run(prompts, new_tokens), batch, new_tokens, repeats, warmup, device,
-                                  lambda what: note(f"{HF_ROW}  batch {batch}  {what}"))  # fmt: skip
-        records.append(Record(
-            backend=HF_ROW, batch_size=batch, prompt_len=prompt_len, new_tokens=new_tokens, status="ok",
-            reason=f"transformers {version} GPT2LMHeadModel.generate, same sizes, random weights (tokens not comparable)",
-            device=device.type, device_name=device_name(device), dtype=str(dtype).removeprefix("torch."),
-            implementation=implementation, versions=versions(), repeats=repeats, warmup=warmup, setup_s=setup_s, **figures,
-        ))  # fmt: skip
-    return records
+        if done.returncode != 0:
+            raise RuntimeError((done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1])
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    except (RuntimeError, ValueError, IndexError) as exc:
+        return dict(setup_s=None, base_mib=None, peak_mib={}, source=f"not measured: its own process failed ({one_line(exc)})")
 
 
 def _skipped(name: str, batch_sizes: Sequence[int], prompt_len: int, new_tokens: int, reason: str) -> list[Record]:
@@ -332,3 +421,19 @@ def _fill_ratios(records: list[Record]) -> None:
         naive, eager = e2e(BASELINE, r.batch_size), e2e(REFERENCE, r.batch_size)
         r.vs_naive = r.e2e_tok_s.median / naive if naive else None
         r.vs_eager = r.e2e_tok_s.median / eager if eager else None
+
+
+def mark_noisy(records: list[Record]) -> None:
+    """Rank the rows of each batch size by median e2e tokens/s, and mark each pair of neighbours
+    that their repeats cannot tell apart: the slower one's fastest repeat reaches the faster one's
+    median. Noise on a shared machine only ever slows a run down, so a row's upper half (median to
+    fastest) is where its speed is; one slowed repeat (of 3 or more) moves neither end of it."""
+    for batch in {r.batch_size for r in records}:
+        ranked = sorted((r for r in records if r.batch_size == batch and r.status == "ok" and r.e2e_tok_s),
+                        key=lambda r: r.e2e_tok_s.median, reverse=True)  # fmt: skip
+        for faster, slower in zip(ranked, ranked[1:]):
+            if slower.e2e_tok_s.max >= faster.e2e_tok_s.median:
+                why = (f"{slower.backend}'s fastest repeat ({slower.e2e_tok_s.max:.4g} tok/s) reaches {faster.backend}'s "
+                       f"median ({faster.e2e_tok_s.median:.4g}): too noisy to rank {faster.backend} above {slower.backend}")  # fmt: skip
+                for r in (faster, slower):
+                    r.noisy = f"{r.noisy}; {why}" if r.noisy else why

@@ -5,11 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tformer.bench.harness import Record
@@ -24,7 +25,9 @@ def record_dict(record: Any) -> dict:
 
 
 def print_table(records: Sequence[Record], title: str, console: Console | None = None) -> None:
-    """Aligned table with units in the headers; a flagged row is marked, never ranked."""
+    """Aligned table with units in the headers; a flagged row is marked, never ranked, and rows
+    too noisy to rank against each other are marked `~`. Text from the records is printed
+    verbatim, never read as rich markup (`pip install 'tformer[hf]'` keeps its brackets)."""
     console = console or Console(width=max(Console().width, 170))
     table = Table(title=title, title_justify="left")
     headers = ("backend", "batch", "TTFT ms", "ITL p50 ms", "ITL p90 ms", "ITL p99 ms", "decode tok/s",
@@ -36,10 +39,10 @@ def print_table(records: Sequence[Record], title: str, console: Console | None =
         mark = "!" if r.flagged else ""
         check = {True: "ok", False: "MISMATCH", None: "n/a"}[r.matches_eager]
         table.add_row(
-            r.backend, str(r.batch_size), _num(r.ttft_ms.median),
+            escape(r.backend), str(r.batch_size), _num(r.ttft_ms.median),
             *(_num(r.itl_ms[p]) if r.itl_ms else "-" for p in ("p50", "p90", "p99")),
             _num(r.decode_tok_s.median) if r.decode_tok_s else "-",
-            f"{_num(r.e2e_tok_s.median)} ({_num(r.e2e_tok_s.min)}-{_num(r.e2e_tok_s.max)})",
+            f"{_num(r.e2e_tok_s.median)} ({_num(r.e2e_tok_s.min)}-{_num(r.e2e_tok_s.max)})" + ("~" if r.noisy else ""),
             _ratio(r.vs_naive) + mark, _ratio(r.vs_eager) + mark, _num(r.peak_mem_mib),
             _num((r.setup_s or 0) + (r.warmup_s or 0)), check, style="red" if r.flagged else None,
         )  # fmt: skip
@@ -48,19 +51,40 @@ def print_table(records: Sequence[Record], title: str, console: Console | None =
         ranked = [r for r in timed if r.batch_size == batch and not r.flagged]
         if ranked:
             best = max(ranked, key=lambda r: r.e2e_tok_s.median)
-            console.print(f"batch {batch}: fastest is {best.backend} ({_num(best.e2e_tok_s.median)} tok/s end to end)")
+            unsure = " by median, but too noisy to rank (~)" if best.noisy else ""
+            console.print(f"batch {batch}: fastest is {escape(best.backend)} ({_num(best.e2e_tok_s.median)} tok/s end to end){unsure}")
+    for why in dict.fromkeys(f"batch {r.batch_size}: {part}" for r in timed if r.noisy for part in r.noisy.split("; ")):
+        console.print(f"[yellow]~ {escape(why)}[/yellow]")
     for r in timed:
         if r.flagged:
-            console.print(f"[red]! {r.backend} batch {r.batch_size}: {r.reason}; its figures are not ranked[/red]")
+            console.print(f"[red]! {escape(r.backend)} batch {r.batch_size}: {escape(r.reason)}; its figures are not ranked[/red]")
     for r in {r.backend: r for r in timed if r.warm_setup_s is not None}.values():
-        console.print(f"{r.backend}: setup {_num(r.setup_s)} s as found here, {_num(r.warm_setup_s)} s in a second process (warm caches)")
+        console.print(f"{escape(r.backend)}: setup {_num(r.setup_s)} s as found here, {_num(r.warm_setup_s)} s in a second process (warm caches)")
     for name, implementation in dict.fromkeys((r.backend, r.implementation) for r in timed if r.implementation):
-        console.print(f"{name} runs {implementation}")
+        console.print(f"{escape(name)} runs {escape(implementation)}")
     for name, note in dict.fromkeys((r.backend, n) for r in timed for n in r.notes):
-        console.print(f"[yellow]{name}: {note}[/yellow]")
+        console.print(f"[yellow]{escape(name)}: {escape(note)}[/yellow]")
     for name, reason in dict.fromkeys((r.backend, r.reason) for r in records if r.status == "skipped"):
-        console.print(f"skipped {name}: {reason}")
-    console.print(f"memory: {next((r.mem_source for r in timed), '-')}; warm-up s = setup (build, export, compile, correctness check) + untimed warm-up runs")
+        console.print(f"skipped {escape(name)}: {escape(reason)}")
+    if timed:
+        console.print(f"timed: {timed[0].repeats} rounds per batch size, each running every row once, in an order "
+                      "rotated each round; figures are medians (min-max) over the rounds")  # fmt: skip
+    for source, names in _group(timed, lambda r: r.mem_source, lambda r: r.backend).items():
+        bases = [r.mem_base_mib for r in timed if r.mem_source == source and r.mem_base_mib is not None]
+        span = "-".join(dict.fromkeys((_num(min(bases, default=None)), _num(max(bases, default=None)))))
+        base = f"; before the row's setup it held {span} MiB (interpreter, torch, the model)" if bases else ""
+        console.print(f"peak MiB of {', '.join(map(escape, names))}: {escape(source or '-')}{base}")
+    console.print("warm-up s = setup (build, export, compile, correctness check) + untimed warm-up runs")
+
+
+def _group(items: Sequence[Any], key: Callable[[Any], str], label: Callable[[Any], str]) -> dict[str, list[str]]:
+    """The labels of `items` by key, each label once, in order."""
+    groups: dict[str, list[str]] = {}
+    for item in items:
+        labels = groups.setdefault(key(item), [])
+        if label(item) not in labels:
+            labels.append(label(item))
+    return groups
 
 
 def print_kernel_table(records: Sequence[KernelRecord], title: str, copy_bw: float | None, console: Console | None = None) -> None:
@@ -86,17 +110,11 @@ def print_kernel_table(records: Sequence[KernelRecord], title: str, copy_bw: flo
         console.print(f"device copy bandwidth (1 GiB device-to-device, read + write): {copy_bw:.0f} GB/s")
     for r in records:
         if r.flagged:
-            console.print(f"[red]! {r.kind} {r.impl} seq {r.seq} D {r.head_dim} {r.dtype}: {r.reason}[/red]")
-    for reason, rows in _group_skips(records).items():
-        console.print(f"skipped {', '.join(rows)}: {reason}")
-
-
-def _group_skips(records: Sequence[KernelRecord]) -> dict[str, list[str]]:
-    skips: dict[str, list[str]] = {}
-    for r in records:
-        if r.status == "skipped":
-            skips.setdefault(r.reason, []).append(f"{r.kind} {r.impl} b{r.batch} h{r.heads} s{r.seq} d{r.head_dim} {r.dtype}")
-    return skips
+            console.print(f"[red]! {r.kind} {r.impl} seq {r.seq} D {r.head_dim} {r.dtype}: {escape(r.reason)}[/red]")
+    skips = _group([r for r in records if r.status == "skipped"], lambda r: r.reason,
+                   lambda r: f"{r.kind} {r.impl} b{r.batch} h{r.heads} s{r.seq} d{r.head_dim} {r.dtype}")  # fmt: skip
+    for reason, rows in skips.items():
+        console.print(f"skipped {', '.join(rows)}: {escape(reason)}")
 
 
 def _num(value: float | None) -> str:
