@@ -1,4 +1,4 @@
-"""Eager PyTorch: the model as written, over a preallocated cache. The reference backend."""
+"""Eager PyTorch: the model as written, over a preallocated cache of rows. The reference backend."""
 
 from __future__ import annotations
 
@@ -20,12 +20,16 @@ class EagerBackend(BackendBase):
         self.device = device
         self.dtype = dtype
 
-    def allocate_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache.allocate(self.config, batch, max_len, self.device, self.dtype)
+    def allocate_cache(self, rows: int, slots: int) -> KVCache:
+        return KVCache.allocate(self.config, rows, slots, self.device, self.dtype)
 
     def step(
-        self, input_ids: torch.Tensor, input_pos: torch.Tensor, start: torch.Tensor, cache: KVCache
+        self, input_ids: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, cache: KVCache
     ) -> torch.Tensor:
-        # Attend over the filled slots only, not the whole preallocated cache: a host-side length
-        # (one tiny sync) halves the attention work of an average decode step.
-        return self.model(input_ids, input_pos, start, cache.prefix(int(input_pos[-1]) + 1))
+        # Attend over the filled slots only, not the whole preallocated row (a host-side length, one
+        # tiny sync, halves the attention work of an average decode step), and read consecutive
+        # cache rows as a view rather than a gathered copy.
+        span = int(lengths.max())
+        ids = rows.tolist()
+        block = slice(ids[0], ids[0] + len(ids)) if ids == list(range(ids[0], ids[0] + len(ids))) else None
+        return self.model.step(input_ids, start, lengths, rows, cache, span, block)

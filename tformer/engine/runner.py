@@ -1,0 +1,40 @@
+"""The model runner: turns a step's requests into one backend call and the logits back into rows.
+
+It owns the backend's cache, allocated once: `max_batch_size` rows of `max_len + chunk` slots (the
+`chunk` spare slots take the keys and values of a prefill's padding columns, which may run past a
+request's own end: see the backend contract in `tformer.backends.base`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tformer.backends.base import Backend
+from tformer.engine.request import Request
+
+
+class ModelRunner:
+    def __init__(self, backend: Backend, max_batch_size: int, max_len: int, chunk: int):
+        self.backend = backend
+        self.cache = backend.allocate_cache(max_batch_size, max_len + chunk)
+
+    def prefill(self, work: list[tuple[Request, int]]) -> torch.Tensor:
+        """Feed each request its next `n` prompt tokens; logits `(B, V)` of each one's last."""
+        width = max(n for _, n in work)
+        ids = torch.zeros(len(work), width, dtype=torch.long)  # right-padded with id 0
+        for b, (request, n) in enumerate(work):
+            ids[b, :n] = torch.tensor(request.prompt[request.prefilled : request.prefilled + n])
+        start = [r.prefilled for r, _ in work]
+        return self._step(ids, start, [s + n for s, (_, n) in zip(start, work)], [r.row for r, _ in work])
+
+    def decode(self, requests: list[Request]) -> torch.Tensor:
+        """Feed each request its newest token; logits `(B, V)` of the next."""
+        ids = torch.tensor([[r.output[-1]] for r in requests])
+        start = [r.cached for r in requests]
+        return self._step(ids, start, [s + 1 for s in start], [r.row for r in requests])
+
+    def _step(self, ids: torch.Tensor, start: list[int], lengths: list[int], rows: list[int]) -> torch.Tensor:
+        device = self.backend.device
+        columns = torch.tensor([start, lengths, rows]).to(device)  # one copy to the device for all three
+        with torch.inference_mode():
+            return self.backend.step(ids.to(device), columns[0], columns[1], columns[2], self.cache)
