@@ -197,6 +197,13 @@ class Runtime:
         _, _, outputs = self._run([as_prompt(prompt)], sampling)
         return (out.token for out in outputs if out.token is not None and out.token != self.eos_id)
 
+    def outputs(self, prompts: Sequence[Sequence[int]], **sampling) -> Iterator[RequestOutput]:
+        """The engine's outputs for these id prompts as they come, each `RequestOutput(request_id,
+        token, finish_reason)` (one per request per engine step; EOS included): for callers that
+        need the steps themselves, such as the benchmark. Input errors raise at call time."""
+        _, _, outputs = self._run(as_prompts(prompts), sampling)
+        return outputs
+
     def generate(self, prompts: str | Sequence[str], stop: str | Sequence[str] | None = (), **sampling) -> list[str]:
         """Completion text for each prompt (a string or a list of strings; always returns a list).
 

@@ -42,7 +42,6 @@ from tformer.bench.stats import Spread, percentiles
 from tformer.checkpoint import save_checkpoint
 from tformer.config import ModelConfig
 from tformer.errors import TformerError, one_line
-from tformer.generate import SamplingParams, generate_tokens
 from tformer.model import TransformerLM
 from tformer.runtime import Runtime
 
@@ -136,12 +135,16 @@ def make_prompts(vocab_size: int, batch_size: int, prompt_len: int, seed: int = 
 
 
 def loop_generation(runtime: Runtime, prompts: list[list[int]], new_tokens: int) -> Generation:
-    """A greedy generation through tformer's own loop on `runtime`'s backend (no EOS: full length)."""
-    params = SamplingParams(max_new_tokens=new_tokens, temperature=0)
+    """A greedy generation through tformer's engine on `runtime` (no EOS: full length). All prompts
+    are admitted at once (the runtime sizes its rows to the batch), so every engine step gives
+    each of them one token: `tick` after each step's outputs."""
 
     def run(tick: Callable[[], None]) -> None:
-        for _ in generate_tokens(runtime.backend, prompts, params):
-            tick()
+        seen = 0
+        for _ in runtime.outputs(prompts, max_new_tokens=new_tokens, temperature=0):
+            seen += 1
+            if seen % len(prompts) == 0:
+                tick()
 
     return run
 

@@ -72,8 +72,9 @@ class Engine:
         `on_output(output)` is called, from whichever thread steps the engine, for each of its outputs."""
         prompt = [int(t) for t in prompt]
         context = self.backend.config.max_len
-        check_prompt(prompt, params.max_new_tokens, self.backend.config.vocab_size, self.max_len,
-                     limit=f"this engine's max_len (the model's context is {context})")  # fmt: skip
+        check_prompt(prompt, params.max_new_tokens, self.backend.config.vocab_size, self.max_len, limit="this engine's max_len",
+                     fix=f"shorten the prompt, lower max_new_tokens, or give the engine a larger max_len (up to the "
+                         f"model's context, {context})")  # fmt: skip
         stops = tuple(tuple(int(t) for t in s) for s in stop)
         if any(not s for s in stops):
             raise TformerError("stop token sequences must not be empty")

@@ -81,7 +81,7 @@ class Request:
 
 def check_prompt(
     prompt: list[int], max_new_tokens: int, vocab_size: int, max_len: int, label: str = "the prompt",
-    limit: str = "the model's context",
+    limit: str = "the model's context", fix: str = "shorten the prompt or lower max_new_tokens",
 ) -> None:  # fmt: skip
     """Raise TformerError, naming `label`, for an empty prompt, an id outside the vocabulary, or a
     prompt that with `max_new_tokens` can never fit in `max_len` tokens (`limit` says whose)."""
@@ -93,5 +93,5 @@ def check_prompt(
     if len(prompt) + max_new_tokens > max_len:
         raise TformerError(
             f"{label} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} that exceeds {limit} of "
-            f"{max_len} tokens: shorten the prompt or lower max_new_tokens"
+            f"{max_len} tokens: {fix}"
         )

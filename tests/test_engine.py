@@ -1,0 +1,181 @@
+"""The continuous-batching engine, on every backend, against the tutorial model run alone.
+
+The reference for each request is the tutorial's `TransformerModel` re-running the whole
+sequence for every token (its own loop), for that request's prompt alone: whatever else shares
+the batch, whenever it joins or leaves, a request's greedy tokens must be exactly those.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+
+from tformer.engine import Engine, SamplingParams
+from tformer.errors import TformerError
+from tformer.reference import TransformerModel
+from tformer.runtime import Runtime
+
+BATCH = 8
+REQUESTS = 32
+
+
+def tutorial_greedy(reference: TransformerModel, prompt: list[int], new_tokens: int) -> list[int]:
+    """The tutorial's own loop: the whole sequence through the model for every new token."""
+    seq, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            x = torch.tensor(seq)[:, None]  # (T, 1) seq-first
+            token = int(reference(x, reference.generate_square_subsequent_mask(len(seq)))[-1, 0].argmax())
+            out.append(token)
+            seq.append(token)
+    return out
+
+
+@pytest.fixture(scope="module")
+def workload(trained):
+    """32 requests: prompt lengths 1..100 and output lengths 1..80 (seeded), and the tutorial
+    model's greedy tokens for each prompt alone."""
+    model, _ = trained
+    reference = TransformerModel(model.config.vocab_size, model.config.d_model, model.config.nhead,
+                                 model.config.d_ff, model.config.n_layers, 0.0)  # fmt: skip
+    reference.pos_encoder.pe = reference.pos_encoder.pe[: model.config.max_len]
+    reference.load_state_dict(model.state_dict())
+    reference.eval()
+    rng = random.Random(7)
+    lengths = [1, 100] + [rng.randint(1, 100) for _ in range(REQUESTS - 2)]
+    outputs = [80, 1] + [rng.randint(1, 80) for _ in range(REQUESTS - 2)]
+    prompts = [[rng.randrange(model.config.vocab_size) for _ in range(n)] for n in lengths]
+    expected = [tutorial_greedy(reference, p, n) for p, n in zip(prompts, outputs)]
+    return prompts, outputs, expected
+
+
+def run_staggered(engine: Engine, prompts: list[list[int]], outputs: list[int]) -> dict[int, list[int]]:
+    """Add request i at engine step i (so requests join a running batch, and wait once all rows
+    are busy); step until every request is done. Tokens per request, in order."""
+    tokens: dict[int, list[int]] = {}
+    order: list[int] = []
+    step = 0
+    while len(order) < len(prompts) or engine.has_unfinished():
+        if len(order) < len(prompts):
+            i = len(order)
+            order.append(engine.add_request(prompts[i], SamplingParams(max_new_tokens=outputs[i], temperature=0)))
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).append(out.token)
+        step += 1
+        assert step < 10_000
+    return {i: tokens[rid] for i, rid in enumerate(order)}
+
+
+def check_backend(trained, workload, backend: str) -> None:
+    model, _ = trained
+    prompts, outputs, expected = workload
+    runtime = Runtime.from_model(copy.deepcopy(model), backend=backend, device="cpu")
+    engine = Engine(runtime.backend, max_batch_size=BATCH, max_len=192)
+    got = run_staggered(engine, prompts, outputs)
+    wrong = [i for i in range(len(prompts)) if got[i] != expected[i]]
+    assert not wrong, f"{backend}: requests {wrong} differ from the tutorial model run alone (first: {wrong[0]})"
+
+
+@pytest.mark.parametrize("backend", ["eager", "naive", "compile", "aot", "onnx", "triton"])
+def test_staggered_requests_equal_the_tutorial_model_alone(trained, workload, backend):
+    check_backend(trained, workload, backend)
+
+
+def test_workload_is_varied(workload):
+    prompts, outputs, expected = workload
+    assert min(map(len, prompts)) == 1 and max(map(len, prompts)) == 100 and max(outputs) == 80
+    assert len({t for row in expected for t in row}) >= 10  # greedy varies with context
+
+
+def test_seeded_request_is_the_same_alone_and_in_a_busy_batch(trained):
+    model, _ = trained
+    backend = Runtime.from_model(copy.deepcopy(model), device="cpu").backend
+    prompt = [5, 17, 42, 8, 99]
+    params = SamplingParams(max_new_tokens=30, temperature=1.0, top_k=None, seed=1234)
+
+    alone = Engine(backend, max_batch_size=4, max_len=64)
+    rid = alone.add_request(prompt, params)
+    solo = [o.token for _ in iter(alone.has_unfinished, False) for o in alone.step() if o.request_id == rid]
+
+    busy = Engine(backend, max_batch_size=4, max_len=64)
+    noise = [busy.add_request([i + 1] * (i + 2), SamplingParams(max_new_tokens=40, temperature=0.9)) for i in range(3)]
+    busy.step()
+    busy.step()  # the others are decoding when ours arrives
+    rid = busy.add_request(prompt, params)
+    crowded = [o.token for _ in iter(busy.has_unfinished, False) for o in busy.step() if o.request_id == rid]
+    assert len(noise) == 3 and len(solo) == 30 and crowded == solo
+
+
+def test_abort_frees_the_row_for_a_waiting_request(trained):
+    model, _ = trained
+    backend = Runtime.from_model(copy.deepcopy(model), device="cpu").backend
+    engine = Engine(backend, max_batch_size=2, max_len=64)
+    long = SamplingParams(max_new_tokens=50, temperature=0)
+    a, b, c = (engine.add_request([1, 2, 3], long) for _ in range(3))
+    first = engine.step()
+    assert {o.request_id for o in first} == {a, b}  # c waits: both rows are busy
+    assert engine.abort(a)
+    second = engine.step()
+    assert (a, None, "abort") in [(o.request_id, o.token, o.finish_reason) for o in second]
+    assert {o.request_id for o in second if o.token is not None} == {b, c}  # c started in the very next step
+    assert not engine.abort(a)  # already finished
+    waiting = engine.add_request([4], long)
+    assert engine.abort(waiting)  # a waiting request can be aborted too
+    assert (waiting, None, "abort") in [(o.request_id, o.token, o.finish_reason) for o in engine.step()]
+
+
+def test_finish_reasons(trained):
+    model, _ = trained
+    backend = Runtime.from_model(copy.deepcopy(model), device="cpu").backend
+    engine = Engine(backend, max_batch_size=4, max_len=64)
+    greedy = SamplingParams(max_new_tokens=12, temperature=0)
+    probe = engine.add_request([3, 1, 4], greedy)
+    tokens = [o.token for _ in iter(engine.has_unfinished, False) for o in engine.step()]
+    assert len(tokens) == 12
+    by_eos = engine.add_request([3, 1, 4], greedy, eos_id=tokens[4])
+    by_stop = engine.add_request([3, 1, 4], greedy, stop=[tokens[2:4]])
+    by_length = engine.add_request([3, 1, 4], SamplingParams(max_new_tokens=3, temperature=0))
+    last = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            last[o.request_id] = o
+    assert probe not in last
+    assert (last[by_eos].finish_reason, last[by_eos].token) == ("eos", tokens[4])
+    assert last[by_stop].finish_reason == "stop" and last[by_length].finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda e: e.add_request([1] * 60, SamplingParams(max_new_tokens=10)),
+         "the prompt has 60 tokens; with max_new_tokens=10 that exceeds this engine's max_len of 64 tokens: .* "
+         "a larger max_len \\(up to the model's context, 512\\)"),
+        (lambda e: e.add_request([], SamplingParams()), "the prompt is empty"),
+        (lambda e: e.add_request([400], SamplingParams()), r"token id 400 is outside the vocabulary \[0, 320\)"),
+        (lambda e: e.add_request([1], SamplingParams(max_new_tokens=4), stop=[[]]), "stop token sequences must not be empty"),
+    ],
+)
+def test_requests_that_can_never_run_are_refused_at_once(trained, call, message):
+    model, _ = trained
+    backend = Runtime.from_model(copy.deepcopy(model), device="cpu").backend
+    engine = Engine(backend, max_batch_size=2, max_len=64)
+    with pytest.raises(TformerError, match=message):
+        call(engine)
+    assert not engine.has_unfinished()
+
+
+def test_engine_options_and_cache_size(trained):
+    model, _ = trained
+    backend = Runtime.from_model(copy.deepcopy(model), device="cpu").backend
+    engine = Engine(backend, max_batch_size=3, max_len=100)
+    c = model.config
+    slots = 100 + engine.chunk
+    assert engine.cache_bytes == 2 * c.n_layers * 3 * c.nhead * slots * c.head_dim * 4
+    assert "max_batch_size=3, max_len=100, cache" in repr(engine)
+    with pytest.raises(TformerError, match="max_len must be an integer in"):
+        Engine(backend, max_batch_size=2, max_len=c.max_len + 1)
+    with pytest.raises(TformerError, match="max_batch_size must be a positive integer"):
+        Engine(backend, max_batch_size=0)
