@@ -15,23 +15,11 @@ import torch
 
 from tformer.engine import Engine, SamplingParams
 from tformer.errors import TformerError
-from tformer.reference import TransformerModel
+from tformer.reference import TransformerModel, generate_full_recompute
 from tformer.runtime import Runtime
 
 BATCH = 8
 REQUESTS = 32
-
-
-def tutorial_greedy(reference: TransformerModel, prompt: list[int], new_tokens: int) -> list[int]:
-    """The tutorial's own loop: the whole sequence through the model for every new token."""
-    seq, out = list(prompt), []
-    with torch.no_grad():
-        for _ in range(new_tokens):
-            x = torch.tensor(seq)[:, None]  # (T, 1) seq-first
-            token = int(reference(x, reference.generate_square_subsequent_mask(len(seq)))[-1, 0].argmax())
-            out.append(token)
-            seq.append(token)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +36,7 @@ def workload(trained):
     lengths = [1, 100] + [rng.randint(1, 100) for _ in range(REQUESTS - 2)]
     outputs = [80, 1] + [rng.randint(1, 80) for _ in range(REQUESTS - 2)]
     prompts = [[rng.randrange(model.config.vocab_size) for _ in range(n)] for n in lengths]
-    expected = [tutorial_greedy(reference, p, n) for p, n in zip(prompts, outputs)]
+    expected = [generate_full_recompute(reference, [p], n)[0] for p, n in zip(prompts, outputs)]
     return prompts, outputs, expected
 
 
