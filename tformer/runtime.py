@@ -7,6 +7,7 @@ and streaming pieces as they become whole characters.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -234,13 +235,14 @@ class Runtime:
 
     @staticmethod
     def _stream_text(text: StopText, outputs: Iterator[RequestOutput]) -> Iterator[str]:
-        for out in outputs:
-            if out.token is not None:
-                text.push(out.token)
-            if piece := text.ready():
-                yield piece
-            if text.stopped:
-                return  # closing `outputs` aborts the request
+        with contextlib.closing(outputs):  # leaving early (a stop string) aborts the request
+            for out in outputs:
+                if out.token is not None:
+                    text.push(out.token)
+                if piece := text.ready():
+                    yield piece
+                if text.stopped:
+                    return
         text.stopped = True  # generation is over: nothing more can complete a stop string
         if piece := text.ready():
             yield piece

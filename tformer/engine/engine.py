@@ -45,7 +45,7 @@ class Engine:
         self.runner = ModelRunner(backend, self.max_batch_size, self.max_len, self.chunk)
         self.scheduler = Scheduler(self.max_batch_size, self.chunk)
         self._requests: dict[int, Request] = {}
-        self._aborted: list[RequestOutput] = []  # delivered by the next step
+        self._aborted: list[tuple[Request, RequestOutput]] = []  # delivered by the next step
         self._lock = threading.RLock()
 
     @property
@@ -94,7 +94,7 @@ class Engine:
             if request is None:
                 return False
             self.scheduler.finish(request, "abort")
-            self._aborted.append(RequestOutput(request.id, None, "abort"))
+            self._aborted.append((request, RequestOutput(request.id, None, "abort")))
             return True
 
     def has_unfinished(self) -> bool:
@@ -105,26 +105,24 @@ class Engine:
         """Prefill newly admitted requests and decode every running one; each request that produced
         a token (and each aborted since the last step) gets one output."""
         with self._lock:
-            outputs, self._aborted = self._aborted, []
+            finished, self._aborted = self._aborted, []
             plan = self.scheduler.schedule()
             if plan.prefill:
                 logits = self.runner.prefill(plan.prefill)
                 for request, n in plan.prefill:
                     request.prefilled += n
                 done = [(b, r) for b, (r, _) in enumerate(plan.prefill) if not r.prefilling]
-                outputs += self._sample(logits, done)
+                finished += self._sample(logits, done)
             if plan.decode:
-                outputs += self._sample(self.runner.decode(plan.decode), list(enumerate(plan.decode)))
-            for output in outputs:
-                request = self._requests.get(output.request_id)
+                finished += self._sample(self.runner.decode(plan.decode), list(enumerate(plan.decode)))
+            for request, output in finished:
                 if output.finished:
-                    self._requests.pop(output.request_id, None)
-                callback = request.on_output if request is not None else None
-                if callback is not None:
-                    callback(output)
-            return outputs
+                    self._requests.pop(request.id, None)
+                if request.on_output is not None:
+                    request.on_output(output)
+            return [output for _, output in finished]
 
-    def _sample(self, logits: torch.Tensor, rows: list[tuple[int, Request]]) -> list[RequestOutput]:
+    def _sample(self, logits: torch.Tensor, rows: list[tuple[int, Request]]) -> list[tuple[Request, RequestOutput]]:
         if not rows:
             return []
         picked = logits[torch.tensor([b for b, _ in rows], device=logits.device)]
@@ -134,5 +132,5 @@ class Engine:
             reason = request.finish_after(token)
             if reason is not None:
                 self.scheduler.finish(request, reason)
-            outputs.append(RequestOutput(request.id, token, reason))
+            outputs.append((request, RequestOutput(request.id, token, reason)))
         return outputs
