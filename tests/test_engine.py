@@ -167,3 +167,18 @@ def test_engine_options_and_cache_size(trained):
         Engine(backend, max_batch_size=2, max_len=c.max_len + 1)
     with pytest.raises(TformerError, match="max_batch_size must be a positive integer"):
         Engine(backend, max_batch_size=0)
+
+
+def test_static_batching_admits_only_into_an_empty_batch(trained):
+    """The throughput benchmark's baseline: a new batch starts only when the last one is done."""
+    model, _ = trained
+    backend = Runtime.from_model(copy.deepcopy(model), device="cpu").backend
+    engine = Engine(backend, max_batch_size=2, max_len=64, static=True)
+    short, long = SamplingParams(max_new_tokens=2, temperature=0), SamplingParams(max_new_tokens=6, temperature=0)
+    a, b, c = engine.add_request([1, 2], short), engine.add_request([3], long), engine.add_request([4], short)
+    steps = []
+    while engine.has_unfinished():
+        steps.append({o.request_id for o in engine.step()})
+    first_c = next(i for i, ids in enumerate(steps) if c in ids)
+    last_b = max(i for i, ids in enumerate(steps) if b in ids)
+    assert a in steps[0] and b in steps[0] and first_c == last_b + 1  # c waited for b, though a's row was free

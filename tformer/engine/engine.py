@@ -34,16 +34,20 @@ _REQUEST_IDS = itertools.count()  # unique across engines: an id never names ano
 
 
 class Engine:
-    def __init__(self, backend: Backend, max_batch_size: int = DEFAULT_BATCH, max_len: int | None = None):
+    def __init__(
+        self, backend: Backend, max_batch_size: int = DEFAULT_BATCH, max_len: int | None = None, static: bool = False
+    ):  # fmt: skip
         """Allocate the cache once: `max_batch_size` rows of `max_len` slots (default: the model's
-        context). A request needs `len(prompt) + max_new_tokens <= max_len`."""
+        context). A request needs `len(prompt) + max_new_tokens <= max_len`. `static`: admit
+        requests only into an empty batch (static batching, the baseline of `tformer-bench
+        throughput`)."""
         context = backend.config.max_len
         self.max_batch_size = as_int("max_batch_size", max_batch_size, minimum=1)
         self.max_len = as_int("max_len", context if max_len is None else max_len, minimum=2, maximum=context)
         self.chunk = min(CHUNK, self.max_len)
         self.backend = backend
         self.runner = ModelRunner(backend, self.max_batch_size, self.max_len, self.chunk)
-        self.scheduler = Scheduler(self.max_batch_size, self.chunk)
+        self.scheduler = Scheduler(self.max_batch_size, self.chunk, static)
         self._requests: dict[int, Request] = {}
         self._aborted: list[tuple[Request, RequestOutput]] = []  # delivered by the next step
         self._lock = threading.RLock()

@@ -9,7 +9,9 @@ backend can often read them as one block). Every step has up to two backend call
   within a budget of `chunk * 4` tokens a step so that decoding rows are never held up long;
 - a decode of every request whose prompt is in, one token each.
 
-A finished or aborted request gives its row back at once, for the next waiting one.
+A finished or aborted request gives its row back at once, for the next waiting one. With
+`static=True` the scheduler admits only into an empty batch, as a static-batching server does:
+the baseline that continuous batching is measured against.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ class Plan:
 
 
 class Scheduler:
-    def __init__(self, max_batch_size: int, chunk: int):
+    def __init__(self, max_batch_size: int, chunk: int, static: bool = False):
         self.chunk = chunk
+        self.static = static
         self.free_rows = list(range(max_batch_size))  # a heap: the lowest free row first
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admitted, in admission order
@@ -44,7 +47,8 @@ class Scheduler:
 
     def schedule(self) -> Plan:
         """Admit waiting requests into free rows, then plan this step's prefill and decode."""
-        while self.waiting and self.free_rows:
+        admitting = not (self.static and self.running)
+        while admitting and self.waiting and self.free_rows:
             request = self.waiting.popleft()
             request.row, request.state = heapq.heappop(self.free_rows), State.RUNNING
             self.running.append(request)
