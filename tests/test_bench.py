@@ -106,7 +106,7 @@ def test_benchmark_runtime_is_a_library_call(model):
 RECORD_FIELDS = {
     "backend", "batch_size", "prompt_len", "new_tokens", "status", "reason", "device", "device_name", "dtype",
     "implementation", "notes", "versions", "repeats", "warmup", "setup_s", "warmup_s", "warm_setup_s", "ttft_ms", "itl_ms", "decode_tok_s",
-    "e2e_tok_s", "e2e_samples", "peak_mem_mib", "mem_source", "mem_base_mib", "matches_eager", "vs_naive", "vs_eager",
+    "e2e_tok_s", "e2e_samples", "peak_mem_mib", "mem_source", "cache_mib", "mem_base_mib", "matches_eager", "vs_naive", "vs_eager",
     "noisy", "flagged",
 }  # fmt: skip
 

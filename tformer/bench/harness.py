@@ -90,6 +90,7 @@ class Record:
     e2e_samples: list[float] = field(default_factory=list)
     peak_mem_mib: float | None = None
     mem_source: str = ""  # what peak_mem_mib measures, and in which process
+    cache_mib: float | None = None  # the engine's preallocated KV cache (its rows sized to the batch)
     mem_base_mib: float | None = None  # measured in its own process: what that held before the row's setup
     matches_eager: bool | None = None  # greedy tokens vs eager; None: not comparable (other weights)
     vs_naive: float | None = None  # e2e tokens/s ratios at the same batch size
@@ -241,6 +242,7 @@ class Entrant:
     matches_eager: bool | None = None  # None: not checked, or not comparable (other weights)
     reason: str = ""  # why its tokens differ from eager's, or what the row is
     compiles: bool = False
+    cache_bytes: Callable[[], int | None] = lambda: None  # the engine's KV cache, read after the runs
 
     @classmethod
     def of(cls, runtime: Runtime, setup_s: float | None = None, matches_eager: bool | None = None, reason: str = "") -> Entrant:
@@ -248,6 +250,7 @@ class Entrant:
         return cls(
             backend.name, lambda prompts, n: loop_generation(runtime, prompts, n), backend.device, backend.dtype,
             backend.implementation, lambda: backend.notes, setup_s, matches_eager, reason, backend.traits.compiles,
+            lambda: runtime.engine.cache_bytes,
         )  # fmt: skip
 
     def record(self, batch_size: int, prompt_len: int, new_tokens: int, repeats: int, warmup: int, figures: dict) -> Record:
@@ -256,7 +259,8 @@ class Entrant:
             status="mismatch" if self.matches_eager is False else "ok", reason=self.reason, device=self.device.type,
             device_name=device_name(self.device), dtype=str(self.dtype).removeprefix("torch."),
             implementation=self.implementation, notes=list(self.notes()), versions=versions(), repeats=repeats,
-            warmup=warmup, setup_s=self.setup_s, matches_eager=self.matches_eager, **figures,
+            warmup=warmup, setup_s=self.setup_s, matches_eager=self.matches_eager,
+            cache_mib=None if (nbytes := self.cache_bytes()) is None else nbytes / 2**20, **figures,
         )  # fmt: skip
 
 
