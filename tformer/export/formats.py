@@ -74,9 +74,10 @@ FIELDS: dict[str, Check] = {
 
 @dataclass(frozen=True)
 class Case:
-    """One comparison of an export with PyTorch at validation: a batch (row 1 left-padded when
-    there are several) fed in `chunks` of new tokens, one step each (a prefill, then more tokens
-    on top of the cache); every step's logits must agree. `label` keys the report's row."""
+    """One comparison of an export with PyTorch at validation: a batch (row 1 right-padded when
+    there are several: its chunks up to 3 tokens shorter) fed in `chunks` of new tokens, one step
+    each (a prefill, then more tokens on top of the cache); every step's logits must agree.
+    `label` keys the report's row."""
 
     batch: int
     chunks: tuple[int, ...]
