@@ -84,7 +84,7 @@ class CompileBackend(BackendBase):
 
     def allocate_cache(self, rows: int, slots: int) -> KVCache:
         """`rows` rows and the scratch row. On the CPU, one slot more than asked: an attended span
-        (see `step`) is then never the whole, contiguous buffer, which the graphs' guards would tell
+        (see `_inputs`) is then never the whole, contiguous buffer, which the graphs' guards would tell
         apart from a strided view. On CUDA, buffers marked as static addresses for CUDA graphs."""
         cache = KVCache.allocate(self.config, rows + 1, slots + (not self._cuda), self.device, self.dtype)
         if self._cuda:
