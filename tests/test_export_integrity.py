@@ -29,6 +29,7 @@ import torch
 import tformer
 from tformer.backends import open_export
 from tformer.errors import TformerError
+from tformer.export.formats import format_named
 from tformer.export.integrity import verified_meta
 from tformer.exporter import export_model
 
@@ -171,8 +172,7 @@ def add_json_trials(suite: Suite, other_format: str) -> None:
             new = edited(meta, path, value)
             suite.add(f"tformer.json: {name} {what}", "json", "tformer.json", new, expect="error", match=(path[-1],))
     plausible = {
-        ("format",): [(other_format, "opset")],  # the other format has other fields
-        ("format_version",): [(1, "re-export"), (3, "upgrade tformer")],
+        ("format_version",): [(meta["format_version"] - 1, "re-export"), (meta["format_version"] + 1, "upgrade tformer")],
         ("dtype",): [("float16" if meta["dtype"] == "float32" else "float32", "'dtype'"), ("nonsense", "'dtype'")],
         ("weights_sha256",): [(hashlib.sha256(b"other").hexdigest(), "'weights_sha256'")],
         ("inputs",): [(meta["inputs"][:-1], "'inputs'")],
@@ -192,6 +192,10 @@ def add_json_trials(suite: Suite, other_format: str) -> None:
             new = edited(meta, path, value)
             name = f"tformer.json: {'.'.join(path)} = {value!r:.40} (#{i})"
             suite.add(name, "json", "tformer.json", new, expect="error", match=(match,))
+    other = format_named(other_format)  # the other format at its own version: its schema has other fields
+    new = edited({**meta, "format_version": other.version}, ("format",), other.name)
+    suite.add(f"tformer.json: format = {other.name!r}, version {other.version}", "json", "tformer.json", new,
+              expect="error", match=("opset",))  # fmt: skip
     informational = {"exporter": "something else", "versions": {**meta["versions"], "onnx": "0.0"},
                      "export_seconds": 999.5, "validation": None}  # fmt: skip
     for key, value in informational.items():

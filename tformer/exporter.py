@@ -3,10 +3,10 @@
 This sits above the backends because validation runs the export through the backend that will run
 it in production (opened from the finished directory, verified like any other) and compares
 it with the eager backend: the logits of every step of each of the format's `Case`s (a batch with
-a left-padded row, fed in chunks: a prefill, then more tokens on top of the cache), then 32
-greedy steps on a padded batch, which must give identical tokens. The directory is written by
-`tformer.export.writer`, which knows nothing of backends and calls validation back before it
-publishes the directory, so a failed validation leaves nothing behind.
+a right-padded row, fed in chunks: a prefill, then more tokens on top of the cache), then 32
+greedy steps on a batch of prompts of different lengths, which must give identical tokens. The
+directory is written by `tformer.export.writer`, which knows nothing of backends and calls
+validation back before it publishes the directory, so a failed validation leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -112,8 +112,8 @@ def _compare(case: Case, exported, eager, tolerance: float, log: Log) -> dict:
 
 
 def greedy_check(exported: Runtime, eager: Runtime, log: Log) -> dict:
-    """32 greedy steps on a left-padded batch of 3 prompts through the exported runtime and through
-    eager must give the same tokens. Raises TformerError naming the first differing prompt."""
+    """32 greedy steps on a batch of 3 prompts of different lengths through the exported runtime
+    and through eager must give the same tokens. Raises TformerError naming the first differing prompt."""
     prompts = [[t % eager.config.vocab_size for t in p] for p in ([1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13])]
     ours = exported.generate_ids(prompts, max_new_tokens=GREEDY_STEPS, temperature=0)
     theirs = eager.generate_ids(prompts, max_new_tokens=GREEDY_STEPS, temperature=0)

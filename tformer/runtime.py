@@ -168,12 +168,12 @@ class Runtime:
         return self._engine_for(1, 2)
 
     def warmup(self, batch_sizes: Sequence[int] = (1,), max_prompt_len: int = 128, max_new_tokens: int = 128) -> float:
-        """Size the engine for these bounds and run one generation per batch size at the longest
-        expected request, so that compiling backends compile now rather than on the first user
-        request. Later requests within these bounds then run without recompiling. Returns the
-        seconds taken."""
+        """Size the engine for these bounds, have the backend compile what its steps may need
+        (`Engine.warmup`), and run one generation per batch size at the longest expected request,
+        so that compiling backends compile now rather than on the first user request. Later
+        requests within these bounds then run without recompiling. Returns the seconds taken."""
         began = time.perf_counter()
-        self._engine_for(max(batch_sizes), max_prompt_len + max_new_tokens)
+        self._engine_for(max(batch_sizes), max_prompt_len + max_new_tokens).warmup()
         for batch in batch_sizes:
             self.generate_ids([[0] * max_prompt_len] * batch, max_new_tokens=max_new_tokens, temperature=0)
         return time.perf_counter() - began

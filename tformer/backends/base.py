@@ -75,6 +75,12 @@ class Backend(Protocol):
         """
         ...
 
+    def warmup(self, cache: Any) -> None:
+        """Compile now, for steps over `cache`, everything a step may need, so that no step
+        compiles later (the engine's `warmup`, which `Runtime.warmup` calls). A no-op for backends
+        that compile nothing while running."""
+        ...
+
 
 class BackendBase:
     """The defaults of `Backend`'s descriptive parts, for backends to inherit."""
@@ -85,4 +91,7 @@ class BackendBase:
 
     @classmethod
     def unavailable(cls, device: torch.device) -> str | None:
+        return None
+
+    def warmup(self, cache: Any) -> None:
         return None

@@ -63,6 +63,12 @@ class Engine:
         return (f"Engine({self.backend.name} on {self.backend.device}, max_batch_size={self.max_batch_size}, "
                 f"max_len={self.max_len}{size})")  # fmt: skip
 
+    def warmup(self) -> None:
+        """Have the backend compile now whatever steps over this engine's cache may need (see
+        `Backend.warmup`), so that requests never wait for a compiler."""
+        with self._lock:
+            self.backend.warmup(self.runner.cache)
+
     def add_request(
         self,
         prompt: Sequence[int],
