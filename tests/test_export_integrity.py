@@ -360,12 +360,20 @@ def test_onnx_export_refuses_a_device_it_cannot_run_on(suites, monkeypatch):
         open_export(directory, torch.device("cuda"))
 
 
+def graph_value(values, name: str):
+    """The graph input or output (ValueInfoProto) called `name`."""
+    return next(v for v in values if v.name == name)
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda graph: graph.input[3].type.tensor_type.shape.dim[1].__setattr__("dim_value", 8), "graph's inputs differ"),
+        (lambda graph: graph_value(graph.input, "past.0.key").type.tensor_type.shape.dim[1].__setattr__("dim_value", 8),
+         "graph's inputs differ"),  # heads
+        (lambda graph: graph_value(graph.input, "last_index").type.tensor_type.__setattr__("elem_type", 6),
+         "graph's inputs differ"),  # int32
         (lambda graph: graph.output[0].type.tensor_type.__setattr__("elem_type", 10), "graph's outputs differ"),  # float16
-        (lambda graph: graph.input[4].__setattr__("name", "past.0.val"), "graph's inputs differ"),
+        (lambda graph: graph_value(graph.input, "past.0.value").__setattr__("name", "past.0.val"), "graph's inputs differ"),
     ],
 )
 def test_onnx_graph_that_differs_from_the_config_is_refused(suites, tmp_path, edit, message):
