@@ -68,8 +68,9 @@ class WrongBackend(EagerBackend):
 
     name = "wrong"
 
-    def step(self, input_ids, input_pos, start, cache):
-        return torch.nn.functional.one_hot((input_ids + 1) % self.config.vocab_size, self.config.vocab_size).float()
+    def step(self, input_ids, start, lengths, rows, cache):
+        last = input_ids[torch.arange(len(input_ids)), lengths - start - 1]  # (B,) each row's last new token
+        return torch.nn.functional.one_hot((last + 1) % self.config.vocab_size, self.config.vocab_size).float()
 
 
 def build_with_wrong(model):
@@ -170,11 +171,11 @@ class Paced(EagerBackend):
         super().__init__(model, torch.device("cpu"), torch.float32)
         self.name, self.delay, self.machine = name, delay, machine
 
-    def step(self, input_ids, input_pos, start, cache):
-        if input_ids.shape[1] > 1:  # a prefill: a generation begins
+    def step(self, input_ids, start, lengths, rows, cache):
+        if bool((start == 0).any()):  # a row's first chunk: a generation begins
             self.machine.log.append((self.name, self.machine.noisy))
         time.sleep(self.delay + (self.machine.extra if self.machine.noisy else 0.0))
-        return super().step(input_ids, input_pos, start, cache)
+        return super().step(input_ids, start, lengths, rows, cache)
 
 
 class Machine:
