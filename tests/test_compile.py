@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import os
 import random
-import threading
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from tformer.backends.compile import buckets
 from tformer.engine import Engine
 from tformer.runtime import Runtime
 
-from conftest import DEVICES
+from conftest import DEVICES, at_once
 from test_engine import run_staggered
 
 ROWS, PROMPT, NEW = 8, 100, 60  # the warm-up's bounds: 8 cache rows (buckets 1, 2, 4, 8), 160 tokens a request
@@ -73,19 +72,5 @@ def test_six_threads_at_once_on_a_fresh_runtime(trained, device):
     eager = Runtime.from_model(copy.deepcopy(model), device=device)
     want = [eager.generate_ids([p], max_new_tokens=20, temperature=0)[0] for p in prompts]
     runtime = Runtime.from_model(copy.deepcopy(model), backend="compile", device=device)
-    together = threading.Barrier(len(prompts))
-    got: dict[int, list[int] | BaseException] = {}
-
-    def call(i: int) -> None:
-        together.wait()
-        try:
-            got[i] = runtime.generate_ids([prompts[i]], max_new_tokens=20, temperature=0)[0]
-        except BaseException as exc:  # reported below, in the test's own thread
-            got[i] = exc
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert [got[i] for i in range(len(prompts))] == want
+    got = at_once(lambda i: runtime.generate_ids([prompts[i]], max_new_tokens=20, temperature=0)[0], len(prompts))
+    assert got == want

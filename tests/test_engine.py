@@ -7,13 +7,17 @@ the batch, whenever it joins or leaves, a request's greedy tokens must be exactl
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
 import random
 
 import pytest
 import torch
 
+from conftest import at_once
 from tformer.engine import Engine, SamplingParams
+from tformer.engine.front import AsyncEngine
 from tformer.errors import TformerError
 from tformer.reference import TransformerModel, generate_full_recompute
 from tformer.runtime import Runtime
@@ -65,6 +69,10 @@ def check_backend(trained, workload, backend: str) -> None:
     got = run_staggered(engine, prompts, outputs)
     wrong = [i for i in range(len(prompts)) if got[i] != expected[i]]
     assert not wrong, f"{backend}: requests {wrong} differ from the tutorial model run alone (first: {wrong[0]})"
+    # Runtime's methods from six threads at once on the same backend: their requests share the batch.
+    # Greedy, so the first 8 tokens of each are those of the full request (8 keeps the interpreter short).
+    threaded = at_once(lambda i: runtime.generate_ids([prompts[i]], max_new_tokens=min(8, outputs[i]), temperature=0)[0], 6)
+    assert threaded == [expected[i][:8] for i in range(6)], f"{backend}: threads at once differ from the requests alone"
 
 
 @pytest.mark.parametrize("backend", ["eager", "naive", "compile", "aot", "onnx", "triton"])
@@ -182,3 +190,52 @@ def test_static_batching_admits_only_into_an_empty_batch(trained):
     first_c = next(i for i, ids in enumerate(steps) if c in ids)
     last_b = max(i for i, ids in enumerate(steps) if b in ids)
     assert a in steps[0] and b in steps[0] and first_c == last_b + 1  # c waited for b, though a's row was free
+
+
+def test_async_front_serves_coroutines_and_threads_at_once(trained, workload):
+    """Coroutines on two event loops (one per thread) submit at once through one `AsyncEngine`;
+    every request streams exactly the tokens it gets alone, the last output with its reason."""
+    model, _ = trained
+    prompts, outputs, expected = workload
+    front = AsyncEngine(Engine(Runtime.from_model(copy.deepcopy(model), device="cpu").backend, max_batch_size=4, max_len=192))
+
+    async def one(i: int) -> tuple[list[int], str | None]:
+        tokens, reason = [], None
+        async for out in front.generate(prompts[i], SamplingParams(max_new_tokens=outputs[i], temperature=0)):
+            tokens.append(out.token)
+            reason = out.finish_reason
+        return tokens, reason
+
+    async def several(first: int) -> list:
+        return await asyncio.gather(*(one(i) for i in range(first, first + 5)))
+
+    try:
+        got = [r for part in at_once(lambda t: asyncio.run(several(5 * t)), 2) for r in part]
+    finally:
+        front.shutdown()
+    assert got == [(expected[i], "length") for i in range(10)]
+
+
+def test_async_consumer_that_stops_listening_aborts_its_request(trained):
+    """A client that goes away (its generator closed after two tokens) aborts its request: the
+    engine runs nothing more for it and its row serves the waiting request."""
+    model, _ = trained
+    engine = Engine(Runtime.from_model(copy.deepcopy(model), device="cpu").backend, max_batch_size=1, max_len=64)
+    front = AsyncEngine(engine)
+    long = SamplingParams(max_new_tokens=60, temperature=0)
+
+    async def scenario() -> tuple[int, int]:
+        seen = 0
+        async with contextlib.aclosing(front.generate([1, 2, 3], long)) as outputs:
+            async for _ in outputs:
+                seen += 1
+                if seen == 2:
+                    break  # closing the generator aborts the request
+        short = [out.token async for out in front.generate([4, 5], SamplingParams(max_new_tokens=3, temperature=0))]
+        return seen, len(short)
+
+    try:
+        assert asyncio.run(asyncio.wait_for(scenario(), 60)) == (2, 3)  # the one row went to the second request
+        assert not engine.has_unfinished()
+    finally:
+        front.shutdown()
