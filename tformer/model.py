@@ -61,6 +61,11 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy slots `0..length-1` of row `src` to row `dst`, in every layer."""
+        for t in self.k + self.v:
+            t[dst, :, :length] = t[src, :, :length]
+
 
 @dataclass
 class CacheView:

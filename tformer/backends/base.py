@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from tformer.config import ModelConfig
+from tformer.model import KVCache
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,13 @@ class Backend(Protocol):
         """
         ...
 
+    def move_row(self, cache: Any, src: int, dst: int, length: int) -> bool:
+        """Copy slots `0..length-1` of cache row `src` to row `dst`, or return False if this cache
+        cannot. Optional: the engine moves a request to a lower free row when one frees up and no
+        request waits for it, so that a step's rows stay one block (which backends read as a view
+        rather than gathering a copy of each row); without it rows stay where they are."""
+        ...
+
     def warmup(self, cache: Any) -> None:
         """Compile now, for steps over `cache`, everything a step may need, so that no step
         compiles later (the engine's `warmup`, which `Runtime.warmup` calls). A no-op for backends
@@ -92,6 +100,12 @@ class BackendBase:
     @classmethod
     def unavailable(cls, device: torch.device) -> str | None:
         return None
+
+    def move_row(self, cache: Any, src: int, dst: int, length: int) -> bool:
+        if not isinstance(cache, KVCache):
+            return False
+        cache.move_row(src, dst, length)
+        return True
 
     def warmup(self, cache: Any) -> None:
         return None

@@ -32,6 +32,10 @@ class NaiveBackend(BackendBase):
         """Per cache row, its tokens so far `(length,)`."""
         return [torch.zeros(0, dtype=torch.long, device=self.device) for _ in range(rows)]
 
+    def move_row(self, cache: list[torch.Tensor], src: int, dst: int, length: int) -> bool:
+        cache[dst] = cache[src][:length]
+        return True
+
     def step(
         self, input_ids: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor,
         cache: list[torch.Tensor],

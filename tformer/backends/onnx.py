@@ -167,6 +167,10 @@ class OnnxBackend(ExportBackend):
 
         return OnnxCache(kv, staging(), staging())
 
+    def move_row(self, cache: OnnxCache, src: int, dst: int, length: int) -> bool:
+        cache.kv.move_row(src, dst, length)
+        return True
+
     def step(
         self, input_ids: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, cache: OnnxCache
     ) -> torch.Tensor:

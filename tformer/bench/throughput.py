@@ -4,8 +4,9 @@ engine, continuous batching against static batching, per backend, side by side i
 A workload is N requests with prompt and output lengths drawn uniformly from ranges (seeded),
 arriving all at once or as a Poisson process at a given rate. The same workload runs through the
 engine twice per backend: with continuous batching (a request joins as soon as a row is free) and
-with static batching of the same size (requests are admitted only into an empty batch: the
-baseline row). Reported per run, with vLLM's names: request/s and output tokens/s over the whole
+with static batching of the same size (requests are admitted only into an empty batch, and each
+batch steps all its rows until its longest request is done, as HF `generate` and tformer's old
+loop did: the baseline row). Reported per run, with vLLM's names: request/s and output tokens/s over the whole
 run, and the mean, median and p99 of TTFT (arrival to first token), TPOT (time per output token
 after the first) and end-to-end latency (arrival to last token). Runs are interleaved over
 `repeats` rounds (each round runs every row once, in rotated order); each row reports its

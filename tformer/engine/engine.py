@@ -38,9 +38,9 @@ class Engine:
         self, backend: Backend, max_batch_size: int = DEFAULT_BATCH, max_len: int | None = None, static: bool = False
     ):  # fmt: skip
         """Allocate the cache once: `max_batch_size` rows of `max_len` slots (default: the model's
-        context). A request needs `len(prompt) + max_new_tokens <= max_len`. `static`: admit
-        requests only into an empty batch (static batching, the baseline of `tformer-bench
-        throughput`)."""
+        context). A request needs `len(prompt) + max_new_tokens <= max_len`. `static`: batch
+        statically, as HF `generate` does (admit only into an empty batch; finished rows keep
+        stepping until the batch is done): the baseline of `tformer-bench throughput`."""
         context = backend.config.max_len
         self.max_batch_size = as_int("max_batch_size", max_batch_size, minimum=1)
         self.max_len = as_int("max_len", context if max_len is None else max_len, minimum=2, maximum=context)
@@ -124,7 +124,13 @@ class Engine:
                 done = [(b, r) for b, (r, _) in enumerate(plan.prefill) if not r.prefilling]
                 finished += self._sample(logits, done)
             if plan.decode:
-                finished += self._sample(self.runner.decode(plan.decode), list(enumerate(plan.decode)))
+                # In row order: with every row busy that is rows 0..B-1, which a backend reads as one
+                # view of the cache instead of gathering a copy of each row (see EagerBackend.step).
+                # Padding rows (static batching) step too; their logits are unused.
+                batch = sorted(plan.decode + plan.padding, key=lambda r: r.row)
+                logits = self.runner.decode(batch)
+                finished += self._sample(logits, [(b, r) for b, r in enumerate(batch) if r.finish_reason is None])
+            self.scheduler.compact(self.runner.move)
             for request, output in finished:
                 if output.finished:
                     self._requests.pop(request.id, None)

@@ -33,6 +33,11 @@ class ModelRunner:
         start = [r.cached for r in requests]
         return self._step(ids, start, [s + 1 for s in start], [r.row for r in requests])
 
+    def move(self, request: Request, row: int) -> bool:
+        """Copy `request`'s cache row to `row` (False where the backend cannot)."""
+        move_row = getattr(self.backend, "move_row", None)  # optional in the Backend protocol
+        return bool(move_row is not None and move_row(self.cache, request.row, row, request.cached))
+
     def _step(self, ids: torch.Tensor, start: list[int], lengths: list[int], rows: list[int]) -> torch.Tensor:
         device = self.backend.device
         columns = torch.tensor([start, lengths, rows]).to(device)  # one copy to the device for all three
