@@ -39,7 +39,7 @@ class EagerBackend(BackendBase):
         ids, host_lengths = rows.tolist(), lengths.tolist()
         span = max(host_lengths)
         block = slice(ids[0], ids[0] + len(ids)) if ids == list(range(ids[0], ids[0] + len(ids))) else None
-        runs = runs_of_rows(host_lengths) if input_ids.shape[1] == 1 and self.device.type == "cpu" else []
+        runs = runs_of_rows(host_lengths) if input_ids.shape[1] == 1 and len(ids) > 2 and self.device.type == "cpu" else []
         if len(runs) < 2:
             return self.model.step(input_ids, start, lengths, rows, cache, span, block)
         bias = attention_bias(start[:, None], torch.arange(span, device=self.device), None, self.dtype)  # (B, 1, 1, S)

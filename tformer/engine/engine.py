@@ -141,7 +141,8 @@ class Engine:
     def _sample(self, logits: torch.Tensor, rows: list[tuple[int, Request]]) -> list[tuple[Request, RequestOutput]]:
         if not rows:
             return []
-        picked = logits[torch.tensor([b for b, _ in rows], device=logits.device)]
+        index = [b for b, _ in rows]
+        picked = logits if index == list(range(len(logits))) else logits[torch.tensor(index, device=logits.device)]
         tokens = sample_rows(picked, [r.params for _, r in rows], [r.generator for _, r in rows])
         outputs = []
         for (_, request), token in zip(rows, tokens):
