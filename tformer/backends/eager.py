@@ -39,7 +39,10 @@ class EagerBackend(BackendBase):
         ids, host_lengths = rows.tolist(), lengths.tolist()
         span = max(host_lengths)
         block = slice(ids[0], ids[0] + len(ids)) if ids == list(range(ids[0], ids[0] + len(ids))) else None
-        runs = runs_of_rows(host_lengths) if input_ids.shape[1] == 1 and len(ids) > 2 and self.device.type == "cpu" else []
+        decode = input_ids.shape[1] == 1
+        if decode and min(host_lengths) == span:  # every row attends to all `span` slots: no mask to build or apply
+            return self.model.step(input_ids, start, lengths, rows, cache, span, block, unmasked)
+        runs = runs_of_rows(host_lengths) if decode and len(ids) > 2 and self.device.type == "cpu" else []
         if len(runs) < 2:
             return self.model.step(input_ids, start, lengths, rows, cache, span, block)
         bias = attention_bias(start[:, None], torch.arange(span, device=self.device), None, self.dtype)  # (B, 1, 1, S)
@@ -51,6 +54,12 @@ class EagerBackend(BackendBase):
                               for a, b, s in runs])  # fmt: skip
 
         return self.model.step(input_ids, start, lengths, rows, cache, span, block, attend)
+
+
+def unmasked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention of every query to every key: a decode step whose rows all have the same length
+    (batch 1 always)."""
+    return F.scaled_dot_product_attention(q, k, v)
 
 
 def runs_of_rows(lengths: list[int], split_cost: int = SPLIT_COST) -> list[tuple[int, int, int]]:
