@@ -74,7 +74,11 @@ class CacheView:
 
     rows: `(B,)` int64 cache row of each batch row. slots: `(B, T)` int64 slot of each new column.
     span: slots `0..span-1` of each row are attended (at least every real position of the step).
-    block: the same rows as a slice when they are consecutive, so reads are views, not copies.
+    block: the rows to read as one slice of whole, contiguous cache buffers, so that reads are
+        views, not copies: the batch rows themselves when they are consecutive
+        (`slice(rows[0], rows[-1] + 1)`), or `slice(None)` for every row of the cache (the triton
+        backend's kernels index rows themselves). None: gather the batch rows (the caches may then
+        be any views, as compiled graphs pass them).
     (Any object with `update` can be the cache of `TransformerLM.run`: the ONNX export's grows.)
     """
 
@@ -85,12 +89,13 @@ class CacheView:
     block: slice | None = None
 
     def __post_init__(self) -> None:
-        # Where each new (row, head, column) vector goes in a layer's cache seen as one flat list
-        # of `(R * H * S)` vectors, computed once per step: `index_copy_` along it is a third of
-        # the cost of an advanced-index write. One row needs no list: its slots along dim 2. Both
-        # show in a batch-1 decode on a CPU, where a step is ~0.4 ms.
-        self.flat, self.first_row_slots = None, self.slots[0]
-        if self.block is None or self.rows.shape[0] > 1:  # (no guard on B where exports trace it)
+        # With whole buffers (a block), writes are `index_copy_`, a third of the cost of an
+        # advanced-index write, which shows in a batch-1 decode on a CPU (a step is ~0.4 ms): one
+        # row along its slots; several along each layer's buffer seen as one list of `R * H * S`
+        # vectors, at indices computed once per step.
+        self.one_row = self.block is not None and self.block.stop is not None and self.block.stop - self.block.start == 1
+        self.flat = None
+        if self.block is not None and not self.one_row:
             R, H, S, _ = self.cache.k[0].shape
             heads = torch.arange(H, device=self.rows.device)
             self.flat = ((self.rows[:, None, None] * H + heads[None, :, None]) * S + self.slots[:, None, :]).reshape(-1)
@@ -99,10 +104,12 @@ class CacheView:
         """Write `k`, `v` `(B, H, T, Dh)` of `layer` at the rows' slots; return each row's keys and
         values over the span, `(B, H, span, Dh)`."""
         for cache, new in ((self.cache.k[layer], k), (self.cache.v[layer], v)):
-            if self.flat is None:
-                cache[self.block].index_copy_(2, self.first_row_slots, new)  # (1, H, T, Dh) along the slots
-            else:
+            if self.one_row:
+                cache[self.block].index_copy_(2, self.slots[0], new)  # (1, H, T, Dh) along the slots
+            elif self.flat is not None:
                 cache.view(-1, cache.shape[-1]).index_copy_(0, self.flat, new.reshape(-1, new.shape[-1]))  # (B*H*T, Dh)
+            else:
+                cache[self.rows[:, None], :, self.slots] = new.transpose(1, 2)  # (B, T, H, Dh) at (row, slot)
         rows = self.block if self.block is not None else self.rows
         return self.cache.k[layer][rows, :, : self.span], self.cache.v[layer][rows, :, : self.span]
 
@@ -273,7 +280,7 @@ class TransformerLM(nn.Module):
         Column t of row b is written to slot `start[b] + t` of row `rows[b]` (padding columns too:
         the cache must have room, `start[b] + T <= cache.slots`) and attends to slots
         `0..start[b]+t`. span: attend over slots `0..span-1` only (>= max(lengths); default all).
-        block: `rows` as a slice when consecutive (views instead of copies).
+        block: see `CacheView` (None: gather the rows).
         """
         B, T = input_ids.shape
         slots = start[:, None] + torch.arange(T, device=input_ids.device)  # (B, T)
