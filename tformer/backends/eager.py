@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from tformer.backends.base import BackendBase
-from tformer.model import KVCache, TransformerLM, attention_bias, column_major_weights
+from tformer.model import KVCache, TransformerLM, attention_bias, column_major_weights, row_block
 
 # What one more SDPA call costs on the CPU, in attended (row, slot) pairs: ~12 us a call against
 # ~0.075 us a pair, which is reading one slot's key and value (d_model 256, float32) at the ~27
@@ -38,7 +38,7 @@ class EagerBackend(BackendBase):
         # cache rows as a view rather than a gathered copy.
         ids, host_lengths = rows.tolist(), lengths.tolist()
         span = max(host_lengths)
-        block = slice(ids[0], ids[0] + len(ids)) if ids == list(range(ids[0], ids[0] + len(ids))) else None
+        block = row_block(ids)
         decode = input_ids.shape[1] == 1
         if decode and min(host_lengths) == span:  # every row attends to all `span` slots: no mask to build or apply
             return self.model.step(input_ids, start, lengths, rows, cache, span, block, unmasked)

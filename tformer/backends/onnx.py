@@ -27,7 +27,7 @@ from tformer.backends.base import Traits
 from tformer.backends.exported import ExportBackend
 from tformer.errors import TformerError, one_line
 from tformer.files import atomic_path, file_sha256
-from tformer.model import KVCache
+from tformer.model import CacheView, KVCache, row_block
 
 T = TypeVar("T")
 
@@ -193,18 +193,21 @@ class OnnxBackend(ExportBackend):
             self._bind(binding.bind_input, name, tensor)
         self._bind(binding.bind_output, "logits", logits)
         past_size, new_size = B * c.nhead * P * c.head_dim, B * c.nhead * T * c.head_dim
-        new = []  # (cache layer, new keys or values (B, H, T, Dh))
+        new = []  # per layer, keys then values: the graph's new ones (B, H, T, Dh)
         for i in range(c.n_layers):
             for kind, layer, staging in (("key", cache.kv.k[i], cache.staging_k[i]),
                                          ("value", cache.kv.v[i], cache.staging_v[i])):  # fmt: skip
                 past = staging[:past_size].view(B, c.nhead, P, c.head_dim)
                 torch.index_select(layer[:, :, :P], 0, rows, out=past)
-                new.append((layer, staging[past_size : past_size + new_size].view(B, c.nhead, T, c.head_dim)))
+                new.append(staging[past_size : past_size + new_size].view(B, c.nhead, T, c.head_dim))
                 self._bind(binding.bind_input, f"past.{i}.{kind}", past)
-                self._bind(binding.bind_output, f"new.{i}.{kind}", new[-1][1])
+                self._bind(binding.bind_output, f"new.{i}.{kind}", new[-1])
         self.session.run_with_iobinding(binding)
-        for layer, values in new:  # padding columns too: the contract leaves room for them
-            layer[rows[:, None], :, slots] = values.transpose(1, 2)  # (B, T, H, Dh) at the rows' slots
+        # Into each row's slots, as the eager model writes its cache (padding columns too: the
+        # contract leaves room for them).
+        view = CacheView(cache.kv, rows, slots, P + T, row_block(rows.tolist()))
+        for i in range(c.n_layers):
+            view.update(i, new[2 * i], new[2 * i + 1])
         return logits
 
     def _bind(self, bind, name: str, tensor: torch.Tensor) -> None:
