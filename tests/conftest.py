@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -29,6 +32,30 @@ def cuda_case(unavailable: str | None = None):
 
 
 DEVICES = ["cpu", cuda_case()]  # @pytest.mark.parametrize("device", DEVICES): the CPU always, CUDA where there is one
+
+
+def at_once(call: Callable[[int], Any], n: int) -> list[Any]:
+    """`call(i)` for i in 0..n-1, each on its own thread, all released together by a barrier; the
+    results in order. An exception in a thread is raised here, in the test's own thread."""
+    together = threading.Barrier(n)
+    results: list[Any] = [None] * n
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        together.wait()
+        try:
+            results[i] = call(i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
 
 
 def make_reference_model(config: ModelConfig = TINY, seed: int = 0) -> TransformerModel:

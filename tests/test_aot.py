@@ -33,6 +33,10 @@ def test_package_is_validated(package):
     assert meta["format"] == "tformer-pt2" and meta["tokenizer"] is True
     assert all(r["ok"] for r in meta["validation"]["shapes"]) and meta["validation"]["greedy"]["identical"]
     assert {(r["batch"], r["prompt"]) for r in meta["validation"]["shapes"]} == {(1, 1), (1, 17), (3, 1), (3, 17)}
+    assert [(i["name"], i["shape"]) for i in meta["inputs"][:5]] == [
+        ("input_ids", ["B", "T"]), ("start", ["B"]), ("lengths", ["B"]), ("rows", ["B"]),
+        ("k.0", ["R", meta["config"]["nhead"], "S", meta["config"]["d_model"] // meta["config"]["nhead"]])]  # fmt: skip
+    assert meta["outputs"] == [{"name": "logits", "dtype": "float32", "shape": ["B", meta["config"]["vocab_size"]]}]
 
 
 def test_aot_greedy_equals_eager_batched_and_padded(trained, package):
@@ -56,6 +60,21 @@ def test_package_round_trip_in_a_fresh_process(trained, package):
     assert proc.returncode == 0, proc.stderr[-2000:]
     expected = Runtime.from_model(model, tokenizer, device="cpu").generate(PROMPTS, max_new_tokens=30, temperature=0)
     assert proc.stdout.strip() == repr(expected)
+
+
+def test_package_of_an_earlier_format_version_says_re_export(package, tmp_path):
+    """Format 2 packages ran the left-padded step of backend contract v1: refused in one line,
+    before any file is read or loaded."""
+    from tformer.errors import TformerError
+    from tformer.export.formats import FORMATS
+    from tformer.export.integrity import verified_meta
+
+    meta = json.loads((package / "tformer.json").read_text())
+    assert meta["format_version"] == FORMATS["pt2"].version == 3
+    (tmp_path / "tformer.json").write_text(json.dumps({**meta, "format_version": 2}))
+    message = "export format version 2 is older than this tformer's (3); re-export it (tformer-export --force)"
+    with pytest.raises(TformerError, match=re.escape(message) + "$"):
+        verified_meta(tmp_path)
 
 
 @pytest.mark.parametrize(

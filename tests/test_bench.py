@@ -68,8 +68,9 @@ class WrongBackend(EagerBackend):
 
     name = "wrong"
 
-    def step(self, input_ids, input_pos, start, cache):
-        return torch.nn.functional.one_hot((input_ids + 1) % self.config.vocab_size, self.config.vocab_size).float()
+    def step(self, input_ids, start, lengths, rows, cache):
+        last = input_ids[torch.arange(len(input_ids)), lengths - start - 1]  # (B,) each row's last new token
+        return torch.nn.functional.one_hot((last + 1) % self.config.vocab_size, self.config.vocab_size).float()
 
 
 def build_with_wrong(model):
@@ -106,7 +107,7 @@ def test_benchmark_runtime_is_a_library_call(model):
 RECORD_FIELDS = {
     "backend", "batch_size", "prompt_len", "new_tokens", "status", "reason", "device", "device_name", "dtype",
     "implementation", "notes", "versions", "repeats", "warmup", "setup_s", "warmup_s", "warm_setup_s", "ttft_ms", "itl_ms", "decode_tok_s",
-    "e2e_tok_s", "e2e_samples", "peak_mem_mib", "mem_source", "mem_base_mib", "matches_eager", "vs_naive", "vs_eager",
+    "e2e_tok_s", "e2e_samples", "peak_mem_mib", "mem_source", "cache_mib", "mem_base_mib", "matches_eager", "vs_naive", "vs_eager",
     "noisy", "flagged",
 }  # fmt: skip
 
@@ -170,11 +171,11 @@ class Paced(EagerBackend):
         super().__init__(model, torch.device("cpu"), torch.float32)
         self.name, self.delay, self.machine = name, delay, machine
 
-    def step(self, input_ids, input_pos, start, cache):
-        if input_ids.shape[1] > 1:  # a prefill: a generation begins
+    def step(self, input_ids, start, lengths, rows, cache):
+        if bool((start == 0).any()):  # a row's first chunk: a generation begins
             self.machine.log.append((self.name, self.machine.noisy))
         time.sleep(self.delay + (self.machine.extra if self.machine.noisy else 0.0))
-        return super().step(input_ids, input_pos, start, cache)
+        return super().step(input_ids, start, lengths, rows, cache)
 
 
 class Machine:
@@ -258,3 +259,31 @@ def test_each_row_memory_is_measured_in_a_process_of_its_own(model):
         assert 0 < r.mem_base_mib < r.peak_mem_mib < here - 256, (r.backend, r.mem_base_mib, r.peak_mem_mib, here)
         assert r.warm_setup_s is None  # neither compiles
     del ballast
+
+
+def test_throughput_cli_runs_both_batching_modes_side_by_side(tmp_path, model):
+    from tformer.bench.cli import main as bench
+
+    save_checkpoint(tmp_path / "m.safetensors", model)
+    out = tmp_path / "t.json"
+    result = CliRunner().invoke(bench, [
+        "throughput", str(tmp_path / "m.safetensors"), "--backends", "eager,naive", "--requests", "6",
+        "--prompt-len", "2:6", "--output-len", "1:5", "--batch-size", "3", "--rate", "500", "--device", "cpu",
+        "--json", str(out),
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "output tok/s" in result.output and "x static" in result.output
+    data = json.loads(out.read_text())
+    assert [(r["backend"], r["mode"]) for r in data["records"]] == [
+        ("eager", "continuous"), ("eager", "static"), ("naive", "continuous"), ("naive", "static")]
+    for r in data["records"]:
+        assert r["status"] == "ok" and r["requests"] == 6 and r["output_tok_s"]["median"] > 0
+        assert set(r["ttft_ms"]) == {"mean", "p50", "p99"} and r["e2e_ms"]["p99"] >= r["ttft_ms"]["p50"]
+    assert data["meta"]["rate"] == 500 and data["records"][0]["vs_static"] > 0
+
+
+def test_throughput_ranges_are_checked():
+    from tformer.bench.cli import main as bench
+
+    result = CliRunner().invoke(bench, ["throughput", "--prompt-len", "9:3"])
+    assert result.exit_code == 2 and "--prompt-len must satisfy 1 <= LOW <= HIGH, got '9:3'" in result.output

@@ -1,29 +1,40 @@
-"""The compile backend: same tokens as eager, and no recompilation after warm-up (CPU inductor;
-on a GPU, CUDA graphs too)."""
+"""The compile backend: same tokens as eager; after `warmup`, requests coming and going never
+compile anything again (CPU inductor; on a GPU, CUDA graphs too); a fresh runtime called from
+several threads at once compiles once and serves them all."""
 
 from __future__ import annotations
 
 import copy
+import os
+import random
 
 import pytest
 import torch
 import torch._dynamo
+from torch._dynamo.utils import counters
 
+from tformer.backends.compile import buckets
+from tformer.engine import Engine
 from tformer.runtime import Runtime
 
-from conftest import DEVICES
+from conftest import DEVICES, at_once
+from test_engine import run_staggered
+
+ROWS, PROMPT, NEW = 8, 100, 60  # the warm-up's bounds: 8 cache rows (buckets 1, 2, 4, 8), 160 tokens a request
 
 
 @pytest.fixture(scope="module", params=DEVICES)
 def compiled(request, trained, tmp_path_factory):
-    """Compiled once per device for batch 2 (a decode graph and a dynamic-length prefill graph;
-    on CUDA the decode step runs as a CUDA graph)."""
-    import os
-
+    """Warmed up once per device: every decode bucket and the prefill graph (on CUDA the decode
+    buckets run as CUDA graphs)."""
     os.environ.setdefault("TFORMER_CACHE", str(tmp_path_factory.mktemp("cache")))
     runtime = Runtime.from_model(copy.deepcopy(trained[0]), backend="compile", device=request.param)
-    assert runtime.warmup(batch_sizes=(2,), max_prompt_len=200, max_new_tokens=40) > 0
+    assert runtime.warmup(batch_sizes=(ROWS,), max_prompt_len=PROMPT, max_new_tokens=NEW) > 0
     return runtime
+
+
+def test_buckets():
+    assert [buckets(n) for n in (1, 2, 3, 8, 12)] == [[1], [1, 2], [1, 2, 3], [1, 2, 4, 8], [1, 2, 4, 8, 12]]
 
 
 def test_compile_greedy_equals_eager_batched_and_padded(trained, compiled):
@@ -35,11 +46,31 @@ def test_compile_greedy_equals_eager_batched_and_padded(trained, compiled):
     assert all(len(set(row)) >= 5 for row in want)
 
 
-def test_no_recompiles_across_prompt_lengths(compiled, monkeypatch):
+def test_no_compilation_over_100_requests_coming_and_going(trained, compiled, monkeypatch):
+    """100 requests (prompts 1..100 tokens, outputs 1..60), one added per engine step: batches of
+    every size 1..8 at every span, prefills of 1..8 rows of 1..100 tokens beside them. Nothing is
+    compiled (no recompile, no new graph), and every request gets eager's tokens."""
+    model = trained[0]
+    rng = random.Random(13)
+    prompts = [[rng.randrange(model.config.vocab_size) for _ in range(rng.randint(1, PROMPT))] for _ in range(100)]
+    outputs = [rng.randint(1, NEW) for _ in range(100)]
+    eager = Runtime.from_model(copy.deepcopy(model), device=compiled.backend.device).backend
+    want = run_staggered(Engine(eager, ROWS, PROMPT + NEW), prompts, outputs)
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    for length in (1, 2, 3, 17, 64, 129, 199, 200):
-        out = compiled.generate_ids([[5] * length, [6] * max(1, length // 2)], max_new_tokens=3, temperature=0)
-        assert [len(row) for row in out] == [3, 3]
-    if compiled.backend._ahead:  # decode compiled ahead of time: exactly one step, for batch 2 and the warm-up's cache
-        assert list(compiled.backend._decoders) == [(2, 256)]
-    assert compiled.backend.notes == ()  # on CUDA: the decode step ran as a CUDA graph, never skipped one
+    graphs = counters["stats"]["unique_graphs"]
+    assert run_staggered(compiled.engine, prompts, outputs) == want
+    assert counters["stats"]["unique_graphs"] == graphs  # not even a graph of a new shape
+    assert compiled.backend.notes == ()  # on CUDA: the decode steps ran as CUDA graphs, never skipped one
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_six_threads_at_once_on_a_fresh_runtime(trained, device):
+    """Each thread's `generate_ids` on a runtime that has compiled nothing yet: the engine serializes
+    the steps (and so the compiling); every thread gets eager's tokens for its prompt."""
+    model = trained[0]
+    prompts = [[(7 * i + j) % model.config.vocab_size for j in range(3 + 5 * i)] for i in range(6)]
+    eager = Runtime.from_model(copy.deepcopy(model), device=device)
+    want = [eager.generate_ids([p], max_new_tokens=20, temperature=0)[0] for p in prompts]
+    runtime = Runtime.from_model(copy.deepcopy(model), backend="compile", device=device)
+    got = at_once(lambda i: runtime.generate_ids([prompts[i]], max_new_tokens=20, temperature=0)[0], len(prompts))
+    assert got == want

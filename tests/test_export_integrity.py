@@ -29,6 +29,7 @@ import torch
 import tformer
 from tformer.backends import open_export
 from tformer.errors import TformerError
+from tformer.export.formats import format_named
 from tformer.export.integrity import verified_meta
 from tformer.exporter import export_model
 
@@ -171,8 +172,7 @@ def add_json_trials(suite: Suite, other_format: str) -> None:
             new = edited(meta, path, value)
             suite.add(f"tformer.json: {name} {what}", "json", "tformer.json", new, expect="error", match=(path[-1],))
     plausible = {
-        ("format",): [(other_format, "opset")],  # the other format has other fields
-        ("format_version",): [(1, "re-export"), (3, "upgrade tformer")],
+        ("format_version",): [(meta["format_version"] - 1, "re-export"), (meta["format_version"] + 1, "upgrade tformer")],
         ("dtype",): [("float16" if meta["dtype"] == "float32" else "float32", "'dtype'"), ("nonsense", "'dtype'")],
         ("weights_sha256",): [(hashlib.sha256(b"other").hexdigest(), "'weights_sha256'")],
         ("inputs",): [(meta["inputs"][:-1], "'inputs'")],
@@ -192,6 +192,10 @@ def add_json_trials(suite: Suite, other_format: str) -> None:
             new = edited(meta, path, value)
             name = f"tformer.json: {'.'.join(path)} = {value!r:.40} (#{i})"
             suite.add(name, "json", "tformer.json", new, expect="error", match=(match,))
+    other = format_named(other_format)  # the other format at its own version: its schema has other fields
+    new = edited({**meta, "format_version": other.version}, ("format",), other.name)
+    suite.add(f"tformer.json: format = {other.name!r}, version {other.version}", "json", "tformer.json", new,
+              expect="error", match=("opset",))  # fmt: skip
     informational = {"exporter": "something else", "versions": {**meta["versions"], "onnx": "0.0"},
                      "export_seconds": 999.5, "validation": None}  # fmt: skip
     for key, value in informational.items():
@@ -356,12 +360,20 @@ def test_onnx_export_refuses_a_device_it_cannot_run_on(suites, monkeypatch):
         open_export(directory, torch.device("cuda"))
 
 
+def graph_value(values, name: str):
+    """The graph input or output (ValueInfoProto) called `name`."""
+    return next(v for v in values if v.name == name)
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda graph: graph.input[3].type.tensor_type.shape.dim[1].__setattr__("dim_value", 8), "graph's inputs differ"),
+        (lambda graph: graph_value(graph.input, "past.0.key").type.tensor_type.shape.dim[1].__setattr__("dim_value", 8),
+         "graph's inputs differ"),  # heads
+        (lambda graph: graph_value(graph.input, "last_index").type.tensor_type.__setattr__("elem_type", 6),
+         "graph's inputs differ"),  # int32
         (lambda graph: graph.output[0].type.tensor_type.__setattr__("elem_type", 10), "graph's outputs differ"),  # float16
-        (lambda graph: graph.input[4].__setattr__("name", "past.0.val"), "graph's inputs differ"),
+        (lambda graph: graph_value(graph.input, "past.0.value").__setattr__("name", "past.0.val"), "graph's inputs differ"),
     ],
 )
 def test_onnx_graph_that_differs_from_the_config_is_refused(suites, tmp_path, edit, message):

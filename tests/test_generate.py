@@ -1,4 +1,4 @@
-"""The generation loop: KV cache vs full recompute, batching with padding, sampling, stopping."""
+"""Generation through the engine: KV cache vs full recompute, batching, sampling, stopping."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from tformer.config import ModelConfig
 from tformer.errors import TformerError
-from tformer.generate import SamplingParams, sample
+from tformer.engine.sampling import SamplingParams, sample
 from tformer.model import TransformerLM
 from tformer.runtime import Runtime
 from tformer.reference import TransformerModel, generate_full_recompute
@@ -42,7 +42,7 @@ def test_cached_greedy_equals_full_recompute(trained, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_batched_with_padding_equals_one_by_one(trained, device):
+def test_batched_equals_one_by_one(trained, device):
     model, tokenizer = trained
     runtime = Runtime.from_model(copy.deepcopy(model), device=device)
     prompts = [tokenizer.encode(t) for t in ("x", "    def __init__(self, ", "import sys\nfrom os import path\n")]
@@ -93,7 +93,8 @@ def test_top_k_and_top_p_keep_only_the_allowed_tokens():
 
 
 class ScriptedBackend:
-    """Emits a fixed script of tokens per row; records how many steps ran."""
+    """Emits a fixed script of tokens per cache row (its k-th call for a row gives script[k]);
+    records how many calls ran."""
 
     name = "scripted"
 
@@ -103,13 +104,15 @@ class ScriptedBackend:
         self.scripts = scripts
         self.steps = 0
 
-    def allocate_cache(self, batch, max_len):
-        return None
+    def allocate_cache(self, rows, slots):
+        return [0] * rows  # calls seen per row
 
-    def step(self, input_ids, input_pos, start, cache):
-        logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.config.vocab_size)
-        for b, script in enumerate(self.scripts):
-            logits[b, -1, script[min(self.steps, len(script) - 1)]] = 1.0
+    def step(self, input_ids, start, lengths, rows, cache):
+        logits = torch.zeros(input_ids.shape[0], self.config.vocab_size)
+        for b, row in enumerate(rows.tolist()):
+            script = self.scripts[row]
+            logits[b, script[min(cache[row], len(script) - 1)]] = 1.0
+            cache[row] += 1
         self.steps += 1
         return logits
 
@@ -119,7 +122,7 @@ def test_rows_end_at_eos_and_the_loop_stops_when_all_have():
     runtime = Runtime(backend, tokenizer=None)
     runtime.eos_id = 9
     assert runtime.generate_ids([[1], [1, 2]], max_new_tokens=50, temperature=0) == [[3], [5, 6, 7]]
-    assert backend.steps == 4  # prefill + 3 decode steps; not 50
+    assert backend.steps == 4  # a prefill + 3 decode calls; not 50
 
 
 @pytest.mark.parametrize(

@@ -3,9 +3,11 @@
 Each test has a "cpu" and a "cuda" case, and exactly one of them runs: on a GPU the kernels are
 compiled for it; without one they run under Triton's interpreter (conftest sets
 TRITON_INTERPRET=1), which triton chooses once per process, at import. Inputs are
-fresh random tensors per case; outputs are pre-filled with NaN so that an element the kernel fails
-to write fails the comparison. Error = max |out - ref| / max |ref| over every element, padding
-queries included (the kernels define their output as zeros there).
+fresh random tensors per case. The caches are `(R, H, S, D)` views into longer buffers: the cache
+rows that no batch row reads and the slots past S hold NaN, and so do outputs before the kernel
+writes them, so that reading what it must not or skipping an element fails the comparison.
+Error = max |out - ref| / max |ref| over every element the kernels define (a prefill's padding
+queries past the cache's end are only checked to be finite).
 """
 
 from __future__ import annotations
@@ -34,16 +36,14 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}  # 
 DTYPES = list(TOLERANCE)
 
 
-def reference(q, k, v, start, key_end):
-    """Float64 softmax(q k^T / sqrt(D)) v where query i of row b sees keys start[b] <= j < key_end(b, i);
-    queries that see nothing get zeros."""
-    q, k, v = (t.double().cpu() for t in (q, k, v))
-    B, H, Tq, D = q.shape
-    Tk = k.shape[2]
-    scores = q @ k.transpose(-1, -2) / D**0.5  # (B, H, Tq, Tk)
-    j = torch.arange(Tk)
-    seen = torch.stack([torch.stack([(j >= start[b]) & (j < key_end(b, i)) for i in range(Tq)])
-                        for b in range(B)])  # (B, Tq, Tk)  # fmt: skip
+def reference(q, k_cache, v_cache, rows, key_end):
+    """Float64 softmax(q k^T / sqrt(D)) v where query t of batch row b sees keys 0 <= j < key_end(b, t)
+    of cache row rows[b]; a query that sees nothing gets zeros."""
+    q, k, v = (t.double().cpu() for t in (q, k_cache[rows], v_cache[rows]))
+    B, H, T, D = q.shape
+    scores = q @ k.transpose(-1, -2) / D**0.5  # (B, H, T, S)
+    j = torch.arange(k.shape[2])
+    seen = torch.stack([torch.stack([j < key_end(b, t) for t in range(T)]) for b in range(B)])  # (B, T, S)
     scores = scores.masked_fill(~seen[:, None], float("-inf"))
     return torch.softmax(scores, -1).nan_to_num(0.0) @ v
 
@@ -61,19 +61,32 @@ def random(*shape, dtype, seed, device):
     return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
 
 
-def run_prefill(device, B, H, Tq, Tk, D, dtype, start=None, seed=0):
-    q, k, v = (random(B, H, t, D, dtype=dtype, seed=seed + i, device=device) for i, t in enumerate((Tq, Tk, Tk)))
-    start_t = None if start is None else torch.tensor(start, device=device)
-    out = prefill_attention(q, k, v, start_t, out=poisoned((B, H, Tq, D), dtype, device))
-    ref = reference(q, k, v, start or [0] * B, lambda b, i: Tk - Tq + i + 1)
-    return out, ref
+def cache_rows(R, H, S, D, used, dtype, seed, device):
+    """k, v caches `(R, H, S, D)`: random in rows `used`, NaN in every other row and past slot S
+    (they are views into a longer buffer), so that reading anything else poisons the output."""
+    k, v = (poisoned((R, H, S + 64, D), dtype, device) for _ in range(2))
+    for i, t in enumerate((k, v)):
+        t[sorted(set(used)), :, :S] = random(len(set(used)), H, S, D, dtype=dtype, seed=seed + i, device=device)
+    return k[:, :, :S], v[:, :, :S]
+
+
+def run_prefill(device, B, H, T, S, D, dtype, start, rows=None, R=None, seed=0):
+    """q `(B, H, T, D)` against a cache of R rows of S slots; the reference for query t of row b:
+    keys 0..start[b] + t of cache row rows[b] (default b), the cache's end cutting it short."""
+    row_ids = list(range(B)) if rows is None else rows
+    k, v = cache_rows(R or B, H, S, D, row_ids, dtype, seed, device)
+    q = random(B, H, T, D, dtype=dtype, seed=seed + 2, device=device)
+    rows_t = None if rows is None else torch.tensor(rows, device=device)
+    start_t = torch.tensor(start, device=device)
+    out = prefill_attention(q, k, v, start_t, rows_t, out=poisoned((B, H, T, D), dtype, device))
+    return out, reference(q, k, v, row_ids, lambda b, t: start[b] + t + 1)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("T, D", [(1, 32), (7, 16), (37, 64), (129, 128)])
 def test_prefill_causal(T, D, dtype, device):
-    out, ref = run_prefill(device, 2, 2, T, T, D, dtype, seed=T)
+    out, ref = run_prefill(device, 2, 2, T, T, D, dtype, start=[0, 0], seed=T)
     assert out.dtype == dtype and out.shape == (2, 2, T, D)
     assert relative_error(out, ref) < TOLERANCE[dtype]
 
@@ -81,18 +94,21 @@ def test_prefill_causal(T, D, dtype, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("D", [16, 24, 32, 64, 80, 128])
 def test_prefill_head_dims_including_padded_ones(D, device):
-    out, ref = run_prefill(device, 1, 3, 37, 37, D, torch.float32, seed=D)
+    out, ref = run_prefill(device, 1, 3, 37, 37, D, torch.float32, start=[0], seed=D)
     assert relative_error(out, ref) < TOLERANCE[torch.float32]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_prefill_left_padding_and_offset_into_a_longer_cache(dtype, device):
-    # Row 0 unpadded, row 1 padded past the first key block, row 2 padded so far that its first
-    # queries see no key at all; 37 queries at the end of 129 keys (a prefill after a prefix).
-    out, ref = run_prefill(device, 3, 2, 37, 129, 32, dtype, start=[0, 70, 110], seed=5)
-    assert relative_error(out, ref) < TOLERANCE[dtype]
-    assert torch.all(out[2, :, :110 - 92].float() == 0)  # queries 0..17 of row 2 see nothing: zeros
+def test_prefill_rows_out_of_order_at_their_own_offsets(dtype, device):
+    # Batch rows read cache rows 3, 0, 2 of 5 (rows 1 and 4 are NaN): a fresh prompt, the next
+    # chunk of one whose first 70 keys are cached (its queries start inside the second key block),
+    # and one whose last 7 queries are padding past the cache's 200 slots: they must read nothing
+    # beyond it, and stay finite.
+    out, ref = run_prefill(device, 3, 2, 37, 200, 32, dtype, start=[0, 70, 170], rows=[3, 0, 2], R=5, seed=5)
+    assert torch.isfinite(out).all()
+    assert relative_error(out[:2], ref[:2]) < TOLERANCE[dtype]
+    assert relative_error(out[2, :, :30], ref[2, :, :30]) < TOLERANCE[dtype]  # row 2's queries inside the cache
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -100,17 +116,20 @@ def test_prefill_reads_any_strides(device):
     B, H, T, D = 2, 2, 37, 32
     qkv = random(B, T, 3, H, D, dtype=torch.float32, seed=3, device=device)
     q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, T, D) views, as the model makes them
-    out = prefill_attention(q, k, v, torch.tensor([0, 4], device=device))
-    assert relative_error(out, reference(q, k, v, [0, 4], lambda b, i: i + 1)) < 1e-5
+    out = prefill_attention(q, k, v, torch.tensor([0, 0], device=device), torch.tensor([1, 0], device=device))
+    assert relative_error(out, reference(q, k, v, [1, 0], lambda b, t: t + 1)) < 1e-5
 
 
-def run_decode(device, B, H, Tmax, D, dtype, lengths, start=None, seed=0):
-    q = random(B, H, 1, D, dtype=dtype, seed=seed, device=device)
-    k, v = (random(B, H, Tmax, D, dtype=dtype, seed=seed + i, device=device) for i in (1, 2))
-    start_t = None if start is None else torch.tensor(start, device=device)
+def run_decode(device, B, H, S, D, dtype, lengths, rows=None, R=None, seed=0):
+    """One query per batch row against a cache of R rows of S slots: keys 0..lengths[b]-1 of cache
+    row rows[b] (default b)."""
+    row_ids = list(range(B)) if rows is None else rows
+    k, v = cache_rows(R or B, H, S, D, row_ids, dtype, seed, device)
+    q = random(B, H, 1, D, dtype=dtype, seed=seed + 2, device=device)
+    rows_t = None if rows is None else torch.tensor(rows, device=device)
     lengths_t = torch.tensor(lengths, device=device)
-    out = decode_attention(q, k, v, lengths_t, start_t, out=poisoned((B, H, 1, D), dtype, device))
-    return out, reference(q, k, v, start or [0] * B, lambda b, i: lengths[b])
+    out = decode_attention(q, k, v, lengths_t, rows_t, out=poisoned((B, H, 1, D), dtype, device))
+    return out, reference(q, k, v, row_ids, lambda b, t: lengths[b])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -125,23 +144,20 @@ def test_decode_against_cache_lengths(L, D, dtype, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_decode_split_cache_with_left_padding(dtype, device):
-    # 600 slots = 3 splits of 256 (interpreted): row 1's valid keys start in the middle of the second split,
-    # row 2 starts in the last split it reads, and its last split is empty.
-    out, ref = run_decode(device, 3, 2, 600, 64, dtype, lengths=[600, 541, 400], start=[0, 300, 390], seed=9)
+def test_decode_split_cache_rows_out_of_order(dtype, device):
+    # 600 slots = 3 splits of 256 (interpreted); batch rows read cache rows 4, 1, 4, 1 of 5 (0, 2 and
+    # 3 are NaN): the whole cache, a length in the middle of the second split (the third is empty),
+    # one inside the first split. A row of length 0 gets zeros.
+    out, ref = run_decode(device, 4, 2, 600, 64, dtype, lengths=[600, 300, 100, 0], rows=[4, 1, 4, 1], R=5, seed=9)
     assert relative_error(out, ref) < TOLERANCE[dtype]
+    assert torch.all(out[3] == 0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_decode_never_reads_past_the_cache(device):
-    # lengths beyond the cache are read as the cache's length: the keys are views into a larger
-    # buffer whose next slots hold NaN, which would poison the output if read.
-    q = random(2, 2, 1, 32, dtype=torch.float32, seed=1, device=device)
-    buffer = torch.full((2, 2, 300, 32), float("nan"), device=device)
-    buffer[:, :, :257] = random(2, 2, 257, 32, dtype=torch.float32, seed=2, device=device)
-    k = v = buffer[:, :, :257]
-    out = decode_attention(q, k, v, torch.tensor([257, 400], device=device))
-    assert relative_error(out, reference(q, k, v, [0, 0], lambda b, i: 257)) < 1e-5
+    # lengths beyond the cache are read as the cache's length: past slot 257 the buffer holds NaN.
+    out, ref = run_decode(device, 2, 2, 257, 32, torch.float32, lengths=[257, 400], rows=[1, 0], seed=1)
+    assert relative_error(out, ref) < 1e-5
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -151,32 +167,74 @@ def test_decode_padded_head_dims(D, device):
     assert relative_error(out, ref) < TOLERANCE[torch.float32]
 
 
+def far_apart_rows(dtype, device, directory):
+    """A cache `(5, 1, 64, 16)` whose rows lie 2^30 elements apart, so that row 4 starts at element
+    2^32, where an int32 offset `row * stride` wraps around to 0: onto row 0. Rows 0 and 4 hold
+    different random values. Its 8 GiB are real GPU memory on a GPU; on the CPU they are a sparse
+    file in `directory`, mapped, of which only the pages of rows 0 and 4 are ever touched."""
+    R, H, S, D = 5, 1, 64, 16
+    stride = 2**30
+    size = (R - 1) * stride + H * S * D
+    if device == "cuda":
+        storage = torch.empty(size, dtype=dtype, device=device)
+    else:
+        path = directory / "cache"
+        with open(path, "wb") as f:
+            f.truncate(size * dtype.itemsize)  # a hole: no disk blocks, no memory until written
+        storage = torch.from_file(str(path), shared=True, size=size, dtype=dtype)
+    cache = storage.as_strided((R, H, S, D), (stride, S * D, D, 1))
+    for row in (0, 4):
+        cache[row] = random(H, S, D, dtype=dtype, seed=row, device=device)
+    return cache
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_row_offsets_past_2_to_the_31_elements_are_int64(device, tmp_path):
+    # A row index times the row stride is 2^32 here: computed in int32 it wraps to 0 and the
+    # kernels would read row 0 for batch row 0, which the comparison catches (rows 0 and 4 differ).
+    # This is the overflow of a real cache such as 128 rows x 16 heads x 8k slots x 128.
+    cache = far_apart_rows(torch.float16, device, tmp_path)
+    rows, start, lengths = [4, 0], [56, 40], [64, 30]
+    q = random(2, 1, 8, 16, dtype=torch.float16, seed=7, device=device)
+    rows_t, tolerance = torch.tensor(rows, device=device), TOLERANCE[torch.float16]
+    out = prefill_attention(q, cache, cache, torch.tensor(start, device=device), rows_t)
+    assert relative_error(out, reference(q, cache, cache, rows, lambda b, t: start[b] + t + 1)) < tolerance
+    out = decode_attention(q[:, :, :1], cache, cache, torch.tensor(lengths, device=device), rows_t)
+    assert relative_error(out, reference(q[:, :, :1], cache, cache, rows, lambda b, t: lengths[b])) < tolerance
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_inputs_are_one_line_errors(device):
     q = torch.zeros(1, 2, 4, 16, device=device)
-    with pytest.raises(TformerError, match="Tq <= Tk"):
-        prefill_attention(q, q[:, :, :2], q[:, :, :2])
+    start = torch.zeros(1, dtype=torch.long, device=device)
+    with pytest.raises(TformerError, match="T <= S"):
+        prefill_attention(q, q[:, :, :2], q[:, :, :2], start)
     with pytest.raises(TformerError, match="one shape"):
-        prefill_attention(q, q, q[:, :, :3])
+        prefill_attention(q, q, q[:, :, :3], start)
     with pytest.raises(TformerError, match="head dim 160"):
-        prefill_attention(*[torch.zeros(1, 1, 2, 160, device=device)] * 3)
+        prefill_attention(*[torch.zeros(1, 1, 2, 160, device=device)] * 3, start)
     with pytest.raises(TformerError, match="dtype"):
-        prefill_attention(q, q.half(), q)
+        prefill_attention(q, q.half(), q, start)
     with pytest.raises(TformerError, match="start must be a \\(1,\\) int32/int64"):
         prefill_attention(q, q, q, torch.zeros(2, dtype=torch.long, device=device))
+    with pytest.raises(TformerError, match="q has 2 rows but the cache only 1; pass rows"):
+        prefill_attention(q.expand(2, -1, -1, -1), q, q, start.expand(2))
+    with pytest.raises(TformerError, match="rows must be a \\(1,\\) int32/int64"):
+        prefill_attention(q, q, q, start, torch.zeros(1, device=device))
     with pytest.raises(TformerError, match="one query per row"):
         decode_attention(q, q, q, torch.tensor([4], device=device))
     with pytest.raises(TformerError, match="lengths must be"):
         decode_attention(q[:, :, :1], q, q, torch.tensor([4.0], device=device))
     with pytest.raises(TformerError, match="out must be"):
-        prefill_attention(q, q, q, out=torch.zeros(1, 2, 4, 8, device=device))
+        prefill_attention(q, q, q, start, out=torch.zeros(1, 2, 4, 8, device=device))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gives")
 def test_without_gpu_or_interpreter_the_error_names_the_interpreter():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import torch\nfrom tformer.kernels import prefill_attention\nq = torch.zeros(1, 1, 2, 16)\n"
-            "try:\n    prefill_attention(q, q, q)\nexcept ValueError as e:\n    print(e)")  # fmt: skip
+            "try:\n    prefill_attention(q, q, q, torch.zeros(1, dtype=torch.long))\n"
+            "except ValueError as e:\n    print(e)")  # fmt: skip
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert "need a CUDA GPU" in result.stdout and "TRITON_INTERPRET=1" in result.stdout, result.stdout + result.stderr
 
@@ -188,7 +246,7 @@ def test_triton_backend_greedy_equals_eager(trained, device):
     triton = Runtime.from_model(copy.deepcopy(model), tokenizer, backend="triton", device=device)
     assert "Triton" in triton.backend.implementation
     prompts = [tokenizer.encode(text) for text in ("def main(", "import os\nclass ", "x")]
-    assert len({len(p) for p in prompts}) == 3  # different lengths: a left-padded batch
+    assert len({len(p) for p in prompts}) == 3  # different lengths: rows at different positions
     want = eager.generate_ids(prompts, max_new_tokens=12, temperature=0)
     got = triton.generate_ids(prompts, max_new_tokens=12, temperature=0)
     assert got == want

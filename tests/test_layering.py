@@ -20,7 +20,7 @@ LAYERS = [
               "kernels"]),
     ("export", ["export"]),  # writes and reads export directories: depends on the model only
     ("backends", ["backends"]),
-    ("loop", ["generate"]),
+    ("engine", ["engine"]),  # continuous batching: the one generation loop, over any backend
     ("api", ["runtime", "exporter"]),  # exporter: validation runs the backends
     ("apps", ["cli", "bench", "__main__"]),
 ]  # fmt: skip

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,11 +60,13 @@ def test_tutorial_checkpoint_exports_and_validates(tutorial_export):
     # the export, plus the optimized-graph cache that validation's load wrote (not in `files`)
     assert sorted(p.name for p in out.iterdir()) == ["model.cpu.opt.json", "model.cpu.opt.onnx", "model.onnx", "tformer.json"]
     meta = json.loads((out / "tformer.json").read_text())
-    assert meta["format_version"] == 2 and list(meta["files"]) == ["model.onnx"]
+    assert meta["format_version"] == 3 and list(meta["files"]) == ["model.onnx"]
     assert [i["name"] for i in meta["inputs"]] == input_names(TINY.n_layers)
     assert [o["name"] for o in meta["outputs"]] == output_names(TINY.n_layers)
-    assert meta["inputs"][3] == {"name": "past.0.key", "dtype": "float32", "shape": ["batch", 4, "past", 8]}
-    assert meta["outputs"][1]["shape"] == ["batch", 4, "past + seq", 8]
+    assert meta["inputs"][3] == {"name": "last_index", "dtype": "int64", "shape": ["batch"]}
+    assert meta["inputs"][4] == {"name": "past.0.key", "dtype": "float32", "shape": ["batch", 4, "past", 8]}
+    assert meta["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": ["batch", TINY.vocab_size]}
+    assert meta["outputs"][1] == {"name": "new.0.key", "dtype": "float32", "shape": ["batch", 4, "seq", 8]}
     report = meta["validation"]
     assert report["checker"] == "ok" and report["greedy"]["identical"]
     assert {(r["batch"], r["seq"], r["past"]) for r in report["shapes"]} == {
@@ -71,24 +75,71 @@ def test_tutorial_checkpoint_exports_and_validates(tutorial_export):
     assert all(r["ok"] and r["max_abs_diff"] <= 1e-4 for r in report["shapes"])
 
 
-def test_exported_graph_matches_the_stock_encoder(tutorial_export):
-    """Prefill, then 6 decode steps feeding presents back as pasts, vs the tutorial model."""
-    ref, out = tutorial_export
+def readme_contract(n_layers: int, dtype: str, sizes: dict[str, int]) -> dict[str, list[dict]]:
+    """The README's table of the graph's inputs and outputs, read as an app developer would:
+    `{i}` expanded over the layers, "model dtype" and the named sizes filled in."""
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    table = text[text.index("| name | dtype | shape | meaning |") :].split("\n\n")[0].splitlines()[2:]
+    contract: dict[str, list[dict]] = {"inputs": [], "outputs": []}
+    for line in table:
+        names, kind, shape = (cell.strip() for cell in line.strip("|").split(" | ")[:3])
+        dims = [sizes.get(d, d) for d in shape.strip("`[]").split(", ")]
+        entries = [
+            {"name": name.replace("{i}", str(i)), "dtype": dtype if kind == "model dtype" else kind, "shape": dims}
+            for i in range(n_layers if "{i}" in names else 1) for name in re.findall(r"`([^`]+)`", names)
+        ]  # fmt: skip
+        contract["outputs" if "(output" in names else "inputs"] += entries
+    return contract
+
+
+def test_readme_table_is_the_graphs_contract(tutorial_export):
+    """Apps in other languages code against the README's table alone: it must be exactly what
+    tformer.json lists, and what the graph itself takes and returns."""
+    _, out = tutorial_export
+    meta = json.loads((out / "tformer.json").read_text())
+    sizes = {"heads": TINY.nhead, "head_dim": TINY.head_dim, "vocab": TINY.vocab_size}
+    assert readme_contract(TINY.n_layers, "float32", sizes) == {"inputs": meta["inputs"], "outputs": meta["outputs"]}
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    ids = torch.randint(0, TINY.vocab_size, (2, 15))
-    expected = stock_logits(ref, ids)
-    feeds = {"input_ids": ids[:, :9].numpy(), "position_ids": np.tile(np.arange(9), (2, 1)),
-             "attention_mask": np.ones((2, 9), np.int64)}  # fmt: skip
-    for name in input_names(TINY.n_layers)[3:]:
-        feeds[name] = np.zeros((2, TINY.nhead, 0, TINY.head_dim), np.float32)
-    logits, *presents = session.run(None, feeds)
-    assert np.abs(logits - expected[:, :9]).max() <= 1e-4
-    for t in range(9, 15):
-        feeds = {"input_ids": ids[:, t : t + 1].numpy(), "position_ids": np.full((2, 1), t),
-                 "attention_mask": np.ones((2, t + 1), np.int64),
-                 **dict(zip(input_names(TINY.n_layers)[3:], presents))}  # fmt: skip
-        logits, *presents = session.run(None, feeds)
-        assert np.abs(logits[:, 0] - expected[:, t]).max() <= 1e-4, f"decode step {t}"
+    assert [i.name for i in session.get_inputs()] == [i["name"] for i in meta["inputs"]]
+    assert [o.name for o in session.get_outputs()] == [o["name"] for o in meta["outputs"]]
+
+
+def test_graph_serves_rows_of_different_lengths_in_one_call(tutorial_export):
+    """The contract driven by hand, as an app would from the README's table: the caller keeps each
+    row's keys and values; rows at different lengths (prefill chunks beside decodes, a row joining
+    with no past, a row sitting a step out) share each call. Every row's logits equal the tutorial
+    model's on that row's sequence alone, and holes (past slots beyond a row's length, padding)
+    hold large garbage that must never be attended to."""
+    ref, out = tutorial_export
+    meta = json.loads((out / "tformer.json").read_text())
+    past_names = [i["name"] for i in meta["inputs"][4:]]
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(5)
+    plan = [(5, 9, 0), (1, 5, 2), (1, 0, 1), (1, 1, 3), (1, 1, 0)]  # new tokens of each row per call (0: not in it)
+    seqs = [rng.integers(0, TINY.vocab_size, sum(counts)) for counts in zip(*plan)]
+    cache = [[np.zeros((TINY.nhead, 0, TINY.head_dim), np.float32) for _ in past_names] for _ in seqs]
+    for counts in plan:
+        rows = [r for r, n in enumerate(counts) if n]
+        B, T, P = len(rows), max(counts), max(cache[r][0].shape[1] for r in rows)
+        feeds = {"input_ids": rng.integers(0, TINY.vocab_size, (B, T)), "position_ids": np.zeros((B, T), np.int64),
+                 "attention_mask": np.zeros((B, P + T), np.int64), "last_index": np.zeros(B, np.int64),
+                 **{name: rng.normal(0, 1e3, (B, TINY.nhead, P, TINY.head_dim)).astype(np.float32)
+                    for name in past_names}}  # fmt: skip
+        for b, r in enumerate(rows):
+            n, p = counts[r], cache[r][0].shape[1]
+            feeds["input_ids"][b, :n] = seqs[r][p : p + n]
+            feeds["position_ids"][b, :n] = np.arange(p, p + n)
+            feeds["attention_mask"][b, :p] = feeds["attention_mask"][b, P : P + n] = 1
+            feeds["last_index"][b] = n - 1
+            for name, kept in zip(past_names, cache[r]):
+                feeds[name][b, :, :p] = kept
+        logits, *new = session.run(None, feeds)
+        for b, r in enumerate(rows):
+            n, p = counts[r], cache[r][0].shape[1]
+            cache[r] = [np.concatenate([kept, fresh[b, :, :n]], axis=1) for kept, fresh in zip(cache[r], new)]
+            expected = stock_logits(ref, torch.from_numpy(seqs[r][None, : p + n]))[0, -1]
+            assert np.abs(logits[b] - expected).max() <= 1e-4, (counts, r)
+    assert [c[0].shape[1] for c in cache] == [len(s) for s in seqs]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -173,7 +224,7 @@ def test_fp16_export_validates_at_its_own_tolerance(tmp_path, reference_model, d
 
     meta = export_model(tformer_copy(reference_model), tmp_path / "fp16", "onnx", dtype=torch.float16,
                         device=torch.device(device))  # fmt: skip
-    assert meta["dtype"] == "float16" and meta["inputs"][3]["dtype"] == "float16"
+    assert meta["dtype"] == "float16" and meta["inputs"][4]["dtype"] == "float16"
     assert meta["validation"]["device"] == device and meta["validation"]["greedy"]["identical"]
     assert all(r["ok"] and r["tolerance"] == exporter.TOLERANCE[torch.float16] for r in meta["validation"]["shapes"])
     runtime = tformer.load(tmp_path / "fp16", device=device)
@@ -189,7 +240,7 @@ def test_info_describes_a_verified_export_directory(tutorial_export):
     _, out = tutorial_export
     result = CliRunner().invoke(cli, ["info", str(out)])
     assert result.exit_code == 0, result.output
-    assert f"directory   {out} (tformer-onnx export, format version 2)" in result.output
+    assert f"directory   {out} (tformer-onnx export, format version 3)" in result.output
     assert "ONNX opset 18" in result.output and "heads       4" in result.output
     assert "verified    SHA-256 of model.onnx; model.onnx's embedded metadata matches tformer.json" in result.output
 
@@ -224,8 +275,9 @@ def test_step_takes_non_contiguous_ids(tutorial_export):
 
     backend = open_export(tutorial_export[1], torch.device("cpu"))
     ids = torch.randint(0, TINY.vocab_size, (2, 12))
+    start, lengths, rows = torch.zeros(2, dtype=torch.long), torch.tensor([6, 4]), torch.tensor([1, 0])
     results = []
     for batch in (ids[:, 3:9], ids[:, 3:9].clone()):
         cache = backend.allocate_cache(2, 6)
-        results.append(backend.step(batch, torch.arange(6), torch.tensor([0, 2]), cache))
+        results.append(backend.step(batch, start, lengths, rows, cache))
     assert not ids[:, 3:9].is_contiguous() and torch.equal(results[0], results[1])

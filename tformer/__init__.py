@@ -7,7 +7,7 @@
 
 from tformer.config import ModelConfig
 from tformer.errors import TformerError
-from tformer.generate import SamplingParams
+from tformer.engine import Engine, SamplingParams
 from tformer.model import KVCache, TransformerLM
 from tformer.runtime import Runtime, load
 from tformer.tokenizer import Tokenizer
@@ -15,6 +15,7 @@ from tformer.tokenizer import Tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
+    "Engine",
     "KVCache",
     "ModelConfig",
     "Runtime",

@@ -17,6 +17,7 @@ import torch
 
 from tformer.checkpoint import convert_checkpoint, load_checkpoint, load_model, save_checkpoint
 from tformer.config import ModelConfig
+from tformer.engine.engine import DEFAULT_BATCH
 from tformer.errors import TformerError, TformerNote
 from tformer.export.formats import FORMATS
 from tformer.export.onnx import DEFAULT_OPSET, OPSETS
@@ -256,8 +257,12 @@ def info(model, nhead) -> None:
 def _config_rows(c: ModelConfig) -> list[tuple[str, object]]:
     with torch.device("meta"):
         params = sum(t.numel() for k, t in TransformerLM(c).state_dict().items() if k != "pos_encoder.pe")
+    per_token = 2 * c.n_layers * c.d_model * 4  # keys and values of every layer, fp32
+    full = DEFAULT_BATCH * c.max_len * per_token / 2**20
     return [("parameters", f"{params:,}"), ("layers", c.n_layers), ("d_model", c.d_model), ("heads", c.nhead),
-            ("d_ff", c.d_ff), ("vocab", c.vocab_size), ("context", f"{c.max_len} tokens")]  # fmt: skip
+            ("d_ff", c.d_ff), ("vocab", c.vocab_size), ("context", f"{c.max_len} tokens"),
+            ("KV cache", f"{per_token / 1024:g} KiB per token in fp32 (half in bf16/fp16); an engine of "
+                         f"{DEFAULT_BATCH} rows x the whole context: {full:.0f} MiB")]  # fmt: skip
 
 
 def _checkpoint_rows(model: str, nhead: int | None) -> list[tuple[str, object]]:

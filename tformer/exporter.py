@@ -3,10 +3,10 @@
 This sits above the backends because validation runs the export through the backend that will run
 it in production (opened from the finished directory, verified like any other) and compares
 it with the eager backend: the logits of every step of each of the format's `Case`s (a batch with
-a left-padded row, fed in chunks: a prefill, then more tokens on top of the cache), then 32
-greedy steps on a padded batch, which must give identical tokens. The directory is written by
-`tformer.export.writer`, which knows nothing of backends and calls validation back before it
-publishes the directory, so a failed validation leaves nothing behind.
+a right-padded row, fed in chunks: a prefill, then more tokens on top of the cache), then 32
+greedy steps on a batch of prompts of different lengths, which must give identical tokens. The
+directory is written by `tformer.export.writer`, which knows nothing of backends and calls
+validation back before it publishes the directory, so a failed validation leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -82,24 +82,29 @@ def validate_export(
 
 
 def _compare(case: Case, exported, eager, tolerance: float, log: Log) -> dict:
-    """Feed `case` through both backends step by step; the largest logit difference over the
-    columns that hold real tokens (a padding column's logits mean nothing)."""
-    vocab, total = exported.config.vocab_size, sum(case.chunks)
+    """Feed `case` through both backends step by step (contract v2) and return the largest
+    difference of the last-token logits. Every chunk is one step for every row; row 1 (when there
+    are several) takes up to 3 tokens fewer, so its new tokens are right-padded, and batch row b
+    uses cache row B-1-b, so that rows are not simply in order."""
+    vocab, total, width = exported.config.vocab_size, sum(case.chunks), max(case.chunks)
     g = torch.Generator().manual_seed(case.batch * 100 + total)
     ids = torch.randint(0, vocab, (case.batch, total), generator=g)
-    start = torch.tensor([min(3, case.chunks[0] - 1) if b == 1 else 0 for b in range(case.batch)])  # row 1 padded
     device = exported.device
-    caches = [exported.allocate_cache(case.batch, total), eager.allocate_cache(case.batch, total)]
-    diff, done = 0.0, 0
+    rows = torch.arange(case.batch - 1, -1, -1, device=device)
+    caches = [b.allocate_cache(case.batch, total + width) for b in (exported, eager)]
+    done = [0] * case.batch  # tokens of each row in the cache
+    diff = 0.0
     with torch.inference_mode():
         for size in case.chunks:
-            pos = torch.arange(done, done + size, device=device)
-            cols, row_start = ids[:, done : done + size].to(device), start.to(device)
-            got = exported.step(cols, pos, row_start, caches[0])
-            want = eager.step(cols, pos, row_start, caches[1])
-            real = pos[None, :] >= row_start[:, None]  # (B, T)
-            diff = max(diff, float((got.double() - want.double()).abs()[real].max()))
-            done += size
+            count = [size - min(3, size - 1) if b == 1 else size for b in range(case.batch)]
+            cols = torch.zeros(case.batch, size, dtype=torch.long)  # right-padded with id 0
+            for b, n in enumerate(count):
+                cols[b, :n] = ids[b, done[b] : done[b] + n]
+            start = torch.tensor(done, device=device)
+            lengths = start + torch.tensor(count, device=device)
+            got, want = (b.step(cols.to(device), start, lengths, rows, c) for b, c in zip((exported, eager), caches))
+            diff = max(diff, float((got.double() - want.double()).abs().max()))
+            done = lengths.tolist()
     log(f"  {case.text}: max |export - torch| = {diff:.2e}  (tolerance {tolerance:g})")
     if diff > tolerance:
         raise TformerError(f"validation failed at {case.text}: max abs difference {diff:.3g} > tolerance {tolerance:g}")
@@ -107,8 +112,8 @@ def _compare(case: Case, exported, eager, tolerance: float, log: Log) -> dict:
 
 
 def greedy_check(exported: Runtime, eager: Runtime, log: Log) -> dict:
-    """32 greedy steps on a left-padded batch of 3 prompts through the exported runtime and through
-    eager must give the same tokens. Raises TformerError naming the first differing prompt."""
+    """32 greedy steps on a batch of 3 prompts of different lengths through the exported runtime
+    and through eager must give the same tokens. Raises TformerError naming the first differing prompt."""
     prompts = [[t % eager.config.vocab_size for t in p] for p in ([1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13])]
     ours = exported.generate_ids(prompts, max_new_tokens=GREEDY_STEPS, temperature=0)
     theirs = eager.generate_ids(prompts, max_new_tokens=GREEDY_STEPS, temperature=0)

@@ -1,16 +1,18 @@
-"""The tutorial's transformer language model, rewritten batch-first with a KV cache.
+"""The tutorial's transformer language model, rewritten batch-first with a KV cache of rows.
 
 `TransformerLM` computes exactly what the tutorial's `TransformerModel` computes (embedding scaled
 by sqrt(d_model), sinusoidal positions, post-norm ReLU encoder layers under a causal mask, linear
 decoder), and its parameters carry exactly the tutorial's names and shapes, so
 `load_state_dict(torch.load("model.pt"), strict=True)` needs no renaming. What it adds is what
-inference needs: batch-first tensors, per-row positions for left-padded batches, and a
-preallocated KV cache written in place at a position tensor (the gpt-fast recipe, which is what
-`torch.compile` with CUDA graphs and the other backends build on).
+inference needs: batch-first tensors and a preallocated KV cache written in place (the gpt-fast
+recipe, which is what `torch.compile` with CUDA graphs and the other backends build on), laid out
+for continuous batching.
 
-Cache layout: slot `j` of the cache holds the key/value of column `j` of the (left-padded) batch.
-Row `b` is valid from slot `start[b]` on; its token in slot `j` sits at position `j - start[b]`.
-A query in slot `s` of row `b` attends to keys `start[b] <= j <= s`.
+Cache layout: the cache has R rows of S slots; each request owns one row. The token at position
+`p` of a request sits in slot `p` of its row, so a row holds its request's tokens in slots
+`0..length-1`, no padding. A step feeds every batch row `b` its new tokens, which sit at positions
+`start[b], start[b]+1, ...` of cache row `rows[b]`; the token at position `p` attends to slots
+`0..p` of its own row.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ from tformer.config import ModelConfig
 
 @dataclass
 class KVCache:
-    """Per-layer key and value buffers, each `(B, H, S, Dh)`, preallocated and updated in place.
+    """Per-layer key and value buffers, each `(R, H, S, Dh)`: R rows (one per request being served),
+    S slots per row, preallocated once and updated in place.
 
     One tensor per layer and kind (not one stacked tensor) so that a compiled step writes only the
-    slots it touches. `S` is the longest sequence this cache serves (prompt + new tokens).
+    slots it touches.
     """
 
     k: list[torch.Tensor]
@@ -39,57 +42,106 @@ class KVCache:
 
     @classmethod
     def allocate(
-        cls, config: ModelConfig, batch: int, max_len: int, device: torch.device | str, dtype: torch.dtype
+        cls, config: ModelConfig, rows: int, slots: int, device: torch.device | str, dtype: torch.dtype
     ) -> KVCache:
         # Zeros, not empty: masked slots get weight exactly 0, and 0 * garbage could be NaN.
-        shape = (batch, config.nhead, max_len, config.head_dim)
+        shape = (rows, config.nhead, slots, config.head_dim)
         k, v = ([torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)] for _ in range(2))
         return cls(k, v)
 
     @property
-    def max_len(self) -> int:
+    def rows(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def slots(self) -> int:
         return self.k[0].shape[2]
 
-    def prefix(self, length: int) -> KVCache:
-        """Views of the first `length` slots: writes go through to this cache, reads skip the rest."""
-        return KVCache([k[:, :, :length] for k in self.k], [v[:, :, :length] for v in self.v])
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write `k`, `v` `(B, H, T, Dh)` of `layer` at slots `input_pos` `(T,)`; return the whole
-        buffers `(B, H, S, Dh)` to attend over. (Any object with this method can be the cache.)"""
-        self.k[layer].index_copy_(2, input_pos, k)
-        self.v[layer].index_copy_(2, input_pos, v)
-        return self.k[layer], self.v[layer]
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy slots `0..length-1` of row `src` to row `dst`, in every layer."""
+        for t in self.k + self.v:
+            t[dst, :, :length] = t[src, :, :length]
+
+
+@dataclass
+class CacheView:
+    """What one step sees of a `KVCache`: the cache row of each batch row, the slots its new
+    columns go to, and how many slots its queries look at.
+
+    rows: `(B,)` int64 cache row of each batch row. slots: `(B, T)` int64 slot of each new column.
+    span: slots `0..span-1` of each row are attended (at least every real position of the step).
+    block: the rows to read as one slice of whole, contiguous cache buffers, so that reads are
+        views, not copies: the batch rows themselves when they are consecutive
+        (`slice(rows[0], rows[-1] + 1)`), or `slice(None)` for every row of the cache (the triton
+        backend's kernels index rows themselves). None: gather the batch rows (the caches may then
+        be any views, as compiled graphs pass them).
+    (Any object with `update` can be the cache of `TransformerLM.run`: the ONNX export's grows.)
+    """
+
+    cache: KVCache
+    rows: torch.Tensor
+    slots: torch.Tensor
+    span: int
+    block: slice | None = None
+
+    def __post_init__(self) -> None:
+        # With whole buffers (a block), writes are `index_copy_`, a third of the cost of an
+        # advanced-index write, which shows in a batch-1 decode on a CPU (a step is ~0.4 ms): one
+        # row along its slots; several along each layer's buffer seen as one list of `R * H * S`
+        # vectors, at indices computed once per step.
+        self.one_row = self.block is not None and self.block.stop is not None and self.block.stop - self.block.start == 1
+        self.flat = None
+        if self.block is not None and not self.one_row:
+            R, H, S, _ = self.cache.k[0].shape
+            heads = torch.arange(H, device=self.rows.device)
+            self.flat = ((self.rows[:, None, None] * H + heads[None, :, None]) * S + self.slots[:, None, :]).reshape(-1)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write `k`, `v` `(B, H, T, Dh)` of `layer` at the rows' slots; return each row's keys and
+        values over the span, `(B, H, span, Dh)`."""
+        for cache, new in ((self.cache.k[layer], k), (self.cache.v[layer], v)):
+            if self.one_row:
+                cache[self.block].index_copy_(2, self.slots[0], new)  # (1, H, T, Dh) along the slots
+            elif self.flat is not None:
+                cache.view(-1, cache.shape[-1]).index_copy_(0, self.flat, new.reshape(-1, new.shape[-1]))  # (B*H*T, Dh)
+            else:
+                cache[self.rows[:, None], :, self.slots] = new.transpose(1, 2)  # (B, T, H, Dh) at (row, slot)
+        rows = self.block if self.block is not None else self.rows
+        return self.cache.k[layer][rows, :, : self.span], self.cache.v[layer][rows, :, : self.span]
+
+
+def row_block(rows: list[int]) -> slice | None:
+    """`rows` as a slice when they are consecutive (a `CacheView` block: views, not copies)."""
+    return slice(rows[0], rows[0] + len(rows)) if rows == list(range(rows[0], rows[0] + len(rows))) else None
 
 
 # A function that computes attention in place of SDPA (the triton backend's kernels): given q
-# `(B, H, T, Dh)` and the k, v `(B, H, S, Dh)` that the cache returned, the output `(B, H, T, Dh)`.
+# `(B, H, T, Dh)` and the k, v that the cache's `update` returned, the output `(B, H, T, Dh)`.
 # The masking it applies is its own business (the backend knows the rows' start and length).
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def row_positions(input_pos: torch.Tensor, start: torch.Tensor | None) -> torch.Tensor:
-    """Positional-encoding rows `(B or 1, T)`: slot `j` of row `b` is position `j - start[b]` (0 for padding)."""
-    return input_pos[None, :] if start is None else (input_pos[None, :] - start[:, None]).clamp(min=0)
-
-
 def attention_bias(
-    input_pos: torch.Tensor, key_pos: torch.Tensor, key_valid: torch.Tensor | None, dtype: torch.dtype
+    query_pos: torch.Tensor, key_pos: torch.Tensor, key_valid: torch.Tensor | None, dtype: torch.dtype
 ) -> torch.Tensor:
     """Additive attention mask `(B or 1, 1, T, S)`: 0 where a query may attend, else a large negative.
 
-    input_pos: `(T,)` int64 slot of each query. key_pos: `(S,)` int64 slot of each key.
-    key_valid: `(B, S)` bool, False for padding keys, or None when no row is padded. A query
+    query_pos: `(T,)` or `(B, T)` int64 slot of each query. key_pos: `(S,)` int64 slot of each key.
+    key_valid: `(B, S)` bool, False for keys that must never be seen (holes), or None. A query
     attends to valid keys at or before its own slot. The masked value is `finfo(dtype).min`, never
-    `-inf`: a fully masked row (a padding query) then gives a uniform softmax instead of NaN, in
-    eager SDPA, onnxruntime and our kernels alike.
+    `-inf`: a fully masked row then gives a uniform softmax instead of NaN, in eager SDPA,
+    onnxruntime and our kernels alike.
     """
-    allowed = key_pos[None, None, :] <= input_pos[None, :, None]  # (1, T, S): causal
+    allowed = key_pos <= query_pos.unsqueeze(-1)  # (T, S) or (B, T, S): causal
+    if allowed.dim() == 2:
+        allowed = allowed.unsqueeze(0)
     if key_valid is not None:
-        allowed = allowed & key_valid[:, None, :]  # (B, T, S): left padding
-    zero = torch.zeros((), device=input_pos.device, dtype=dtype)
+        allowed = allowed & key_valid[:, None, :]  # (B, T, S)
+    zero = torch.zeros((), device=query_pos.device, dtype=dtype)
     return torch.where(allowed, zero, torch.finfo(dtype).min).unsqueeze(1)  # (B, 1, T, S)
 
 
@@ -146,15 +198,14 @@ class SelfAttention(nn.Module):
         self,
         x: torch.Tensor,
         bias: torch.Tensor | None,
-        cache: KVCache | None,
-        input_pos: torch.Tensor,
+        cache: CacheView | None,
         attend: AttendFn | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3C): one fused matmul
         q, k, v = qkv.view(B, T, 3, self.nhead, C // self.nhead).permute(2, 0, 3, 1, 4)  # each (B, H, T, Dh)
         if cache is not None:
-            k, v = cache.update(self.layer, k, v, input_pos)  # (B, H, S, Dh)
+            k, v = cache.update(self.layer, k, v)  # (B, H, S, Dh)
         if attend is not None:
             y = attend(q, k, v)  # (B, H, T, Dh)
         else:
@@ -176,9 +227,9 @@ class EncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(config.d_model, eps=1e-5)
         self.p = config.dropout
 
-    def forward(self, x, bias, cache, input_pos, attend=None):
+    def forward(self, x, bias, cache, attend=None):
         p, train = self.p, self.training
-        x = layer_norm(self.norm1, x + dropout(self.self_attn(x, bias, cache, input_pos, attend), p, train))
+        x = layer_norm(self.norm1, x + dropout(self.self_attn(x, bias, cache, attend), p, train))
         hidden = dropout(F.relu(linear(self.linear1, x)), p, train)  # (B, T, d_ff)
         return layer_norm(self.norm2, x + dropout(linear(self.linear2, hidden), p, train))
 
@@ -206,47 +257,62 @@ class TransformerLM(nn.Module):
         nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
         nn.init.zeros_(self.decoder.bias)
 
-    def forward(
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits `(B, T, V)` of fresh sequences `(B, T)` int64, causal over their own columns, no
+        cache: what training computes."""
+        B, T = input_ids.shape
+        positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        return self.run(input_ids, positions, None, None)
+
+    def step(
         self,
         input_ids: torch.Tensor,
-        input_pos: torch.Tensor | None = None,
-        start: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        start: torch.Tensor,
+        lengths: torch.Tensor,
+        rows: torch.Tensor,
+        cache: KVCache,
+        span: int | None = None,
+        block: slice | None = None,
+        attend: AttendFn | None = None,
     ) -> torch.Tensor:
-        """Logits `(B, T, V)` for `input_ids` `(B, T)` int64.
+        """One step over cache rows: logits `(B, V)` of each row's last new token (the contract of
+        `tformer.backends.base.Backend.step`).
 
-        input_pos: `(T,)` int64 cache slots of the columns (default `arange(T)`, a fresh sequence).
-        start: `(B,)` int64 first valid slot per row of a left-padded batch (default: all 0).
-        cache: when given, K/V of these columns are written at `input_pos` and the queries attend
-        to every valid slot of the cache; without it they attend to these columns only (training).
-        Row `b`'s token in slot `j` gets positional encoding `j - start[b]`; padding slots
-        (`j < start[b]`) are never attended to, and their own outputs are finite but meaningless.
+        input_ids: `(B, T)` int64; row b's new tokens in columns `0..n_b-1` with
+            `n_b = lengths[b] - start[b]`, the rest padding (any id).
+        start: `(B,)` int64 position of row b's first new token (its length before the step).
+        lengths: `(B,)` int64 its length after the step. rows: `(B,)` int64 its cache row.
+        Column t of row b is written to slot `start[b] + t` of row `rows[b]` (padding columns too:
+        the cache must have room, `start[b] + T <= cache.slots`) and attends to slots
+        `0..start[b]+t`. span: attend over slots `0..span-1` only (>= max(lengths); default all).
+        block: see `CacheView` (None: gather the rows).
         """
         B, T = input_ids.shape
-        if input_pos is None:
-            input_pos = torch.arange(T, device=input_ids.device)
-        positions = row_positions(input_pos, start)
-        if cache is None and start is None:
-            bias = None  # plain causal attention over the T columns
-        else:
-            key_pos = torch.arange(cache.max_len, device=input_ids.device) if cache is not None else input_pos
-            key_valid = None if start is None else key_pos[None, :] >= start[:, None]  # (B, S)
-            bias = attention_bias(input_pos, key_pos, key_valid, self.decoder.weight.dtype)
-        return self.run(input_ids, positions.expand(B, T), bias, cache, input_pos)
+        slots = start[:, None] + torch.arange(T, device=input_ids.device)  # (B, T)
+        positions = slots.clamp(max=self.config.max_len - 1)  # a padding column may run past the context
+        span = cache.slots if span is None else span
+        key_pos = torch.arange(span, device=input_ids.device)
+        bias = None if attend is not None else attention_bias(slots, key_pos, None, self.decoder.weight.dtype)
+        view = CacheView(cache, rows, slots, span, block)
+        return self.run(input_ids, positions, bias, view, attend, last=0 if isinstance(T, int) and T == 1 else lengths - start - 1)
 
     def run(
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         bias: torch.Tensor | None,
-        cache: KVCache | None,
-        input_pos: torch.Tensor,
+        cache: CacheView | None,
         attend: AttendFn | None = None,
+        last: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
-        """The network itself, given what `forward` derives: logits `(B, T, V)`.
+        """The network itself, given what `forward` or `step` derives: logits `(B, T, V)`, or
+        `(B, V)` of column `last[b]` of each row when `last` `(B,)` is given, or of column `last` of
+        every row when it is an int (the vocabulary projection, the largest matmul of a small
+        model, then runs on those columns only).
 
         positions: `(B, T)` int64 positional-encoding rows. bias: `(B or 1, 1, T, S)` additive mask
         from `attention_bias`, or None for plain causal attention over the T columns (no cache).
+        cache: any object with `update(layer, k, v) -> (k_all, v_all)`, or None.
         attend: computes attention in place of SDPA in every layer (then `bias` is unused).
         Exporters that take masks and positions as inputs (ONNX) and backends with their own
         attention kernels call this directly.
@@ -254,8 +320,12 @@ class TransformerLM(nn.Module):
         x = self.encoder(input_ids) * math.sqrt(self.config.d_model)  # (B, T, C)
         x = self.pos_encoder(x, positions)
         for layer in self.transformer_encoder.layers:
-            x = layer(x, bias, cache, input_pos, attend)
-        return self.decoder(x)  # (B, T, V)
+            x = layer(x, bias, cache, attend)
+        if isinstance(last, int):
+            x = x[:, last]  # (B, C): the same column of every row (a decode step's one), no gather
+        elif last is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), last]  # (B, C)
+        return self.decoder(x)  # (B, V) or (B, T, V)
 
 
 def column_major_weights(model: TransformerLM) -> None:

@@ -7,9 +7,11 @@ and streaming pieces as they become whole characters.
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 import os
+import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -20,7 +22,9 @@ from tformer.backends import REFERENCE, Backend, backend_class, create_backend, 
 from tformer.checkpoint import load_model
 from tformer.config import ModelConfig
 from tformer.errors import TformerError
-from tformer.generate import SamplingParams, generate_tokens
+from tformer.engine import Engine, RequestOutput, SamplingParams
+from tformer.engine.engine import DEFAULT_BATCH
+from tformer.engine.request import check_prompt
 from tformer.inputs import as_int, as_path, as_prompt, as_prompts, as_stop, as_text, as_texts
 from tformer.model import TransformerLM
 from tformer.text import StopText
@@ -115,10 +119,20 @@ def _load_export(
 
 
 class Runtime:
-    """A model on a backend. Sampling options, for every method: see `SamplingParams`
-    (max_new_tokens=128, temperature=0.8 (0 = greedy), top_k=50, top_p=None, seed=None)."""
+    """A model on a backend, served by a continuous-batching `Engine`. Sampling options, for every
+    method: see `SamplingParams` (max_new_tokens=128, temperature=0.8 (0 = greedy), top_k=50,
+    top_p=None, seed=None).
 
-    def __init__(self, backend: Backend, tokenizer: Tokenizer | None):
+    Every method adds its prompts to the engine as requests and steps it until they are done; any
+    number of threads may call them at once (their requests share the running batch). The engine
+    is sized to fit the calls (cache rows for the largest batch, up to 64; slots for the longest
+    request, rounded up to 64), grown between calls when one needs more, unless `max_batch_size`
+    and `max_len` fix it.
+    """
+
+    def __init__(
+        self, backend: Backend, tokenizer: Tokenizer | None, max_batch_size: int | None = None, max_len: int | None = None
+    ):  # fmt: skip
         if tokenizer is not None and tokenizer.vocab_size > backend.config.vocab_size:
             raise TformerError(
                 f"tokenizer has {tokenizer.vocab_size} ids but the model only {backend.config.vocab_size}; "
@@ -127,6 +141,9 @@ class Runtime:
         self.backend = backend
         self.tokenizer = tokenizer
         self.eos_id = tokenizer.eos_id if tokenizer is not None else None
+        self._fixed = (max_batch_size, max_len)
+        self._engine: Engine | None = None
+        self._engine_lock = threading.Lock()
 
     @classmethod
     def from_model(
@@ -145,11 +162,18 @@ class Runtime:
     def config(self) -> ModelConfig:
         return self.backend.config
 
+    @property
+    def engine(self) -> Engine:
+        """The engine behind the methods (started with the first call's sizes if none ran yet)."""
+        return self._engine_for(1, 2)
+
     def warmup(self, batch_sizes: Sequence[int] = (1,), max_prompt_len: int = 128, max_new_tokens: int = 128) -> float:
-        """Run one generation per batch size at the longest expected request, so that compiling
-        backends compile (and size their caches) now rather than on the first user request.
-        Later requests within these bounds then run without recompiling. Returns the seconds taken."""
+        """Size the engine for these bounds, have the backend compile what its steps may need
+        (`Engine.warmup`), and run one generation per batch size at the longest expected request,
+        so that compiling backends compile now rather than on the first user request. Later
+        requests within these bounds then run without recompiling. Returns the seconds taken."""
         began = time.perf_counter()
+        self._engine_for(max(batch_sizes), max_prompt_len + max_new_tokens).warmup()
         for batch in batch_sizes:
             self.generate_ids([[0] * max_prompt_len] * batch, max_new_tokens=max_new_tokens, temperature=0)
         return time.perf_counter() - began
@@ -161,63 +185,101 @@ class Runtime:
             array/tensor with one prompt per row. For one prompt pass `[ids]`.
         """
         prompts = as_prompts(prompts)
-        out: list[list[int]] = [[] for _ in prompts]
-        for step in self._steps(prompts, sampling):
-            for row, token in zip(out, step):
-                if token is not None and token != self.eos_id:
-                    row.append(token)
-        return out
+        _, ids, outputs = self._run(prompts, sampling)
+        rows: dict[int, list[int]] = {i: [] for i in ids}
+        for out in outputs:
+            if out.token is not None and out.token != self.eos_id:
+                rows[out.request_id].append(out.token)
+        return [rows[i] for i in ids]
 
     def stream_ids(self, prompt: Sequence[int], **sampling) -> Iterator[int]:
         """New token ids of one prompt (a list or 1-D array/tensor of ids), one at a time (EOS
         excluded). Input errors raise at call time."""
-        steps = self._steps([as_prompt(prompt)], sampling)
-        return (token for (token,) in itertools.takewhile(lambda s: s[0] not in (None, self.eos_id), steps))
+        _, _, outputs = self._run([as_prompt(prompt)], sampling)
+        return (out.token for out in outputs if out.token is not None and out.token != self.eos_id)
+
+    def outputs(self, prompts: Sequence[Sequence[int]], **sampling) -> Iterator[RequestOutput]:
+        """The engine's outputs for these id prompts as they come, each `RequestOutput(request_id,
+        token, finish_reason)` (one per request per engine step; EOS included): for callers that
+        need the steps themselves, such as the benchmark. Input errors raise at call time."""
+        _, _, outputs = self._run(as_prompts(prompts), sampling)
+        return outputs
 
     def generate(self, prompts: str | Sequence[str], stop: str | Sequence[str] | None = (), **sampling) -> list[str]:
         """Completion text for each prompt (a string or a list of strings; always returns a list).
 
-        stop: strings that end a row's completion; the completion is cut before the first one.
+        stop: strings that end a row's completion; the completion is cut before the first one (and
+        the request ends there, freeing its place in the batch).
         """
         prompts = as_texts(prompts)
         stop = as_stop(stop)
-        rows = [StopText(self._text_tokenizer(), stop) for _ in prompts]
-        for step in self._steps([self._encode(p) for p in prompts], sampling):
-            for row, token in zip(rows, step):
-                if token is not None:
-                    row.push(token)
-            if all(row.stopped or token is None for row, token in zip(rows, step)):
-                break
-        return [row.text for row in rows]
+        tokenizer = self._text_tokenizer()
+        engine, ids, outputs = self._run([self._encode(p) for p in prompts], sampling)
+        texts = {i: StopText(tokenizer, stop) for i in ids}
+        for out in outputs:
+            text = texts[out.request_id]
+            if out.token is not None and not text.stopped:
+                text.push(out.token)
+                if text.stopped:
+                    engine.abort(out.request_id)
+        return [texts[i].text for i in ids]
 
     def stream(self, prompt: str, stop: str | Sequence[str] | None = (), **sampling) -> Iterator[str]:
         """Pieces of the completion of one prompt as they are generated; they join to `generate`'s text.
 
         Input errors raise at call time, before the first piece.
         """
-        row = StopText(self._text_tokenizer(), as_stop(stop))
-        return self._stream_text(row, self._steps([self._encode(as_text("prompt", prompt))], sampling))
+        text = StopText(self._text_tokenizer(), as_stop(stop))
+        _, _, outputs = self._run([self._encode(as_text("prompt", prompt))], sampling)
+        return self._stream_text(text, outputs)
 
     @staticmethod
-    def _stream_text(row: StopText, steps: Iterator[list[int | None]]) -> Iterator[str]:
-        for (token,) in steps:
-            if token is None:
-                break
-            row.push(token)
-            if piece := row.ready():
-                yield piece
-            if row.stopped:
-                return
-        row.stopped = True  # generation is over: nothing more can complete a stop string
-        if piece := row.ready():
+    def _stream_text(text: StopText, outputs: Iterator[RequestOutput]) -> Iterator[str]:
+        with contextlib.closing(outputs):  # leaving early (a stop string) aborts the request
+            for out in outputs:
+                if out.token is not None:
+                    text.push(out.token)
+                if piece := text.ready():
+                    yield piece
+                if text.stopped:
+                    return
+        text.stopped = True  # generation is over: nothing more can complete a stop string
+        if piece := text.ready():
             yield piece
 
-    def _steps(self, prompts: list[list[int]], sampling: dict) -> Iterator[list[int | None]]:
+    def _run(self, prompts: list[list[int]], sampling: dict) -> tuple[Engine, list[int], Iterator[RequestOutput]]:
+        """Check everything, add the prompts as requests; the engine, their ids, and their outputs as they come
+        (a generator that steps the engine whenever none is waiting, and aborts what is left of
+        its requests if closed early)."""
         known = {f.name for f in fields(SamplingParams)}
         unknown = sorted(set(sampling) - known)
         if unknown:
             raise TformerError(f"unknown sampling option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return generate_tokens(self.backend, prompts, SamplingParams(**sampling), self.eos_id)
+        params = SamplingParams(**sampling)
+        if not prompts:
+            raise TformerError("no prompts given; pass at least one")
+        for i, prompt in enumerate(prompts):
+            check_prompt(prompt, params.max_new_tokens, self.config.vocab_size, self.config.max_len, f"prompt {i}")
+        engine = self._engine_for(len(prompts), max(map(len, prompts)) + params.max_new_tokens)
+        box: deque[RequestOutput] = deque()
+        ids = [engine.add_request(p, params, self.eos_id, on_output=box.append) for p in prompts]
+        return engine, ids, _drive(engine, set(ids), box)
+
+    def _engine_for(self, batch: int, longest: int) -> Engine:
+        """The engine, started or grown (once idle: the requests it runs are finished first) so
+        that it has `batch` rows (up to 64) and `longest` slots, unless its sizes are fixed."""
+        with self._engine_lock:
+            engine, (fixed_batch, fixed_len) = self._engine, self._fixed
+            rows = fixed_batch or min(max(DEFAULT_BATCH, batch), MAX_AUTO_BATCH)
+            slots = fixed_len or min(-(-longest // 64) * 64, self.config.max_len)
+            if engine is not None:
+                if engine.max_batch_size >= rows and engine.max_len >= slots or all(self._fixed):
+                    return engine
+                rows, slots = max(rows, engine.max_batch_size), max(slots, engine.max_len)
+                while engine.has_unfinished():  # other threads' requests: finish them on this cache
+                    engine.step()
+            self._engine = Engine(self.backend, rows, slots)
+            return self._engine
 
     def _text_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
@@ -229,3 +291,23 @@ class Runtime:
 
     def _encode(self, prompt: str) -> list[int]:
         return self._text_tokenizer().encode(prompt)
+
+
+MAX_AUTO_BATCH = 64  # cache rows a Runtime sizes itself to, at most; more prompts wait for a free row
+
+
+def _drive(engine: Engine, waiting_for: set[int], box: deque[RequestOutput]) -> Iterator[RequestOutput]:
+    """Outputs of the requests `waiting_for` as they arrive in `box`, stepping the engine whenever
+    the box is empty (any thread may step it: each output reaches the box of its own request)."""
+    try:
+        while waiting_for:
+            if not box:
+                engine.step()
+            while box:
+                out = box.popleft()
+                if out.finished:
+                    waiting_for.discard(out.request_id)
+                yield out
+    finally:
+        for request_id in waiting_for:  # closed early (a stop string, a consumer that went away)
+            engine.abort(request_id)

@@ -1,8 +1,9 @@
-"""AOTInductor: a `.pt2` package of the KV-cache step, run without tracing or compiling.
+"""AOTInductor: a `.pt2` package of the step (backend contract v2), run without tracing or compiling.
 
-The package (see `tformer.export.pt2`) takes the preallocated per-layer cache as inputs and
-updates it in place, so this backend is the eager one minus Python: `KVCache` buffers, one call
-per step.
+The package (see `tformer.export.pt2`) takes the engine's cache of rows as inputs and updates it
+in place, so this backend is the eager one minus Python: `KVCache` buffers, one call per step.
+It attends over every slot of the cache rows it reads (masked past each row's length): the
+package's cache inputs are whole, contiguous buffers.
 """
 
 from __future__ import annotations
@@ -31,9 +32,12 @@ class AotBackend(ExportBackend):
             raise TformerError(f"{path}: torch {torch.__version__} cannot load it ({one_line(exc)}); {FIX}") from None
         check_embedded(self.meta, self.runner.get_metadata(), path)  # the compiled program is the one described
 
-    def allocate_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache.allocate(self.config, batch, max_len, self.device, self.dtype)
+    def allocate_cache(self, rows: int, slots: int) -> KVCache:
+        return KVCache.allocate(self.config, rows, slots, self.device, self.dtype)
 
-    def step(self, input_ids: torch.Tensor, input_pos: torch.Tensor, start: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def step(
+        self, input_ids: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, cache: KVCache
+    ) -> torch.Tensor:
         # The compiled code assumes contiguous inputs: a (B, 1) slice of a bigger tensor is not.
-        return self.runner(input_ids.contiguous(), input_pos.contiguous(), start.contiguous(), tuple(cache.k), tuple(cache.v))
+        inputs = (t.contiguous() for t in (input_ids, start, lengths, rows))
+        return self.runner(*inputs, tuple(cache.k), tuple(cache.v))

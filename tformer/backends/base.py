@@ -1,8 +1,13 @@
-"""The backend interface: a backend is only a decode step.
+"""The backend interface (contract v2): a backend is only a decode step over cache rows.
 
-Everything else (tokenizing, left padding, sampling, stopping, streaming) lives once, in
-`tformer.generate`. A backend allocates a cache and runs one step over it; a new backend is one
-short file that implements these two methods.
+Everything else (requests, scheduling, sampling, stopping, streaming) lives once, in
+`tformer.engine`. A backend allocates a cache of rows once and runs steps over it; a new backend
+is one short file that implements these two methods.
+
+Each request being served owns one cache row. Its token at position `p` sits in slot `p` of that
+row: no left padding, no position shared between rows. A step feeds some rows new tokens (a
+prefill: a prompt or a chunk of one; a decode: one token each) and returns, per row, the logits
+of its last new token.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from tformer.config import ModelConfig
+from tformer.model import KVCache
 
 
 @dataclass(frozen=True)
@@ -42,26 +48,45 @@ class Backend(Protocol):
         """Why it cannot run on `device` here (a missing package, provider or GPU), else None."""
         ...
 
-    def allocate_cache(self, batch: int, max_len: int) -> Any:
-        """A cache for `batch` rows of up to `max_len` slots (prompt + new tokens), allocated once.
-
-        Its type is the backend's own business; the generation loop only passes it back to `step`.
+    def allocate_cache(self, rows: int, slots: int) -> Any:
+        """A cache of `rows` rows of `slots` slots each, allocated once (by the engine, when it
+        starts). Its type is the backend's own business; the engine only passes it back to `step`.
         """
         ...
 
     def step(
-        self, input_ids: torch.Tensor, input_pos: torch.Tensor, start: torch.Tensor, cache: Any
+        self, input_ids: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, cache: Any
     ) -> torch.Tensor:
-        """Run `input_ids` through the model, write their K/V into `cache`, return logits.
+        """Run the new tokens of B batch rows, write their keys and values into their cache rows,
+        and return the logits of each row's last new token, `(B, V)` in the backend's dtype.
 
-        input_ids: `(B, T)` int64 on `device`; T is the prompt length at prefill, 1 when decoding.
-        input_pos: `(T,)` int64 cache slots of the T columns (shared by all rows: the batch is
-            left-padded so that its rows end together).
-        start: `(B,)` int64 first valid slot of each row; slots before it are padding, never
-            attended to. Row b's token in slot j has position `j - start[b]`.
-        Returns logits `(B, T, V)`; the loop reads the last column. Rows are independent: padding
-        rows must produce finite values (no NaN), whatever they are.
+        All tensors are int64 on `device`:
+        input_ids: `(B, T)`; row b's new tokens in columns `0..n_b-1`, `n_b = lengths[b] - start[b]`
+            (1 <= n_b <= T); columns `n_b..T-1` are padding (any id).
+        start: `(B,)` position of row b's first new token, which is also its cache row's length
+            before the step (slots `0..start[b]-1` hold its earlier tokens).
+        lengths: `(B,)` row b's length after the step.
+        rows: `(B,)` distinct cache rows, in `0..cache rows-1`: batch row b reads and writes cache
+            row `rows[b]` only.
+        Column t of row b is the token at position `start[b] + t`; it goes to slot `start[b] + t`
+        and attends to slots `0..start[b] + t` of its row. The engine keeps room for padding
+        columns (`start[b] + T <= slots`): a backend may write their keys and values (into slots
+        no real token has reached yet) or skip them; their outputs are never read. Slots at or
+        beyond a row's length hold garbage from earlier requests and must never be attended to.
         """
+        ...
+
+    def move_row(self, cache: Any, src: int, dst: int, length: int) -> bool:
+        """Copy slots `0..length-1` of cache row `src` to row `dst`, or return False if this cache
+        cannot. Optional: the engine moves a request to a lower free row when one frees up and no
+        request waits for it, so that a step's rows stay one block (which backends read as a view
+        rather than gathering a copy of each row); without it rows stay where they are."""
+        ...
+
+    def warmup(self, cache: Any) -> None:
+        """Compile now, for steps over `cache`, everything a step may need, so that no step
+        compiles later (the engine's `warmup`, which `Runtime.warmup` calls). A no-op for backends
+        that compile nothing while running."""
         ...
 
 
@@ -74,4 +99,13 @@ class BackendBase:
 
     @classmethod
     def unavailable(cls, device: torch.device) -> str | None:
+        return None
+
+    def move_row(self, cache: Any, src: int, dst: int, length: int) -> bool:
+        if not isinstance(cache, KVCache):
+            return False
+        cache.move_row(src, dst, length)
+        return True
+
+    def warmup(self, cache: Any) -> None:
         return None

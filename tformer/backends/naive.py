@@ -1,9 +1,8 @@
-"""The tutorial's own generation, as a backend: no cache, the whole sequence re-run every step.
+"""The tutorial's own generation, as a backend: no cache, each row's whole sequence re-run every step.
 
 This is the baseline every other backend is measured against (`tformer-bench`'s `naive` row). It
-runs the tutorial's `TransformerModel` itself, seq-first with its square causal mask; its "cache"
-is just the token history. It has no key-padding mask, so it serves only batches whose prompts
-have equal lengths.
+runs the tutorial's `TransformerModel` itself, seq-first with its square causal mask, one row at
+a time (it has no padding mask); its "cache" is each cache row's token history.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from tformer.backends.base import BackendBase
-from tformer.errors import TformerError
 from tformer.model import TransformerLM
 from tformer.reference import TransformerModel
 
@@ -30,16 +28,22 @@ class NaiveBackend(BackendBase):
         self.device = device
         self.dtype = dtype
 
-    def allocate_cache(self, batch: int, max_len: int) -> list[torch.Tensor]:
-        return []  # the token history, (T, B) seq-first, grown as the tutorial's loop does
+    def allocate_cache(self, rows: int, slots: int) -> list[torch.Tensor]:
+        """Per cache row, its tokens so far `(length,)`."""
+        return [torch.zeros(0, dtype=torch.long, device=self.device) for _ in range(rows)]
+
+    def move_row(self, cache: list[torch.Tensor], src: int, dst: int, length: int) -> bool:
+        cache[dst] = cache[src][:length]
+        return True
 
     def step(
-        self, input_ids: torch.Tensor, input_pos: torch.Tensor, start: torch.Tensor, cache: list[torch.Tensor]
-    ) -> torch.Tensor:
-        if bool(start.any()):
-            raise TformerError("the naive backend (the tutorial's loop) cannot mask padding: give prompts of equal length")
-        seq = input_ids.T if not cache else torch.cat([cache.pop(), input_ids.T], dim=0)  # (T, B)
-        cache.append(seq)
-        mask = self.model.generate_square_subsequent_mask(seq.shape[0]).to(self.device)
-        logits = self.model(seq, mask)  # (T, B, V)
-        return logits[-input_ids.shape[1]:].transpose(0, 1)  # (B, T_new, V)
+        self, input_ids: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor,
+        cache: list[torch.Tensor],
+    ) -> torch.Tensor:  # fmt: skip
+        logits = []
+        for b, (row, first, length) in enumerate(zip(rows.tolist(), start.tolist(), lengths.tolist())):
+            cache[row] = torch.cat([cache[row][:first], input_ids[b, : length - first]])  # the row's tokens
+            seq = cache[row][:, None]  # (T, 1) seq-first
+            mask = self.model.generate_square_subsequent_mask(seq.shape[0]).to(self.device)
+            logits.append(self.model(seq, mask)[-1, 0])  # (V,): the last token's
+        return torch.stack(logits)  # (B, V)

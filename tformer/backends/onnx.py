@@ -1,10 +1,11 @@
-"""onnxruntime: the exported graph as a decode step.
+"""onnxruntime: the exported graph as a decode step over cache rows.
 
-The graph takes past K/V and returns presents one slot longer (see `tformer.export.onnx`). To
-keep the cache off numpy and out of fresh allocations, every step runs through IOBinding over
-preallocated buffers: per layer and kind, two flat buffers sized for the whole generation; the
-past is read from one while onnxruntime writes the present straight into the other, then they
-swap. On CUDA the buffers live on the GPU, so the cache never leaves it.
+The graph takes each row's past keys and values and returns only the new tokens' (see
+`tformer.export.onnx`), so the cache is the backend's own: a `KVCache` of rows, as eager's. A
+step gathers its rows' pasts into one contiguous buffer per layer and kind, runs the graph
+through IOBinding with the new keys and values written straight into the same buffer after the
+pasts, and scatters those into each row's slots in place: nothing goes through numpy, and on
+CUDA the cache never leaves the GPU.
 
 Sessions are built with full graph optimization, and the optimized graph is cached beside
 model.onnx (`OptimizedGraph`) so that later loads skip optimizing.
@@ -26,7 +27,7 @@ from tformer.backends.base import Traits
 from tformer.backends.exported import ExportBackend
 from tformer.errors import TformerError, one_line
 from tformer.files import atomic_path, file_sha256
-from tformer.model import row_positions
+from tformer.model import CacheView, KVCache, row_block
 
 T = TypeVar("T")
 
@@ -77,14 +78,22 @@ class OptimizedGraph:
 
 @dataclass
 class OnnxCache:
-    """Ping-pong buffers: `current[i]` holds layer i's K (or V) for `length` slots, contiguous."""
+    """The cache rows, plus where a step stages what it binds.
 
-    k: list[list[torch.Tensor]]  # k[layer] = [buffer_a, buffer_b], flat
-    v: list[list[torch.Tensor]]
-    batch: int
-    max_len: int
-    length: int = 0
-    current: int = 0
+    kv: per layer, keys and values `(R, H, S, Dh)`, as `TransformerLM` keeps them.
+    staging_k, staging_v: per layer, one flat buffer of `R * H * S * Dh` elements (one layer's
+        cache): a step of B rows, T new columns and a longest past of P holds the gathered pasts
+        `(B, H, P, Dh)` in its first part and the graph's new keys or values `(B, H, T, Dh)` right
+        after (`P + T <= S` and `B <= R` under the backend contract, so they always fit).
+    """
+
+    kv: KVCache
+    staging_k: list[torch.Tensor]
+    staging_v: list[torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.kv.nbytes  # the staging buffers are as large as the cache itself
 
 
 class OnnxBackend(ExportBackend):
@@ -132,6 +141,11 @@ class OnnxBackend(ExportBackend):
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: not the notice that the saved graph is machine-specific
         options.intra_op_num_threads = torch.get_num_threads()
+        # A step runs torch (gathering pasts, scattering new keys and values) between runs: threads
+        # that onnxruntime leaves spinning after a run take the cores from torch's (the engine
+        # test's 32 requests at d_model 48: 0.34 s without spinning, 1.4-1.9 s with, in
+        # interleaved rounds on a busy 2-core CPU; not measured on an idle one).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = (
             ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         )
@@ -144,43 +158,58 @@ class OnnxBackend(ExportBackend):
                 f"onnxruntime {ort.__version__} cannot load {graph} ({one_line(exc)}); upgrade onnxruntime or re-export it"
             ) from None
 
-    def allocate_cache(self, batch: int, max_len: int) -> OnnxCache:
+    def allocate_cache(self, rows: int, slots: int) -> OnnxCache:
+        kv = KVCache.allocate(self.config, rows, slots, self.device, self.dtype)
+        size = kv.k[0].numel()
+
+        def staging() -> list[torch.Tensor]:
+            return [torch.empty(size, device=self.device, dtype=self.dtype) for _ in range(self.config.n_layers)]
+
+        return OnnxCache(kv, staging(), staging())
+
+    def move_row(self, cache: OnnxCache, src: int, dst: int, length: int) -> bool:
+        cache.kv.move_row(src, dst, length)
+        return True
+
+    def step(
+        self, input_ids: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, cache: OnnxCache
+    ) -> torch.Tensor:
         c = self.config
-        size = batch * c.nhead * max_len * c.head_dim
-
-        def pair() -> list[torch.Tensor]:
-            return [torch.zeros(size, device=self.device, dtype=self.dtype) for _ in range(2)]
-
-        return OnnxCache([pair() for _ in range(c.n_layers)], [pair() for _ in range(c.n_layers)], batch, max_len)
-
-    def step(self, input_ids: torch.Tensor, input_pos: torch.Tensor, start: torch.Tensor, cache: OnnxCache) -> torch.Tensor:
-        c = self.config
-        B, S = input_ids.shape
-        P = cache.length
-        if P + S > cache.max_len:
-            raise TformerError(f"cache of {cache.max_len} slots is full")
+        B, T = input_ids.shape
+        P = int(start.max())  # the longest past: shorter ones are masked beyond their length
+        cols = torch.arange(T, device=self.device)
+        slots = start[:, None] + cols  # (B, T) where each new column goes
         # A binding keeps only an address: every bound tensor must stay referenced until the run
         # (a temporary `.contiguous()` copy would be freed and read after).
-        ids = input_ids.contiguous()  # (B, S)
-        positions = row_positions(input_pos, start).contiguous()  # (B, S)
-        mask = (torch.arange(P + S, device=self.device)[None, :] >= start[:, None]).long()  # (B, P + S)
-        logits = torch.empty(B, S, c.vocab_size, device=self.device, dtype=self.dtype)
+        ids = input_ids.contiguous()  # (B, T)
+        positions = slots.clamp(max=c.max_len - 1)  # (B, T): a padding column may run past the context
+        past_valid = torch.arange(P, device=self.device) < start[:, None]  # (B, P)
+        mask = torch.cat([past_valid, cols < (lengths - start)[:, None]], dim=1).long()  # (B, P + T)
+        last = lengths - start - 1  # (B,)
+        logits = torch.empty(B, c.vocab_size, device=self.device, dtype=self.dtype)
         binding = self.session.io_binding()
-        self._bind(binding.bind_input, "input_ids", ids)
-        self._bind(binding.bind_input, "position_ids", positions)
-        self._bind(binding.bind_input, "attention_mask", mask)
-        shape_past = (B, c.nhead, P, c.head_dim)
-        shape_present = (B, c.nhead, P + S, c.head_dim)
-        src, dst = cache.current, 1 - cache.current
-        for i in range(c.n_layers):
-            for kind, buffers in (("key", cache.k[i]), ("value", cache.v[i])):
-                self._bind(binding.bind_input, f"past.{i}.{kind}", buffers[src], shape_past)
-                self._bind(binding.bind_output, f"present.{i}.{kind}", buffers[dst], shape_present)
+        for name, tensor in (("input_ids", ids), ("position_ids", positions), ("attention_mask", mask),
+                             ("last_index", last)):  # fmt: skip
+            self._bind(binding.bind_input, name, tensor)
         self._bind(binding.bind_output, "logits", logits)
+        past_size, new_size = B * c.nhead * P * c.head_dim, B * c.nhead * T * c.head_dim
+        new = []  # per layer, keys then values: the graph's new ones (B, H, T, Dh)
+        for i in range(c.n_layers):
+            for kind, layer, staging in (("key", cache.kv.k[i], cache.staging_k[i]),
+                                         ("value", cache.kv.v[i], cache.staging_v[i])):  # fmt: skip
+                past = staging[:past_size].view(B, c.nhead, P, c.head_dim)
+                torch.index_select(layer[:, :, :P], 0, rows, out=past)
+                new.append(staging[past_size : past_size + new_size].view(B, c.nhead, T, c.head_dim))
+                self._bind(binding.bind_input, f"past.{i}.{kind}", past)
+                self._bind(binding.bind_output, f"new.{i}.{kind}", new[-1])
         self.session.run_with_iobinding(binding)
-        cache.length, cache.current = P + S, dst
+        # Into each row's slots, as the eager model writes its cache (padding columns too: the
+        # contract leaves room for them).
+        view = CacheView(cache.kv, rows, slots, P + T, row_block(rows.tolist()))
+        for i in range(c.n_layers):
+            view.update(i, new[2 * i], new[2 * i + 1])
         return logits
 
-    def _bind(self, bind, name: str, tensor: torch.Tensor, shape: tuple[int, ...] | None = None) -> None:
-        """Bind `tensor`'s memory (or its first prod(shape) elements, as `shape`) to `name`."""
-        bind(name, *self._ort_device, NUMPY_DTYPES[tensor.dtype], list(shape or tensor.shape), tensor.data_ptr())
+    def _bind(self, bind, name: str, tensor: torch.Tensor) -> None:
+        """Bind the memory of `tensor` (contiguous) to `name`, as its shape."""
+        bind(name, *self._ort_device, NUMPY_DTYPES[tensor.dtype], list(tensor.shape), tensor.data_ptr())

@@ -1,9 +1,12 @@
 """Triton: the eager model with its attention replaced by tformer's own fused kernels.
 
-Prefill runs `prefill_attention` (FlashAttention-style, causal, left-padding aware) over the
-filled slots; each decode step runs `decode_attention` (flash-decoding, split along the cache)
-over the whole preallocated cache with per-row lengths, so that no slice or mask is built per
-step. Everything else (projections, norms, MLP) is the eager model's PyTorch.
+The model writes each step's keys and values into the batch rows' cache rows as usual; then, in
+place of SDPA, the kernels read straight from the whole cache, each batch row from its own cache
+row (`rows`), so no row is gathered or copied and no mask is built per step. A step of one new
+token per row (a decode, or a prefill of a one-token chunk) runs `decode_attention`
+(flash-decoding, split along the cache) over slots `0..lengths[b]-1`; a longer step runs
+`prefill_attention` (FlashAttention-style, causal from each row's `start`). Everything else
+(projections, norms, MLP) is the eager model's PyTorch.
 """
 
 from __future__ import annotations
@@ -11,7 +14,11 @@ from __future__ import annotations
 import torch
 
 from tformer.backends.base import BackendBase
-from tformer.model import KVCache, TransformerLM, row_positions
+from tformer.model import KVCache, TransformerLM
+
+# The cache view's `block`: the rows every layer's cache update returns (as a view, not a copy):
+# all of them, `(R, H, S, Dh)`, which the kernels index with the step's `rows` themselves.
+EVERY_ROW = slice(None)
 
 
 class TritonBackend(BackendBase):
@@ -39,21 +46,19 @@ class TritonBackend(BackendBase):
         self.device = device
         self.dtype = dtype
 
-    def allocate_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache.allocate(self.config, batch, max_len, self.device, self.dtype)
+    def allocate_cache(self, rows: int, slots: int) -> KVCache:
+        return KVCache.allocate(self.config, rows, slots, self.device, self.dtype)
 
-    def step(self, input_ids: torch.Tensor, input_pos: torch.Tensor, start: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        B, T = input_ids.shape
-        filled = int(input_pos[-1]) + 1  # slots written once this step's keys are in
+    def step(
+        self, input_ids: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, cache: KVCache
+    ) -> torch.Tensor:
+        if input_ids.shape[1] == 1:  # row b's one new token sits at slot start[b] = lengths[b] - 1
 
-        if T == 1:
-            lengths = torch.full((B,), filled, device=self.device, dtype=torch.int32)
-
-            def attend(q, k, v):  # (B, H, 1, Dh) against the whole cache, rows cut at lengths
-                return self.kernels.decode_attention(q, k, v, lengths, start)
+            def attend(q, k, v):  # q (B, H, 1, Dh); k, v the whole cache (R, H, S, Dh)
+                return self.kernels.decode_attention(q, k, v, lengths, rows)
         else:
 
-            def attend(q, k, v):  # (B, H, T, Dh): the T queries sit at the end of the filled slots
-                return self.kernels.prefill_attention(q, k[:, :, :filled], v[:, :, :filled], start)
+            def attend(q, k, v):  # q (B, H, T, Dh): column t of row b at position start[b] + t
+                return self.kernels.prefill_attention(q, k, v, start, rows)
 
-        return self.model.run(input_ids, row_positions(input_pos, start).expand(B, T), None, cache, input_pos, attend)
+        return self.model.step(input_ids, start, lengths, rows, cache, block=EVERY_ROW, attend=attend)

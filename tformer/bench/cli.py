@@ -20,10 +20,12 @@ from tformer.bench.kernels import IMPLS, KINDS, run_kernel_benchmarks
 from tformer.bench.report import print_kernel_table, print_table, require_matplotlib, write_csv, write_json, write_plot
 from tformer.checkpoint import load_model
 from tformer.cli import CliError, Command, Group
+from tformer.backends import BACKENDS, REFERENCE
 from tformer.config import ModelConfig
+from tformer.errors import TformerError
 from tformer.files import keep_compiled_kernels_in_store
 from tformer.model import TransformerLM
-from tformer.runtime import resolve_device, resolve_dtype
+from tformer.runtime import Runtime, resolve_device, resolve_dtype
 
 # The built-in model: the size of the speed targets in the issues (random weights time the same).
 DEFAULT_MODEL = ModelConfig(vocab_size=256, d_model=256, nhead=4, d_ff=1024, n_layers=4)
@@ -110,12 +112,7 @@ def generate(model, nhead, backends, batch_sizes, prompt_len, new_tokens, device
     if threads:
         torch.set_num_threads(threads)
     dev, dt = resolve_device(device), resolve_dtype(dtype)
-    if model:
-        lm, _ = load_model(model, nhead)
-        what = f"{model}"
-    else:
-        torch.manual_seed(seed)
-        lm, what = TransformerLM(DEFAULT_MODEL).eval(), "built-in random model"
+    lm, what = _model(model, nhead, seed)
     c = lm.config
     if prompt_len + new_tokens > c.max_len:
         raise CliError(f"--prompt-len + --new-tokens = {prompt_len + new_tokens} exceeds the context of {c.max_len}")
@@ -211,6 +208,79 @@ def gpu_pass(parts, out, time_limit, dry_run) -> None:
     ordered = [name for name in PARTS if name in names]
     if not run_gpu_pass(ordered, Path(out), time_limit or None, dry_run, click.echo):
         click.get_current_context().exit(1)
+
+
+@main.command("throughput", cls=Command, context_settings=CONTEXT)
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@click.option("--nhead", type=click.IntRange(min=1), help="Head count; required for a tutorial state_dict (.pt).")
+@click.option("--backends", default=REFERENCE, show_default=True, help="Comma-separated backends, each a pair of rows.")
+@click.option("--requests", "count", default=64, show_default=True, type=click.IntRange(min=1), help="Requests in the workload.")
+@click.option("--prompt-len", default="16:128", show_default=True, help="Prompt tokens, LOW:HIGH (uniform) or N.")
+@click.option("--output-len", default="16:256", show_default=True, help="Output tokens, LOW:HIGH (uniform) or N (EOS ignored).")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Cache rows: requests running at once, in both batching modes.")  # fmt: skip
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True),
+              help="Poisson arrivals at this many requests/s [default: all at once].")  # fmt: skip
+@click.option("--repeats", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Timed rounds, each running every row once in a rotated order (the median run is shown).")  # fmt: skip
+@click.option("--device", help="cpu or cuda [default: cuda if available].")
+@click.option("--dtype", default="fp32", show_default=True, help="fp32, bf16 or fp16.")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch [default: torch's choice].")
+@click.option("--seed", default=0, show_default=True, help="Seed of the workload (and weights without MODEL).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every record as JSON.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write every record as CSV.")
+def throughput(model, nhead, backends, count, prompt_len, output_len, batch_size, rate, repeats, device, dtype, threads,
+               seed, json_path, csv_path) -> None:  # fmt: skip
+    """Serve a workload of requests through the engine: continuous batching against static
+    batching of the same size (requests admitted only into an empty batch), per backend, side by
+    side in one run.
+
+    Reports, with vLLM's names, request/s, output tokens/s, and the mean, median and p99 of TTFT,
+    TPOT (time per output token after the first) and end-to-end latency. Greedy, EOS ignored.
+    """
+    from tformer.bench.report import print_throughput_table
+    from tformer.bench.throughput import Workload, parse_range, run_throughput
+
+    names = _name_list(backends, tuple(BACKENDS), "backend(s)")
+    prompts, outputs = parse_range(prompt_len, "--prompt-len"), parse_range(output_len, "--output-len")
+    if threads:
+        torch.set_num_threads(threads)
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    lm, what = _model(model, nhead, seed)
+    c = lm.config
+    if prompts[1] + outputs[1] > c.max_len:
+        raise CliError(f"the longest request ({prompts[1]} + {outputs[1]} tokens) exceeds the context of {c.max_len}")
+    workload = Workload.draw(count, prompts, outputs, c.vocab_size, rate, seed)
+    title = (f"{what}: d_model {c.d_model}, {c.n_layers} layers | {count} requests, prompts {prompt_len}, outputs "
+             f"{output_len}, batch {batch_size}, " + (f"{rate:g} req/s Poisson" if rate else "all at once") +
+             f" | {dev.type} {str(dt).removeprefix('torch.')}, torch {torch.__version__}")  # fmt: skip
+    began = time.perf_counter()
+    with _progress() as note:
+        runtimes = {}
+        for name in names:
+            note(f"{name}: setting up")
+            try:
+                runtimes[name] = Runtime.from_model(lm, backend=name, device=dev, dtype=dt)
+            except TformerError as exc:
+                runtimes[name] = str(exc)
+        records = run_throughput(runtimes, workload, batch_size, repeats, rate, note)
+    print_throughput_table(records, title)
+    meta = dict(model=what, config=c.__dict__, backends=names, requests=count, prompt_len=prompts, output_len=outputs,
+                batch_size=batch_size, rate=rate, repeats=repeats, device=dev.type, dtype=str(dt).removeprefix("torch."),
+                seed=seed, threads=torch.get_num_threads(), versions=versions(), platform=platform.platform(),
+                seconds=round(time.perf_counter() - began, 1), command=_command_line())  # fmt: skip
+    if json_path:
+        write_json(json_path, records, meta)
+    if csv_path:
+        write_csv(csv_path, records)
+
+
+def _model(path: str | None, nhead: int | None, seed: int) -> tuple[TransformerLM, str]:
+    """MODEL's weights, or the built-in model with random weights (they time the same)."""
+    if path:
+        return load_model(path, nhead)[0], path
+    torch.manual_seed(seed)
+    return TransformerLM(DEFAULT_MODEL).eval(), "built-in random model"
 
 
 @contextlib.contextmanager

@@ -42,7 +42,6 @@ from tformer.bench.stats import Spread, percentiles
 from tformer.checkpoint import save_checkpoint
 from tformer.config import ModelConfig
 from tformer.errors import TformerError, one_line
-from tformer.generate import SamplingParams, generate_tokens
 from tformer.model import TransformerLM
 from tformer.runtime import Runtime
 
@@ -91,6 +90,7 @@ class Record:
     e2e_samples: list[float] = field(default_factory=list)
     peak_mem_mib: float | None = None
     mem_source: str = ""  # what peak_mem_mib measures, and in which process
+    cache_mib: float | None = None  # the engine's preallocated KV cache (its rows sized to the batch)
     mem_base_mib: float | None = None  # measured in its own process: what that held before the row's setup
     matches_eager: bool | None = None  # greedy tokens vs eager; None: not comparable (other weights)
     vs_naive: float | None = None  # e2e tokens/s ratios at the same batch size
@@ -136,12 +136,16 @@ def make_prompts(vocab_size: int, batch_size: int, prompt_len: int, seed: int = 
 
 
 def loop_generation(runtime: Runtime, prompts: list[list[int]], new_tokens: int) -> Generation:
-    """A greedy generation through tformer's own loop on `runtime`'s backend (no EOS: full length)."""
-    params = SamplingParams(max_new_tokens=new_tokens, temperature=0)
+    """A greedy generation through tformer's engine on `runtime` (no EOS: full length). All prompts
+    are admitted at once (the runtime sizes its rows to the batch), so every engine step gives
+    each of them one token: `tick` after each step's outputs."""
 
     def run(tick: Callable[[], None]) -> None:
-        for _ in generate_tokens(runtime.backend, prompts, params):
-            tick()
+        seen = 0
+        for _ in runtime.outputs(prompts, max_new_tokens=new_tokens, temperature=0):
+            seen += 1
+            if seen % len(prompts) == 0:
+                tick()
 
     return run
 
@@ -238,6 +242,7 @@ class Entrant:
     matches_eager: bool | None = None  # None: not checked, or not comparable (other weights)
     reason: str = ""  # why its tokens differ from eager's, or what the row is
     compiles: bool = False
+    cache_bytes: Callable[[], int | None] = lambda: None  # the engine's KV cache, read after the runs
 
     @classmethod
     def of(cls, runtime: Runtime, setup_s: float | None = None, matches_eager: bool | None = None, reason: str = "") -> Entrant:
@@ -245,6 +250,7 @@ class Entrant:
         return cls(
             backend.name, lambda prompts, n: loop_generation(runtime, prompts, n), backend.device, backend.dtype,
             backend.implementation, lambda: backend.notes, setup_s, matches_eager, reason, backend.traits.compiles,
+            lambda: runtime.engine.cache_bytes,
         )  # fmt: skip
 
     def record(self, batch_size: int, prompt_len: int, new_tokens: int, repeats: int, warmup: int, figures: dict) -> Record:
@@ -253,7 +259,8 @@ class Entrant:
             status="mismatch" if self.matches_eager is False else "ok", reason=self.reason, device=self.device.type,
             device_name=device_name(self.device), dtype=str(self.dtype).removeprefix("torch."),
             implementation=self.implementation, notes=list(self.notes()), versions=versions(), repeats=repeats,
-            warmup=warmup, setup_s=self.setup_s, matches_eager=self.matches_eager, **figures,
+            warmup=warmup, setup_s=self.setup_s, matches_eager=self.matches_eager,
+            cache_mib=None if (nbytes := self.cache_bytes()) is None else nbytes / 2**20, **figures,
         )  # fmt: skip
 
 

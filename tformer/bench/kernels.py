@@ -117,9 +117,11 @@ def run_kernel_benchmarks(
         k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype, generator=g) for _ in range(2))
         q = torch.randn(B, H, T if kind == "prefill" else 1, D, device=device, dtype=dtype, generator=g)
         causal = kind == "prefill"
-        lengths = torch.full((B,), T, device=device, dtype=torch.int32)
+        lengths = torch.full((B,), T, device=device, dtype=torch.int32)  # decode: row b reads cache row b, all T keys
+        start = torch.zeros((B,), device=device, dtype=torch.int32)  # prefill: T queries from position 0
         run = {
-            "tformer": (lambda: prefill_attention(q, k, v)) if causal else (lambda: decode_attention(q, k, v, lengths)),
+            "tformer": (lambda: prefill_attention(q, k, v, start)) if causal
+            else (lambda: decode_attention(q, k, v, lengths)),
             "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
             "naive": lambda: naive_attention(q, k, v, causal),
         }

@@ -15,12 +15,14 @@ from rich.table import Table
 
 from tformer.bench.harness import Record
 from tformer.bench.kernels import KernelRecord
+from tformer.bench.throughput import ThroughputRecord
 from tformer.errors import TformerError
 from tformer.files import atomic_path
 
 
 def record_dict(record: Any) -> dict:
-    """A record (`Record` or `KernelRecord`: a dataclass with a `flagged` property) as a dict."""
+    """A record (`Record`, `KernelRecord`, `ThroughputRecord`: a dataclass with a `flagged`
+    property) as a dict."""
     return {**asdict(record), "flagged": record.flagged}
 
 
@@ -114,6 +116,29 @@ def print_kernel_table(records: Sequence[KernelRecord], title: str, copy_bw: flo
     skips = _group([r for r in records if r.status == "skipped"], lambda r: r.reason,
                    lambda r: f"{r.kind} {r.impl} b{r.batch} h{r.heads} s{r.seq} d{r.head_dim} {r.dtype}")  # fmt: skip
     for reason, rows in skips.items():
+        console.print(f"skipped {', '.join(rows)}: {escape(reason)}")
+
+
+def print_throughput_table(records: Sequence[ThroughputRecord], title: str, console: Console | None = None) -> None:
+    """One row per backend and batching mode; latency figures as mean / p50 / p99 in ms."""
+    console = console or Console(width=max(Console().width, 170))
+    table = Table(title=title, title_justify="left")
+    headers = ("backend", "batching", "req/s", "output tok/s (min-max)", "x static", "TTFT ms mean/p50/p99",
+               "TPOT ms mean/p50/p99", "E2E ms mean/p50/p99", "cache MiB")  # fmt: skip
+    for h in headers:
+        table.add_column(h, justify="left" if h in ("backend", "batching") else "right")
+
+    def triple(figures: dict[str, float] | None) -> str:
+        return "-" if not figures else " / ".join(_num(figures[k]) for k in ("mean", "p50", "p99"))
+
+    for r in records:
+        if r.status == "ok":
+            tok = r.output_tok_s
+            table.add_row(escape(r.backend), r.mode, _num(r.request_per_s), f"{_num(tok.median)} ({_num(tok.min)}-{_num(tok.max)})",
+                          _ratio(r.vs_static), triple(r.ttft_ms), triple(r.tpot_ms), triple(r.e2e_ms), _num(r.cache_mib))  # fmt: skip
+    console.print(table)
+    for reason, rows in _group([r for r in records if r.status == "skipped"], lambda r: r.reason,
+                               lambda r: f"{r.backend} {r.mode}").items():  # fmt: skip
         console.print(f"skipped {', '.join(rows)}: {escape(reason)}")
 
 

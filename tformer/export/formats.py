@@ -74,9 +74,10 @@ FIELDS: dict[str, Check] = {
 
 @dataclass(frozen=True)
 class Case:
-    """One comparison of an export with PyTorch at validation: a batch (row 1 left-padded when
-    there are several) fed in `chunks` of new tokens, one step each (a prefill, then more tokens
-    on top of the cache); every step's logits must agree. `label` keys the report's row."""
+    """One comparison of an export with PyTorch at validation: a batch (row 1 right-padded when
+    there are several: its chunks up to 3 tokens shorter) fed in `chunks` of new tokens, one step
+    each (a prefill, then more tokens on top of the cache); every step's logits must agree.
+    `label` keys the report's row."""
 
     batch: int
     chunks: tuple[int, ...]
@@ -85,7 +86,7 @@ class Case:
 
 
 def _onnx_cases() -> tuple[Case, ...]:
-    """New tokens 1 and 17 on a past of 0 and 9 tokens (the graph's past -> present contract)."""
+    """New tokens 1 and 17 on a past of 0 and 9 tokens (the graph's pasts in, new keys and values out)."""
     return tuple(
         Case(b, (p, s) if p else (s,), {"batch": b, "seq": s, "past": p}, f"batch {b}, {s} new tokens, past {p}")
         for b in (1, 3) for s in (1, 17) for p in (0, 9)
@@ -114,9 +115,9 @@ class Format:
 
 
 FORMATS = {
-    "onnx": Format("onnx", "tformer-onnx", 2, "model.onnx", "onnx", "tformer.export.onnx",
+    "onnx": Format("onnx", "tformer-onnx", 3, "model.onnx", "onnx", "tformer.export.onnx",
                    {"opset": (lambda v: _is_int(v) and v > 0, "a positive integer")}, _onnx_cases(), ("opset",)),
-    "pt2": Format("pt2", "tformer-pt2", 2, "model.pt2", "aot", "tformer.export.pt2", {}, _pt2_cases()),
+    "pt2": Format("pt2", "tformer-pt2", 3, "model.pt2", "aot", "tformer.export.pt2", {}, _pt2_cases()),
 }  # fmt: skip
 
 

@@ -1,20 +1,26 @@
-"""The ONNX format's own part of an export: one graph for prefill and decode with a KV cache.
+"""The ONNX format's own part of an export: one graph for prefill and decode over rows of
+different lengths, so that one call serves a continuous batch.
 
 The graph's inputs and outputs are the public contract that apps in any language code against
-(also written to `tformer.json` and the README):
+(also written to `tformer.json` and the README's table, which says exactly what each holds):
 
-    input_ids        int64  [batch, seq]
-    position_ids     int64  [batch, seq]            position of each token in its row
-    attention_mask   int64  [batch, past + seq]     1 = attend, 0 = padding (as in HF)
-    past.{i}.key     dtype  [batch, heads, past, head_dim]   (and past.{i}.value), i = layer
-    -> logits        dtype  [batch, seq, vocab]
-    -> present.{i}.key / present.{i}.value  [batch, heads, past + seq, head_dim]
+    input_ids        int64  [batch, seq]            new tokens, right-padded
+    position_ids     int64  [batch, seq]            position of each new token in its own row
+    attention_mask   int64  [batch, past + seq]     1 = attend: the row's past slots, then its real new tokens
+    last_index       int64  [batch]                 column of each row's last real new token
+    past.{i}.key     dtype  [batch, heads, past, head_dim]   (and past.{i}.value), i = layer;
+                                                    each row's past left-aligned, past = the longest
+    -> logits        dtype  [batch, vocab]          of each row's last real new token
+    -> new.{i}.key / new.{i}.value  [batch, heads, seq, head_dim]   the new tokens' keys and values
 
-Prefill passes past tensors with past = 0; each decode step passes the previous presents. It is
-exported with the `torch.export`-based exporter (`dynamo=True`), so batch, seq and past stay
-symbolic (the TorchScript exporter bakes lengths into reshapes). The graph carries the fields
-that decide how it runs in its `metadata_props` (`tformer.config`, ...), which the loader
-compares with `tformer.json` (see `tformer.export.integrity`).
+The caller keeps the cache: it appends each row's real columns of `new.*` to that row's keys and
+values and feeds them back as its past at the next step. A new token attends to the past
+columns its mask marks and to the marked new columns at or before its own, so rows of any
+lengths (a prefill chunk beside decodes) share one call. It is exported with the
+`torch.export`-based exporter (`dynamo=True`), so batch, seq and past stay symbolic (the
+TorchScript exporter bakes lengths into reshapes). The graph carries the fields that decide how it
+runs in its `metadata_props` (`tformer.config`, ...), which the loader compares with
+`tformer.json` (see `tformer.export.integrity`).
 """
 
 from __future__ import annotations
@@ -34,59 +40,66 @@ from tformer.model import TransformerLM, attention_bias
 
 DEFAULT_OPSET = 18
 # Opsets that export and validate here (torch 2.13, onnxruntime 1.32). Below 17 the exporter
-# quietly emits 18 (or fails in onnx's version converter); at 23 and 24 it emits ONNX's Attention
-# op and validation fails on a left-padded batch (max abs logit difference 2.6); 26 fails to
-# export. So the range is refused outside 17-22, up front.
+# quietly emits 18 (or fails in onnx's version converter); 26 fails to export. At 23 and 24 the
+# graph uses ONNX's Attention op: it failed validation on format 2's left-padded batches (max abs
+# logit difference 2.6) and passes it on this format's right-padded rows, but is untried on CUDA
+# and under the engine, so the range stays 17-22, refused outside up front.
 OPSETS = range(17, 23)
 
 
 def input_names(n_layers: int) -> list[str]:
-    return ["input_ids", "position_ids", "attention_mask"] + [
+    return ["input_ids", "position_ids", "attention_mask", "last_index"] + [
         f"past.{i}.{kind}" for i in range(n_layers) for kind in ("key", "value")
     ]
 
 
 def output_names(n_layers: int) -> list[str]:
-    return ["logits"] + [f"present.{i}.{kind}" for i in range(n_layers) for kind in ("key", "value")]
+    return ["logits"] + [f"new.{i}.{kind}" for i in range(n_layers) for kind in ("key", "value")]
 
 
-class GrowingCache:
-    """The cache as the ONNX contract has it: each layer's present is its past plus the new
-    columns (a Concat in the graph, not a copy into a bigger buffer)."""
+class PastAndNew:
+    """The cache as the ONNX contract has it: each layer attends over its past input followed by
+    the new keys and values (a Concat in the graph), and only the new ones leave the graph, so
+    that the caller's cache is written in place rather than copied whole every step."""
 
     def __init__(self, past: tuple[tuple[torch.Tensor, torch.Tensor], ...]):
-        self.past = past
-        self.present: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.past = past  # per layer, key and value (B, H, P, Dh)
+        self.new: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer, key and value (B, H, T, Dh)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor):
-        past_k, past_v = self.past[layer]  # (B, H, P, Dh)
-        present = (torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2))  # (B, H, P + S, Dh)
-        self.present.append(present)
-        return present
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.new.append((k, v))
+        past_k, past_v = self.past[layer]
+        return torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, H, P + T, Dh)
 
 
 class OnnxStep(Step):
-    """`TransformerLM` with HF-style cache inputs and outputs: the module that is exported."""
+    """`TransformerLM` with the contract's inputs and outputs: the module that is exported."""
 
-    def forward(self, input_ids, position_ids, attention_mask, past):
-        S = input_ids.shape[1]
+    def forward(self, input_ids, position_ids, attention_mask, last_index, past):
+        T = input_ids.shape[1]
         P = past[0][0].shape[2]
-        input_pos = torch.arange(S, device=input_ids.device) + P  # (S,) slots of the new tokens
-        key_pos = torch.arange(attention_mask.shape[1], device=input_ids.device)  # (P + S,)
-        bias = attention_bias(input_pos, key_pos, attention_mask.bool(), self.model.decoder.weight.dtype)
-        cache = GrowingCache(past)
-        logits = self.model.run(input_ids, position_ids, bias, cache, input_pos)
-        return logits, tuple(cache.present)
+        query_pos = torch.arange(T, device=input_ids.device) + P  # (T,) column of each new token among the keys
+        key_pos = torch.arange(attention_mask.shape[1], device=input_ids.device)  # (P + T,)
+        bias = attention_bias(query_pos, key_pos, attention_mask.bool(), self.model.decoder.weight.dtype)
+        cache = PastAndNew(past)
+        logits = self.model.run(input_ids, position_ids, bias, cache, last=last_index)  # (B, V)
+        return logits, tuple(cache.new)
 
 
 def example_inputs(model: TransformerLM):
-    """Inputs of the contract to trace with: batch 1, one new token, no past."""
+    """Inputs of the contract to trace with: batch 2, 3 new tokens, a past of 4 (distinct sizes,
+    none 0 or 1, which a tracer may specialize or unify)."""
     c, dtype = model.config, model.decoder.weight.dtype
-    def empty() -> torch.Tensor:  # a fresh tensor each: inputs that alias one tensor are traced as one
-        return torch.zeros(1, c.nhead, 0, c.head_dim, dtype=dtype)
+    B, T, P = 2, 3, 4
 
-    past = tuple((empty(), empty()) for _ in range(c.n_layers))
-    return torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.long), past
+    def past() -> torch.Tensor:  # a fresh tensor each: inputs that alias one tensor are traced as one
+        return torch.zeros(B, c.nhead, P, c.head_dim, dtype=dtype)
+
+    ids = torch.zeros(B, T, dtype=torch.long)
+    positions = torch.arange(P, P + T).expand(B, T).contiguous()
+    mask = torch.ones(B, P + T, dtype=torch.long)
+    last = torch.full((B,), T - 1, dtype=torch.long)
+    return ids, positions, mask, last, tuple((past(), past()) for _ in range(c.n_layers))
 
 
 def write_artifact(model: TransformerLM, path: Path, embedded: dict[str, str], log, opset: int = DEFAULT_OPSET) -> dict:
@@ -121,6 +134,7 @@ def _export(model: TransformerLM, path: Path, opset: int, metadata: dict[str, st
         "input_ids": {0: batch, 1: seq},
         "position_ids": {0: batch, 1: seq},
         "attention_mask": {0: batch, 1: total},  # past + seq: its own Dim (a derived one is refused)
+        "last_index": {0: batch},
         "past": tuple(({0: batch, 2: past}, {0: batch, 2: past}) for _ in range(c.n_layers)),
     }
     quiet = logging.getLogger("torch.onnx")
@@ -149,7 +163,8 @@ def contract(config: ModelConfig, dtype: str) -> dict[str, list[dict]]:
         "input_ids": ("int64", ["batch", "seq"]),
         "position_ids": ("int64", ["batch", "seq"]),
         "attention_mask": ("int64", ["batch", "past + seq"]),
-        "logits": (dtype, ["batch", "seq", config.vocab_size]),
+        "last_index": ("int64", ["batch"]),
+        "logits": (dtype, ["batch", config.vocab_size]),
     }
 
     def spec(name: str, kv_len: str) -> dict:
@@ -158,7 +173,7 @@ def contract(config: ModelConfig, dtype: str) -> dict[str, list[dict]]:
 
     return {
         "inputs": [spec(n, "past") for n in input_names(config.n_layers)],
-        "outputs": [spec(n, "past + seq") for n in output_names(config.n_layers)],
+        "outputs": [spec(n, "seq") for n in output_names(config.n_layers)],
     }
 
 

@@ -1,14 +1,17 @@
-"""The `.pt2` format's own part of an export: the KV-cache step compiled ahead of time by
-AOTInductor into a package.
+"""The `.pt2` format's own part of an export: the step of backend contract v2 compiled ahead of
+time by AOTInductor into a package.
 
-The package holds one compiled program for prefill and decode alike: inputs `input_ids (B, T)`,
-`input_pos (T,)`, `start (B,)` (all int64, contiguous) and the per-layer caches `k`, `v` (tuples
-of `(B, H, S, Dh)` tensors, updated in place), output logits `(B, T, V)`; B, T and S are dynamic.
-`tformer.load(dir, backend="aot")` runs it without re-tracing, and a C++ app can load it with
-`torch::inductor::AOTIModelPackageLoader`. The cache is an input rather than module state, so the
-caller sees it and can reset it. The fields that decide how it runs (`tformer.config`, ...) are
-compiled into it as AOTInductor metadata (`runner.get_metadata()`, and a JSON file inside the
-package that the loader reads before any native code runs; see `tformer.export.integrity`).
+The package holds one compiled program for prefill and decode alike, the contract of
+`tformer.backends.base.Backend.step`: inputs `input_ids (B, T)` (right-padded), `start (B,)`,
+`lengths (B,)`, `rows (B,)` (all int64, contiguous) and the per-layer caches `k`, `v` (tuples of
+`(R, H, S, Dh)` tensors: R cache rows of S slots, updated in place: batch row b writes and reads
+cache row `rows[b]` only), output the logits of each row's last new token `(B, V)`; B, T, R and S
+are dynamic. `tformer.load(dir, backend="aot")` runs it without re-tracing, and a C++ app can load
+it with `torch::inductor::AOTIModelPackageLoader`. The cache is an input rather than module state,
+so the caller owns it (the engine allocates it once). The fields that decide how it runs
+(`tformer.config`, ...) are compiled into it as AOTInductor metadata (`runner.get_metadata()`, and
+a JSON file inside the package that the loader reads before any native code runs; see
+`tformer.export.integrity`).
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ from tformer.model import KVCache, TransformerLM
 class AotStep(Step):
     """The step as the package runs it: the cache passed in and written in place."""
 
-    def forward(self, input_ids, input_pos, start, k, v):
-        return self.model(input_ids, input_pos, start, KVCache(list(k), list(v)))
+    def forward(self, input_ids, start, lengths, rows, k, v):
+        return self.model.step(input_ids, start, lengths, rows, KVCache(list(k), list(v)))
 
 
 def write_artifact(model: TransformerLM, path: Path, embedded: dict[str, str], log) -> dict:
@@ -48,15 +51,15 @@ def validation_checks(path: Path) -> dict:
 
 
 def contract(config: ModelConfig, dtype: str) -> dict[str, list[dict]]:
-    """The package's inputs and outputs as `tformer.json` lists them (B, T, S: symbolic sizes;
+    """The package's inputs and outputs as `tformer.json` lists them (B, T, R, S: symbolic sizes;
     the caches are updated in place)."""
-    kv = ["B", config.nhead, "S", config.head_dim]
+    kv = ["R", config.nhead, "S", config.head_dim]
     caches = [{"name": f"{kind}.{i}", "dtype": dtype, "shape": kv} for kind in ("k", "v") for i in range(config.n_layers)]
     return {
         "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["B", "T"]},
-                   {"name": "input_pos", "dtype": "int64", "shape": ["T"]},
-                   {"name": "start", "dtype": "int64", "shape": ["B"]}, *caches],
-        "outputs": [{"name": "logits", "dtype": dtype, "shape": ["B", "T", config.vocab_size]}],
+                   *({"name": name, "dtype": "int64", "shape": ["B"]} for name in ("start", "lengths", "rows")),
+                   *caches],
+        "outputs": [{"name": "logits", "dtype": dtype, "shape": ["B", config.vocab_size]}],
     }  # fmt: skip
 
 
@@ -106,11 +109,16 @@ def _compile(model: TransformerLM, path: Path, metadata: dict[str, str]) -> None
     from torch.export import Dim
 
     c = model.config
-    batch, seq, slots = Dim("batch", min=1, max=4096), Dim("seq", min=1, max=c.max_len), Dim("slots", min=2, max=c.max_len)
-    kv = tuple({0: batch, 2: slots} for _ in range(c.n_layers))
-    dynamic = {"input_ids": {0: batch, 1: seq}, "input_pos": {0: seq}, "start": {0: batch}, "k": kv, "v": kv}
-    cache = KVCache.allocate(c, 2, 16, "cpu", model.decoder.weight.dtype)
-    example = (torch.zeros(2, 4, dtype=torch.long), torch.arange(4), torch.tensor([0, 1]), tuple(cache.k), tuple(cache.v))
+    # The engine's cache has up to `max_len + chunk` slots (chunk <= max_len) and runs steps of up to
+    # `max_len` new tokens. Example sizes all different: the exporter would take equal ones for one size.
+    batch, seq = Dim("batch", min=1, max=4096), Dim("seq", min=1, max=c.max_len)
+    rows, slots = Dim("rows", min=1, max=4096), Dim("slots", min=2, max=2 * c.max_len)
+    kv = tuple({0: rows, 2: slots} for _ in range(c.n_layers))
+    dynamic = {"input_ids": {0: batch, 1: seq}, "start": {0: batch}, "lengths": {0: batch}, "rows": {0: batch},
+               "k": kv, "v": kv}  # fmt: skip
+    cache = KVCache.allocate(c, 5, 16, "cpu", model.decoder.weight.dtype)
+    example = (torch.zeros(2, 3, dtype=torch.long), torch.tensor([0, 4]), torch.tensor([3, 6]), torch.tensor([3, 1]),
+               tuple(cache.k), tuple(cache.v))  # fmt: skip
     try:
         with torch.inference_mode():
             program = torch.export.export(AotStep(model).eval(), example, dynamic_shapes=dynamic)

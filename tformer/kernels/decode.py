@@ -1,9 +1,11 @@
 """Decode attention: one new query per row against a long KV cache, split along the cache.
 
-One query per (batch, head) is far too little work for a GPU if one program walks the whole cache:
-batch 1 with 8 heads would run 8 programs on 132 SMs. Flash-decoding splits the cache into
-chunks, lets one program per (batch, head, chunk) compute a partial softmax (its max, its sum and
-its unnormalized weighted values), then a second small kernel merges the partials exactly.
+Batch row b reads cache row `rows[b]` (requests own cache rows; a step runs any subset of them,
+in any order), slots `0..lengths[b]-1`. One query per (batch, head) is far too little work for a
+GPU if one program walks the whole cache: batch 1 with 8 heads would run 8 programs on 132 SMs.
+Flash-decoding splits the cache into chunks, lets one program per (batch, head, chunk) compute a
+partial softmax (its max, its sum and its unnormalized weighted values), then a second small
+kernel merges the partials exactly.
 A single query row is below `tl.dot`'s minimum of 16, and decode is bound by reading the cache, so
 the scores are a broadcast multiply and a row sum in float32.
 """
@@ -29,34 +31,36 @@ _CONFIGS = configs(
 )  # fmt: skip
 
 
-@triton.autotune(configs=_CONFIGS, key=["keys_per_split", "HEAD_DIM", "HAS_START"])
+@triton.autotune(configs=_CONFIGS, key=["keys_per_split", "HEAD_DIM"])
 @triton.jit
-def _split_kernel(Q, K, V, LENGTHS, START, PART_O, PART_M, PART_L,
-                  stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
-                  stride_vb, stride_vh, stride_vt, stride_vd,
+def _split_kernel(Q, K, V, LENGTHS, ROWS, PART_O, PART_M, PART_L,
+                  stride_qb, stride_qh, stride_qd, stride_kr, stride_kh, stride_kt, stride_kd,
+                  stride_vr, stride_vh, stride_vt, stride_vd,
                   n_heads, n_slots, n_splits, keys_per_split, qk_scale,
-                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_START: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """Partial softmax of one (batch, head) over keys [split * keys_per_split, next split)."""
-    pid_bh = tl.program_id(0)
-    split = tl.program_id(1)
+                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Partial softmax of one (batch row, head) over keys [split * keys_per_split, next split) of
+    its cache row. Every index is int64 before it meets a stride: row * stride of a large cache
+    passes 2^31 elements."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
-    offs_d = tl.arange(0, D_PAD)
+    row = b
+    if HAS_ROWS:
+        row = tl.load(ROWS + b).to(tl.int64)
+    offs_d = tl.arange(0, D_PAD).to(tl.int64)
     d_mask = offs_d < HEAD_DIM
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_d * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
-    row_start = 0
-    if HAS_START:
-        row_start = tl.load(START + b).to(tl.int32)
-    lo = tl.maximum(split * keys_per_split, row_start)
-    length = tl.minimum(tl.load(LENGTHS + b).to(tl.int32), n_slots)  # never read past the cache
-    hi = tl.minimum((split + 1) * keys_per_split, length)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    lo = split * keys_per_split
+    length = tl.minimum(tl.load(LENGTHS + b).to(tl.int64), n_slots)  # never read past the cache
+    hi = tl.minimum(lo + keys_per_split, length)
+    k_base = K + row * stride_kr + h * stride_kh
+    v_base = V + row * stride_vr + h * stride_vh
     m_i = float("-inf")
     l_i = 0.0
     acc = tl.zeros([D_PAD], dtype=tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         n_mask = offs_n < hi
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
@@ -78,12 +82,12 @@ def _split_kernel(Q, K, V, LENGTHS, START, PART_O, PART_M, PART_L,
 @triton.jit
 def _merge_kernel(PART_O, PART_M, PART_L, O, stride_ob, stride_oh, stride_od, n_heads, n_splits,
                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr):  # fmt: skip
-    """Merge the partials of one (batch, head): rescale each to the global max, then normalize."""
-    pid_bh = tl.program_id(0)
+    """Merge the partials of one (batch row, head): rescale each to the global max, then normalize."""
+    pid_bh = tl.program_id(0).to(tl.int64)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
-    offs_s = tl.arange(0, SPLITS_PAD)
-    offs_d = tl.arange(0, D_PAD)
+    offs_s = tl.arange(0, SPLITS_PAD).to(tl.int64)
+    offs_d = tl.arange(0, D_PAD).to(tl.int64)
     s_mask = offs_s < n_splits
     part = pid_bh * n_splits + offs_s
     m = tl.load(PART_M + part, mask=s_mask, other=float("-inf"))
@@ -111,38 +115,44 @@ def decode_attention(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     lengths: torch.Tensor,
-    start: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention of one new query per row over a KV cache (flash-decoding: split, then merge).
+    """Attention of one new query per batch row over its row of a KV cache (flash-decoding: split,
+    then merge).
 
-    q: `(B, H, 1, D)`; k_cache, v_cache: `(B, H, Tmax, D)`, any strides; float32, float16 or
-        bfloat16 (all alike); D in 1..128.
-    lengths: `(B,)` int32/int64, the number of filled cache slots of each row (the new token's
-        key included), `1 <= lengths[b] <= Tmax` (larger values are read as Tmax).
-    start: optional `(B,)` int32/int64, the first valid slot of each left-padded row (default 0).
-    Row `b` attends to keys `start[b] <= j < lengths[b]`, scaled by `1/sqrt(D)`; slots outside are
-    never read. out: optional `(B, H, 1, D)` tensor of q's dtype to write into (any strides).
+    q: `(B, H, 1, D)`; k_cache, v_cache: `(R, H, S, D)`, any strides; float32, float16 or bfloat16
+        (all alike); D in 1..128.
+    lengths: `(B,)` int32/int64, the number of filled slots of each batch row's cache row (the new
+        token's key included), `0 <= lengths[b]` (values past S are read as S).
+    rows: optional `(B,)` int32/int64, the cache row of each batch row, in `0..R-1` (default: row b,
+        then B <= R). Rows may repeat and come in any order.
+    Batch row `b` attends to keys `0 <= j < lengths[b]` of cache row `rows[b]`, scaled by
+    `1/sqrt(D)`; other slots and rows are never read. out: optional `(B, H, 1, D)` tensor of q's
+    dtype to write into (any strides).
     Returns `(B, H, 1, D)` in q's dtype (`out` when given; float32 accumulation); zeros for a row
-    with no key in range.
+    of length 0.
     """
-    check_inputs("decode_attention", q, k_cache, v_cache, start)
+    check_inputs("decode_attention", q, k_cache, v_cache, rows)
     check_rows("decode_attention", "lengths", lengths, q)
     B, H, Tq, D = q.shape
+    S = k_cache.shape[2]
     if Tq != 1:
         raise TformerError(f"decode_attention: expected one query per row (B, H, 1, D), got Tq {Tq}; use prefill_attention")
-    splits = _num_splits(B * H, k_cache.shape[2], q.device)
-    keys_per_split = triton.cdiv(triton.cdiv(k_cache.shape[2], splits), SPLIT_KEYS) * SPLIT_KEYS
-    splits = triton.cdiv(k_cache.shape[2], keys_per_split)
+    splits = _num_splits(B * H, S, q.device)
+    keys_per_split = triton.cdiv(triton.cdiv(S, splits), SPLIT_KEYS) * SPLIT_KEYS
+    splits = triton.cdiv(S, keys_per_split)
     d_pad = padded_head_dim(D)
     part_o = torch.empty((B * H, splits, d_pad), device=q.device, dtype=torch.float32)
     part_m = torch.empty((B * H, splits), device=q.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
     out = output("decode_attention", q, (B, H, 1, D), out)
+    lengths = lengths.contiguous()
+    rows_arg = rows.contiguous() if rows is not None else lengths  # never read without HAS_ROWS
     _split_kernel[(B * H, splits)](
-        q, k_cache, v_cache, lengths.contiguous(), start.contiguous() if start is not None else lengths, part_o, part_m,
-        part_l, q.stride(0), q.stride(1), q.stride(3), *k_cache.stride(), *v_cache.stride(),
-        H, k_cache.shape[2], splits, keys_per_split, score_scale(D), HEAD_DIM=D, D_PAD=d_pad, HAS_START=start is not None,
+        q, k_cache, v_cache, lengths, rows_arg, part_o, part_m, part_l,
+        q.stride(0), q.stride(1), q.stride(3), *k_cache.stride(), *v_cache.stride(),
+        H, S, splits, keys_per_split, score_scale(D), HEAD_DIM=D, D_PAD=d_pad, HAS_ROWS=rows is not None,
     )  # fmt: skip
     _merge_kernel[(B * H,)](
         part_o, part_m, part_l, out, out.stride(0), out.stride(1), out.stride(3), H, splits,

@@ -42,13 +42,18 @@ def padded_head_dim(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def check_inputs(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor | None) -> None:
-    """One-line errors for what the kernels cannot take, before anything is launched."""
+def check_inputs(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None) -> None:
+    """One-line errors for what the kernels cannot take, before anything is launched. q is
+    `(B, H, Tq, D)`, the caches `(R, H, S, D)`; batch row b reads cache row `rows[b]` (default b).
+    The values of `rows` are not checked: that would wait for the device."""
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
-        raise TformerError(f"{name}: expected q (B, H, Tq, D) and k, v of one shape (B, H, Tk, D); "
+        raise TformerError(f"{name}: expected q (B, H, Tq, D) and k, v caches of one shape (R, H, S, D); "
                            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")  # fmt: skip
-    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise TformerError(f"{name}: q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, heads or head dim")
+    if q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
+        raise TformerError(f"{name}: q {tuple(q.shape)} and k {tuple(k.shape)} differ in heads or head dim")
+    if rows is None and q.shape[0] > k.shape[0]:
+        raise TformerError(f"{name}: q has {q.shape[0]} rows but the cache only {k.shape[0]}; "
+                           "pass rows, the cache row of each batch row")  # fmt: skip
     if not 1 <= q.shape[3] <= MAX_HEAD_DIM:
         raise TformerError(f"{name}: head dim {q.shape[3]} is not supported (1..{MAX_HEAD_DIM})")
     if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -58,8 +63,8 @@ def check_inputs(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
         raise TformerError(f"{name}: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
     if q.device.type != "cuda" and not INTERPRET:
         raise TformerError(f"{name}: the Triton kernels need a CUDA GPU (tensors are on {q.device}); {INTERPRET_HINT}")
-    if start is not None:
-        check_rows(name, "start", start, q)
+    if rows is not None:
+        check_rows(name, "rows", rows, q)
 
 
 def check_rows(name: str, what: str, t: torch.Tensor, q: torch.Tensor) -> None:

@@ -1,0 +1,241 @@
+"""The continuous-batching engine, on every backend, against the tutorial model run alone.
+
+The reference for each request is the tutorial's `TransformerModel` re-running the whole
+sequence for every token (its own loop), for that request's prompt alone: whatever else shares
+the batch, whenever it joins or leaves, a request's greedy tokens must be exactly those.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import random
+
+import pytest
+import torch
+
+from conftest import at_once
+from tformer.engine import Engine, SamplingParams
+from tformer.engine.front import AsyncEngine
+from tformer.errors import TformerError
+from tformer.reference import TransformerModel, generate_full_recompute
+from tformer.runtime import Runtime
+
+BATCH = 8
+REQUESTS = 32
+
+
+@pytest.fixture(scope="module")
+def workload(trained):
+    """32 requests: prompt lengths 1..100 and output lengths 1..80 (seeded), and the tutorial
+    model's greedy tokens for each prompt alone."""
+    model, _ = trained
+    reference = TransformerModel(model.config.vocab_size, model.config.d_model, model.config.nhead,
+                                 model.config.d_ff, model.config.n_layers, 0.0)  # fmt: skip
+    reference.pos_encoder.pe = reference.pos_encoder.pe[: model.config.max_len]
+    reference.load_state_dict(model.state_dict())
+    reference.eval()
+    rng = random.Random(7)
+    lengths = [1, 100] + [rng.randint(1, 100) for _ in range(REQUESTS - 2)]
+    outputs = [80, 1] + [rng.randint(1, 80) for _ in range(REQUESTS - 2)]
+    prompts = [[rng.randrange(model.config.vocab_size) for _ in range(n)] for n in lengths]
+    expected = [generate_full_recompute(reference, [p], n)[0] for p, n in zip(prompts, outputs)]
+    return prompts, outputs, expected
+
+
+def run_staggered(engine: Engine, prompts: list[list[int]], outputs: list[int]) -> dict[int, list[int]]:
+    """Add request i at engine step i (so requests join a running batch, and wait once all rows
+    are busy); step until every request is done. Tokens per request, in order."""
+    tokens: dict[int, list[int]] = {}
+    order: list[int] = []
+    step = 0
+    while len(order) < len(prompts) or engine.has_unfinished():
+        if len(order) < len(prompts):
+            i = len(order)
+            order.append(engine.add_request(prompts[i], SamplingParams(max_new_tokens=outputs[i], temperature=0)))
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).append(out.token)
+        step += 1
+        assert step < 10_000
+    return {i: tokens[rid] for i, rid in enumerate(order)}
+
+
+def check_backend(trained, workload, backend: str) -> None:
+    model, _ = trained
+    prompts, outputs, expected = workload
+    runtime = Runtime.from_model(copy.deepcopy(model), backend=backend, device="cpu")
+    engine = Engine(runtime.backend, max_batch_size=BATCH, max_len=192)
+    got = run_staggered(engine, prompts, outputs)
+    wrong = [i for i in range(len(prompts)) if got[i] != expected[i]]
+    assert not wrong, f"{backend}: requests {wrong} differ from the tutorial model run alone (first: {wrong[0]})"
+    # Runtime's methods from six threads at once on the same backend: their requests share the batch.
+    # Greedy, so the first 8 tokens of each are those of the full request (8 keeps the interpreter short).
+    threaded = at_once(lambda i: runtime.generate_ids([prompts[i]], max_new_tokens=min(8, outputs[i]), temperature=0)[0], 6)
+    assert threaded == [expected[i][:8] for i in range(6)], f"{backend}: threads at once differ from the requests alone"
+
+
+@pytest.mark.parametrize("backend", ["eager", "naive", "compile", "aot", "onnx", "triton"])
+def test_staggered_requests_equal_the_tutorial_model_alone(trained, workload, backend):
+    check_backend(trained, workload, backend)
+
+
+def test_workload_is_varied(workload):
+    prompts, outputs, expected = workload
+    assert min(map(len, prompts)) == 1 and max(map(len, prompts)) == 100 and max(outputs) == 80
+    assert len({t for row in expected for t in row}) >= 10  # greedy varies with context
+
+
+def test_seeded_request_is_the_same_alone_and_in_a_busy_batch(trained):
+    model, _ = trained
+    backend = Runtime.from_model(copy.deepcopy(model), device="cpu").backend
+    prompt = [5, 17, 42, 8, 99]
+    params = SamplingParams(max_new_tokens=30, temperature=1.0, top_k=None, seed=1234)
+
+    alone = Engine(backend, max_batch_size=4, max_len=64)
+    rid = alone.add_request(prompt, params)
+    solo = [o.token for _ in iter(alone.has_unfinished, False) for o in alone.step() if o.request_id == rid]
+
+    busy = Engine(backend, max_batch_size=4, max_len=64)
+    noise = [busy.add_request([i + 1] * (i + 2), SamplingParams(max_new_tokens=40, temperature=0.9)) for i in range(3)]
+    busy.step()
+    busy.step()  # the others are decoding when ours arrives
+    rid = busy.add_request(prompt, params)
+    crowded = [o.token for _ in iter(busy.has_unfinished, False) for o in busy.step() if o.request_id == rid]
+    assert len(noise) == 3 and len(solo) == 30 and crowded == solo
+
+
+def test_abort_frees_the_row_for_a_waiting_request(trained):
+    model, _ = trained
+    backend = Runtime.from_model(copy.deepcopy(model), device="cpu").backend
+    engine = Engine(backend, max_batch_size=2, max_len=64)
+    long = SamplingParams(max_new_tokens=50, temperature=0)
+    a, b, c = (engine.add_request([1, 2, 3], long) for _ in range(3))
+    first = engine.step()
+    assert {o.request_id for o in first} == {a, b}  # c waits: both rows are busy
+    assert engine.abort(a)
+    second = engine.step()
+    assert (a, None, "abort") in [(o.request_id, o.token, o.finish_reason) for o in second]
+    assert {o.request_id for o in second if o.token is not None} == {b, c}  # c started in the very next step
+    assert not engine.abort(a)  # already finished
+    waiting = engine.add_request([4], long)
+    assert engine.abort(waiting)  # a waiting request can be aborted too
+    assert (waiting, None, "abort") in [(o.request_id, o.token, o.finish_reason) for o in engine.step()]
+
+
+def test_finish_reasons(trained):
+    model, _ = trained
+    backend = Runtime.from_model(copy.deepcopy(model), device="cpu").backend
+    engine = Engine(backend, max_batch_size=4, max_len=64)
+    greedy = SamplingParams(max_new_tokens=12, temperature=0)
+    probe = engine.add_request([3, 1, 4], greedy)
+    tokens = [o.token for _ in iter(engine.has_unfinished, False) for o in engine.step()]
+    assert len(tokens) == 12
+    by_eos = engine.add_request([3, 1, 4], greedy, eos_id=tokens[4])
+    by_stop = engine.add_request([3, 1, 4], greedy, stop=[tokens[2:4]])
+    by_length = engine.add_request([3, 1, 4], SamplingParams(max_new_tokens=3, temperature=0))
+    last = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            last[o.request_id] = o
+    assert probe not in last
+    assert (last[by_eos].finish_reason, last[by_eos].token) == ("eos", tokens[4])
+    assert last[by_stop].finish_reason == "stop" and last[by_length].finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda e: e.add_request([1] * 60, SamplingParams(max_new_tokens=10)),
+         "the prompt has 60 tokens; with max_new_tokens=10 that exceeds this engine's max_len of 64 tokens: .* "
+         "a larger max_len \\(up to the model's context, 512\\)"),
+        (lambda e: e.add_request([], SamplingParams()), "the prompt is empty"),
+        (lambda e: e.add_request([400], SamplingParams()), r"token id 400 is outside the vocabulary \[0, 320\)"),
+        (lambda e: e.add_request([1], SamplingParams(max_new_tokens=4), stop=[[]]), "stop token sequences must not be empty"),
+    ],
+)
+def test_requests_that_can_never_run_are_refused_at_once(trained, call, message):
+    model, _ = trained
+    backend = Runtime.from_model(copy.deepcopy(model), device="cpu").backend
+    engine = Engine(backend, max_batch_size=2, max_len=64)
+    with pytest.raises(TformerError, match=message):
+        call(engine)
+    assert not engine.has_unfinished()
+
+
+def test_engine_options_and_cache_size(trained):
+    model, _ = trained
+    backend = Runtime.from_model(copy.deepcopy(model), device="cpu").backend
+    engine = Engine(backend, max_batch_size=3, max_len=100)
+    c = model.config
+    slots = 100 + engine.chunk
+    assert engine.cache_bytes == 2 * c.n_layers * 3 * c.nhead * slots * c.head_dim * 4
+    assert "max_batch_size=3, max_len=100, cache" in repr(engine)
+    with pytest.raises(TformerError, match="max_len must be an integer in"):
+        Engine(backend, max_batch_size=2, max_len=c.max_len + 1)
+    with pytest.raises(TformerError, match="max_batch_size must be a positive integer"):
+        Engine(backend, max_batch_size=0)
+
+
+def test_static_batching_admits_only_into_an_empty_batch(trained):
+    """The throughput benchmark's baseline: a new batch starts only when the last one is done."""
+    model, _ = trained
+    backend = Runtime.from_model(copy.deepcopy(model), device="cpu").backend
+    engine = Engine(backend, max_batch_size=2, max_len=64, static=True)
+    short, long = SamplingParams(max_new_tokens=2, temperature=0), SamplingParams(max_new_tokens=6, temperature=0)
+    a, b, c = engine.add_request([1, 2], short), engine.add_request([3], long), engine.add_request([4], short)
+    steps = []
+    while engine.has_unfinished():
+        steps.append({o.request_id for o in engine.step()})
+    first_c = next(i for i, ids in enumerate(steps) if c in ids)
+    last_b = max(i for i, ids in enumerate(steps) if b in ids)
+    assert a in steps[0] and b in steps[0] and first_c == last_b + 1  # c waited for b, though a's row was free
+
+
+def test_async_front_serves_coroutines_and_threads_at_once(trained, workload):
+    """Coroutines on two event loops (one per thread) submit at once through one `AsyncEngine`;
+    every request streams exactly the tokens it gets alone, the last output with its reason."""
+    model, _ = trained
+    prompts, outputs, expected = workload
+    front = AsyncEngine(Engine(Runtime.from_model(copy.deepcopy(model), device="cpu").backend, max_batch_size=4, max_len=192))
+
+    async def one(i: int) -> tuple[list[int], str | None]:
+        tokens, reason = [], None
+        async for out in front.generate(prompts[i], SamplingParams(max_new_tokens=outputs[i], temperature=0)):
+            tokens.append(out.token)
+            reason = out.finish_reason
+        return tokens, reason
+
+    async def several(first: int) -> list:
+        return await asyncio.gather(*(one(i) for i in range(first, first + 5)))
+
+    try:
+        got = [r for part in at_once(lambda t: asyncio.run(several(5 * t)), 2) for r in part]
+    finally:
+        front.shutdown()
+    assert got == [(expected[i], "length") for i in range(10)]
+
+
+def test_async_consumer_that_stops_listening_aborts_its_request(trained):
+    """A client that goes away (its generator closed after two tokens) aborts its request: the
+    engine runs nothing more for it and its row serves the waiting request."""
+    model, _ = trained
+    engine = Engine(Runtime.from_model(copy.deepcopy(model), device="cpu").backend, max_batch_size=1, max_len=64)
+    front = AsyncEngine(engine)
+    long = SamplingParams(max_new_tokens=60, temperature=0)
+
+    async def scenario() -> tuple[int, int]:
+        seen = 0
+        async with contextlib.aclosing(front.generate([1, 2, 3], long)) as outputs:
+            async for _ in outputs:
+                seen += 1
+                if seen == 2:
+                    break  # closing the generator aborts the request
+        short = [out.token async for out in front.generate([4, 5], SamplingParams(max_new_tokens=3, temperature=0))]
+        return seen, len(short)
+
+    try:
+        assert asyncio.run(asyncio.wait_for(scenario(), 60)) == (2, 3)  # the one row went to the second request
+        assert not engine.has_unfinished()
+    finally:
+        front.shutdown()

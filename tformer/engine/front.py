@@ -1,0 +1,68 @@
+"""The asynchronous front of the engine, for servers: `async for output in front.generate(...)`.
+
+One background thread steps the engine while any request is unfinished and sleeps otherwise.
+Coroutines on any event loop (and threads) submit requests; each request's outputs reach its
+coroutine through an asyncio queue, handed over thread-safely. A coroutine that stops listening
+(a client that disconnects) aborts its request, whose row is then free at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Sequence
+
+from tformer.engine.engine import Engine
+from tformer.engine.request import RequestOutput
+from tformer.engine.sampling import SamplingParams
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="tformer-engine", daemon=True)
+        self._thread.start()
+
+    async def generate(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams = SamplingParams(),
+        eos_id: int | None = None,
+        stop: Sequence[Sequence[int]] = (),
+    ) -> AsyncIterator[RequestOutput]:
+        """The request's outputs as the engine produces them, the last with its finish reason.
+        Input errors raise before the first output."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+
+        def deliver(output: RequestOutput) -> None:  # on the engine's thread
+            loop.call_soon_threadsafe(queue.put_nowait, output)
+
+        request_id = self.engine.add_request(prompt, params, eos_id, stop, on_output=deliver)
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                output = await queue.get()
+                finished = output.finished
+                yield output
+        finally:
+            if not finished:  # the consumer went away: free the row
+                self.engine.abort(request_id)
+                self._wake.set()
+
+    def shutdown(self) -> None:
+        """Stop the background thread (requests still running are left as they are)."""
+        self._stopping = True
+        self._wake.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            if self.engine.has_unfinished():
+                self.engine.step()
+            else:
+                self._wake.wait()
+                self._wake.clear()
