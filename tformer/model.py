@@ -288,13 +288,18 @@ class TransformerLM(nn.Module):
         block: see `CacheView` (None: gather the rows).
         """
         B, T = input_ids.shape
-        slots = start[:, None] + torch.arange(T, device=input_ids.device)  # (B, T)
-        positions = slots.clamp(max=self.config.max_len - 1)  # a padding column may run past the context
+        decode = isinstance(T, int) and T == 1  # (an export traces T as a symbol: the general case)
+        if decode:  # one real token per row, inside the context: fewer ops in the step that repeats
+            slots = positions = start[:, None]  # (B, 1)
+        else:
+            slots = start[:, None] + torch.arange(T, device=input_ids.device)  # (B, T)
+            positions = slots.clamp(max=self.config.max_len - 1)  # a padding column may run past the context
         span = cache.slots if span is None else span
-        key_pos = torch.arange(span, device=input_ids.device)
-        bias = None if attend is not None else attention_bias(slots, key_pos, None, self.decoder.weight.dtype)
+        bias = None
+        if attend is None:
+            bias = attention_bias(slots, torch.arange(span, device=input_ids.device), None, self.decoder.weight.dtype)
         view = CacheView(cache, rows, slots, span, block)
-        return self.run(input_ids, positions, bias, view, attend, last=0 if isinstance(T, int) and T == 1 else lengths - start - 1)
+        return self.run(input_ids, positions, bias, view, attend, last=0 if decode else lengths - start - 1)
 
     def run(
         self,

@@ -111,6 +111,7 @@ class Engine:
         with self._lock:
             return self.scheduler.has_unfinished() or bool(self._aborted)
 
+    @torch.inference_mode()  # the backend call and the sampling of its logits alike
     def step(self) -> list[RequestOutput]:
         """Prefill newly admitted requests and decode every running one; each request that produced
         a token (and each aborted since the last step) gets one output."""

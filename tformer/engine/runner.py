@@ -44,5 +44,4 @@ class ModelRunner:
         device = self.backend.device
         if device.type != "cpu":
             ids, columns = ids.to(device), columns.to(device)  # one copy to the device for the three columns
-        with torch.inference_mode():
-            return self.backend.step(ids, *columns.unbind(0), self.cache)
+        return self.backend.step(ids, *columns.unbind(0), self.cache)
