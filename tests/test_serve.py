@@ -7,7 +7,10 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import html
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -266,3 +269,30 @@ def test_cli_refuses_a_port_in_use(trained, tmp_path):
         r = subprocess.run([sys.executable, "-m", "tformer.cli", "serve", str(tmp_path / "tiny.safetensors"), "--port",
                             str(port)], capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 2 and r.stderr.startswith("Error: cannot listen on 127.0.0.1:") and "--port" in r.stderr
+
+
+def chromium() -> str:
+    """The headless browser, or a skip saying how to get one; in CI (`TFORMER_CI`, set by .ci/run,
+    which installs it) its absence fails the test instead."""
+    found = next((p for name in ("chromium", "chromium-browser", "google-chrome") if (p := shutil.which(name))), None)
+    if found is None:
+        reason = "no Chromium here (Debian: apt-get install chromium); .ci/run installs it"
+        if os.environ.get("TFORMER_CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return found
+
+
+def test_playground_streams_a_completion_in_a_real_browser(served):
+    """Headless Chromium loads `/`, which submits the prompt from its query string (autorun=1) and
+    streams the completion into the page; the DOM it ends with holds the model's text."""
+    url, rt = served
+    want = rt.generate("def ", max_new_tokens=8, temperature=0)[0]
+    page = f"{url}/?prompt=def%20&max_tokens=8&temperature=0&autorun=1"
+    run = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000",
+                          "--dump-dom", page], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    shown = {key: html.unescape(re.search(rf'<span id="{key}">(.*?)</span>', run.stdout, re.S).group(1))
+             for key in ("prompt-echo", "completion")}  # fmt: skip
+    assert shown == {"prompt-echo": "def ", "completion": want}
+    assert re.search(r"<div id=\"stats\">done: \d+ tokens in", run.stdout), run.stdout[-1500:]
