@@ -193,7 +193,7 @@ def create_app(runtime: Runtime, model_name: str = "tformer", max_waiting: int =
     @v1.get("/models")
     async def models() -> dict:
         card = {"id": model_name, "object": "model", "created": 0, "owned_by": "tformer",
-                "max_model_len": server.engine.max_len}  # fmt: skip
+                "max_model_len": server.engine.max_len, "vocab_size": runtime.config.vocab_size}  # fmt: skip
         return {"object": "list", "data": [card]}
 
     @v1.post("/completions")

@@ -34,10 +34,15 @@ def run(runtime: Runtime, host: str, port: int, grace: float = 30.0, **app_optio
 
 
 @contextlib.contextmanager
-def serve_in_thread(runtime: Runtime, **app_options) -> Iterator[str]:
+def serve_in_thread(
+    runtime: Runtime, max_batch_size: int | None = None, max_len: int | None = None, **app_options
+) -> Iterator[str]:
     """A real server for `runtime` on a free port of 127.0.0.1, in a background thread; yields its
     base URL (`http://127.0.0.1:PORT`) once it accepts connections, and stops it on exit.
+    `max_batch_size`, `max_len`: size its engine (else the runtime's own sizing);
     `app_options`: those of `create_app` (model_name, max_waiting, api_key)."""
+    if max_batch_size is not None or max_len is not None:
+        runtime = Runtime(runtime.backend, runtime.tokenizer, max_batch_size, max_len)
     app = create_app(runtime, **app_options)
     server = _Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, name="tformer-serve", daemon=True)
