@@ -125,7 +125,8 @@ def rate_label(rate: float | None) -> str:
 def feed(timing: RequestTiming, line: str, now: float) -> bool:
     """One line of a completion's event stream into `timing`; True when the stream is over
     (`data: [DONE]`, or an error, which sets `timing.error`). A chunk whose first choice carries
-    text is a piece of output; a `usage` object gives the token count. Blank lines, comments and
+    text (or, from tformer serve, token ids: a model without a tokenizer streams no text) is a
+    piece of output; a `usage` object gives the token count. Blank lines, comments and
     other SSE fields are skipped."""
     if not line.startswith("data:"):
         return False
@@ -142,7 +143,7 @@ def feed(timing: RequestTiming, line: str, now: float) -> bool:
             timing.error = "error event: " + str(error.get("message", error) if isinstance(error, dict) else error)
             return True
         choices = chunk.get("choices") or []
-        if choices and choices[0].get("text"):
+        if choices and (choices[0].get("text") or choices[0].get("token_ids")):  # token_ids: tformer's extension
             timing.token_times.append(now)
         usage = chunk.get("usage")
         if usage and usage.get("completion_tokens") is not None:

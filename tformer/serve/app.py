@@ -11,6 +11,7 @@ engine step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -101,6 +102,11 @@ class Server:
     async def events(self, job: Job, ids: list[list[int]]) -> AsyncIterator[Event]:
         """The events of every choice, interleaved as they come. Closing this generator (a client
         gone) cancels every choice, which aborts its engine request."""
+        if len(ids) == 1:  # the usual request: no task and no second queue hop per token
+            async with contextlib.aclosing(self.choice(0, ids[0], job)) as events:
+                async for event in events:
+                    yield event
+            return
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
 
