@@ -22,6 +22,7 @@ LAYERS = [
     ("backends", ["backends"]),
     ("engine", ["engine"]),  # continuous batching: the one generation loop, over any backend
     ("api", ["runtime", "exporter"]),  # exporter: validation runs the backends
+    ("serve", ["serve"]),  # the HTTP server: on the runtime and its engine
     ("apps", ["cli", "bench", "__main__"]),
 ]  # fmt: skip
 

@@ -307,6 +307,8 @@ def _drive(engine: Engine, waiting_for: set[int], box: deque[RequestOutput]) -> 
                 out = box.popleft()
                 if out.finished:
                     waiting_for.discard(out.request_id)
+                if out.finish_reason == "error":
+                    raise TformerError(f"generation failed: {out.error}")
                 yield out
     finally:
         for request_id in waiting_for:  # closed early (a stop string, a consumer that went away)

@@ -22,6 +22,7 @@ from tformer.checkpoint import load_model
 from tformer.cli import CliError, Command, Group
 from tformer.backends import BACKENDS, REFERENCE
 from tformer.config import ModelConfig
+from tformer.engine.engine import DEFAULT_BATCH
 from tformer.errors import TformerError
 from tformer.files import keep_compiled_kernels_in_store
 from tformer.model import TransformerLM
@@ -273,6 +274,82 @@ def throughput(model, nhead, backends, count, prompt_len, output_len, batch_size
         write_json(json_path, records, meta)
     if csv_path:
         write_csv(csv_path, records)
+
+
+@main.command("serve", cls=Command, context_settings=CONTEXT)
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@click.option("--url", help="Base URL of a running OpenAI-compatible server, e.g. http://127.0.0.1:8000 (instead of MODEL).")
+@click.option("--model", "model_name",
+              help="Served model name to request [default: the first that GET /v1/models lists]; with MODEL, the name "
+                   "`tformer serve` serves it under.")  # fmt: skip
+@click.option("--num-prompts", default=64, show_default=True, type=click.IntRange(min=1), help="Requests per run.")
+@click.option("--request-rate", default="inf", show_default=True,
+              help="Poisson arrivals at R requests/s, or inf (all at once); a comma list (1,2,inf) runs a sweep, one row each.")  # fmt: skip
+@click.option("--prompt-len", default="16:128", show_default=True, help="Prompt tokens, LOW:HIGH (uniform) or N.")
+@click.option("--output-len", default="16:256", show_default=True, help="Output tokens (max_tokens), LOW:HIGH (uniform) or N.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the prompts, their lengths and the arrivals.")
+@click.option("--max-concurrency", type=click.IntRange(min=1), help="Most requests in flight at once [default: no cap].")
+@click.option("--vocab-size", type=click.IntRange(min=2),
+              help="Random prompt ids are below this [default: the server's vocab_size in /v1/models, else 256].")  # fmt: skip
+@click.option("--ignore-eos/--no-ignore-eos", default=True, show_default=True,
+              help="Send ignore_eos (vLLM's extension; tformer serve honours it) so that every request makes max_tokens.")  # fmt: skip
+@click.option("--offline", is_flag=True,
+              help="MODEL only: also run the same workload through tformer's engine in this process, after the server "
+                   "stopped (rows 'offline engine'), to show what HTTP costs.")  # fmt: skip
+@click.option("--nhead", type=click.IntRange(min=1), help="MODEL only: head count; required for a tutorial state_dict (.pt).")
+@click.option("--backend", type=click.Choice(list(BACKENDS)), help=f"MODEL only: the backend to serve with [default: {REFERENCE}].")
+@click.option("--tokenizer", type=click.Path(dir_okay=False), help="MODEL only: a tokenizer.json for the server (decodes its output).")
+@click.option("--max-batch-size", default=DEFAULT_BATCH, show_default=True, type=click.IntRange(min=1),
+              help="MODEL only: cache rows of the server (and of the offline engine).")  # fmt: skip
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every record, the settings and versions as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Plot TTFT and TPOT p50/p99 against request rate (PNG).")
+def serve(model, url, model_name, num_prompts, request_rate, prompt_len, output_len, seed, max_concurrency, vocab_size,
+          ignore_eos, offline, nhead, backend, tokenizer, max_batch_size, json_path, plot_path) -> None:  # fmt: skip
+    """Load-test an OpenAI-compatible server (vLLM `bench serve` style): MODEL starts `tformer
+    serve MODEL` on a free local port for the runs; --url measures a server already running.
+
+    Streams POST /v1/completions with random token-id prompts (seeded; no tokenizer needed),
+    greedy, and reports per request rate, with vLLM's names, completed and failed requests,
+    request/s, output and total tokens/s, and the mean, median (p50) and p99 of TTFT, TPOT (time
+    per output token after the first), ITL (gaps between streamed chunks) and end-to-end latency.
+    A failed request is counted and its error kept, never fatal. OPENAI_API_KEY, if set, is sent
+    as a bearer token.
+    """
+    from tformer.bench.report import print_serve_table, write_serve_plot
+    from tformer.bench.serve import ServeSettings, benchmark_model, benchmark_url, parse_rates, rate_label, require_httpx
+    from tformer.bench.throughput import parse_range
+
+    if (model is None) == (url is None):
+        raise CliError("give MODEL (to start tformer serve) or --url (a running server), exactly one")
+    local_only = dict(offline=offline, nhead=nhead, backend=backend, tokenizer=tokenizer)
+    if url and any(local_only.values()):
+        raise CliError(f"--{next(k for k, v in local_only.items() if v)} needs MODEL: it configures the server tformer-bench starts")
+    require_httpx()
+    if plot_path:
+        require_matplotlib()
+    settings = ServeSettings(parse_rates(request_rate), num_prompts, parse_range(prompt_len, "--prompt-len"),
+                             parse_range(output_len, "--output-len"), seed, max_concurrency, model_name, vocab_size,
+                             ignore_eos)  # fmt: skip
+    began = time.perf_counter()
+    with _progress() as note:
+        if url:
+            records, server = benchmark_url(url, settings, note)
+        else:
+            records, server = benchmark_model(model, settings, nhead, backend, tokenizer, max_batch_size, offline, note)
+    title = (f"{model or server['url']}: model {server['model']} | {num_prompts} requests, prompts {prompt_len}, outputs "
+             f"{output_len}, rates {','.join(map(rate_label, settings.rates))} req/s, max concurrency "
+             f"{max_concurrency or 'none'}, random ids below {server['vocab_size']} ({server['vocab_from']})")  # fmt: skip
+    print_serve_table(records, title)
+    meta = dict(model=model, url=server["url"], served_model=server["model"], vocab_size=server["vocab_size"],
+                vocab_from=server["vocab_from"], num_prompts=num_prompts, request_rates=list(settings.rates),
+                prompt_len=settings.prompt_len, output_len=settings.output_len, seed=seed, max_concurrency=max_concurrency,
+                ignore_eos=ignore_eos, offline=offline, backend=backend, max_batch_size=max_batch_size if model else None,
+                versions=versions(), platform=platform.platform(), python=platform.python_version(),
+                seconds=round(time.perf_counter() - began, 1), command=_command_line())  # fmt: skip
+    if json_path:
+        write_json(json_path, records, meta)
+    if plot_path:
+        write_serve_plot(plot_path, records, title)
 
 
 def _model(path: str | None, nhead: int | None, seed: int) -> tuple[TransformerLM, str]:

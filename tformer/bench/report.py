@@ -15,6 +15,7 @@ from rich.table import Table
 
 from tformer.bench.harness import Record
 from tformer.bench.kernels import KernelRecord
+from tformer.bench.serve import OFFLINE, ServeRecord, rate_label
 from tformer.bench.throughput import ThroughputRecord
 from tformer.errors import TformerError
 from tformer.files import atomic_path
@@ -128,18 +129,41 @@ def print_throughput_table(records: Sequence[ThroughputRecord], title: str, cons
     for h in headers:
         table.add_column(h, justify="left" if h in ("backend", "batching") else "right")
 
-    def triple(figures: dict[str, float] | None) -> str:
-        return "-" if not figures else " / ".join(_num(figures[k]) for k in ("mean", "p50", "p99"))
-
     for r in records:
         if r.status == "ok":
             tok = r.output_tok_s
             table.add_row(escape(r.backend), r.mode, _num(r.request_per_s), f"{_num(tok.median)} ({_num(tok.min)}-{_num(tok.max)})",
-                          _ratio(r.vs_static), triple(r.ttft_ms), triple(r.tpot_ms), triple(r.e2e_ms), _num(r.cache_mib))  # fmt: skip
+                          _ratio(r.vs_static), _triple(r.ttft_ms), _triple(r.tpot_ms), _triple(r.e2e_ms), _num(r.cache_mib))  # fmt: skip
     console.print(table)
     for reason, rows in _group([r for r in records if r.status == "skipped"], lambda r: r.reason,
                                lambda r: f"{r.backend} {r.mode}").items():  # fmt: skip
         console.print(f"skipped {', '.join(rows)}: {escape(reason)}")
+
+
+def print_serve_table(records: Sequence[ServeRecord], title: str, console: Console | None = None) -> None:
+    """One row per run (request rate; HTTP or the offline engine); latencies as mean / p50 / p99 in
+    ms; failed requests' first errors below the table."""
+    console = console or Console(width=max(Console().width, 170))
+    table = Table(title=title, title_justify="left")
+    headers = ("run", "rate req/s", "done/failed", "req/s", "output tok/s", "total tok/s", "TTFT ms mean/p50/p99",
+               "TPOT ms mean/p50/p99", "ITL ms mean/p50/p99", "E2EL ms mean/p50/p99")  # fmt: skip
+    for h in headers:
+        table.add_column(h, justify="left" if h == "run" else "right")
+    for r in records:
+        table.add_row(r.run, rate_label(r.rate), f"{r.completed}/{r.failed}", _num(r.request_throughput),
+                      _num(r.output_throughput), _num(r.total_token_throughput), _triple(r.ttft_ms), _triple(r.tpot_ms),
+                      _triple(r.itl_ms), _triple(r.e2el_ms), style="red" if r.flagged else None)  # fmt: skip
+    console.print(table)
+    for r in records:
+        for error in r.errors:
+            console.print(f"[red]! {r.run}, rate {rate_label(r.rate)}: {r.failed} failed: {escape(error)}[/red]")
+    sources = {r.output_tokens_from for r in records if r.run != OFFLINE}
+    if sources:
+        console.print(f"output tokens counted from: {', '.join(sorted(sources))} (usage: the server's count; chunks: streamed text chunks)")
+
+
+def _triple(figures: dict[str, float] | None) -> str:
+    return "-" if not figures else " / ".join(_num(figures[k]) for k in ("mean", "p50", "p99"))
 
 
 def _num(value: float | None) -> str:
@@ -207,6 +231,36 @@ def write_plot(path: str | os.PathLike, records: Sequence[Record], title: str) -
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
+def write_serve_plot(path: str | os.PathLike, records: Sequence[ServeRecord], title: str) -> None:
+    """TTFT and TPOT (p50 solid, p99 dashed) against request rate, one colour per run kind; all at
+    once ("inf") sits right of the highest finite rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finite = sorted({r.rate for r in records if r.rate is not None})
+    inf_x = 2 * finite[-1] if finite else 1.0
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, metric, label in zip(axes, ("ttft_ms", "tpot_ms"), ("TTFT ms", "TPOT ms")):
+        for colour, run in zip(("C0", "C1"), dict.fromkeys(r.run for r in records)):
+            rows = sorted((r for r in records if r.run == run and getattr(r, metric)), key=lambda r: r.rate or inf_x)
+            x = [r.rate or inf_x for r in rows]
+            for p, style in (("p50", "-"), ("p99", "--")):
+                ax.plot(x, [getattr(r, metric)[p] for r in rows], style, marker="o", color=colour, label=f"{run} {p}")
+        ticks = finite + ([inf_x] if any(r.rate is None for r in records) else [])
+        ax.set_xticks(ticks, [f"{t:g}" for t in finite] + ["inf"] * (len(ticks) - len(finite)))
+        ax.set_xlabel("request rate (req/s)")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")

@@ -30,3 +30,9 @@ def percentiles(samples: Sequence[float], qs: Sequence[float] = (50, 90, 99)) ->
         raise ValueError("no samples")
     values = np.percentile(np.asarray(samples, dtype=float), qs)
     return {f"p{q:g}": float(v) for q, v in zip(qs, values)}
+
+
+def summary(samples: Sequence[float]) -> dict[str, float]:
+    """`{"mean": ..., "p50": ..., "p99": ...}`: the latency summary vLLM's serving benchmark prints
+    (p50 is the median), percentiles as in `percentiles`."""
+    return {"mean": float(np.mean(np.asarray(samples, dtype=float))), **percentiles(samples, (50, 99))}

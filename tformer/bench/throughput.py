@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from tformer.bench.harness import device_name, versions
+from tformer.bench.latency import RequestTiming, serving_metrics
 from tformer.bench.stats import Spread
 from tformer.engine import Engine, SamplingParams
 from tformer.errors import TformerError
@@ -41,13 +40,14 @@ class Workload:
     def draw(cls, count: int, prompt_len: tuple[int, int], output_len: tuple[int, int], vocab_size: int,
              rate: float | None, seed: int) -> Workload:  # fmt: skip
         """Lengths uniform in the inclusive ranges; arrivals all at 0 (`rate` None) or Poisson at
-        `rate` requests per second."""
-        rng = random.Random(seed)
+        `rate` requests per second. Arrivals come from a random stream of their own, so that the
+        same seed at any rate draws the same requests (a sweep over rates compares like with like)."""
+        rng, gaps = random.Random(seed), random.Random(f"arrivals-{seed}")
         clock, requests = 0.0, []
         for _ in range(count):
             prompt = [rng.randrange(vocab_size) for _ in range(rng.randint(*prompt_len))]
             requests.append((clock, prompt, rng.randint(*output_len)))
-            clock += rng.expovariate(rate) if rate else 0.0
+            clock += gaps.expovariate(rate) if rate else 0.0
         return cls(requests)
 
     @property
@@ -86,37 +86,48 @@ class ThroughputRecord:
 
 
 def run_workload(engine: Engine, workload: Workload, clock: Callable[[], float] = time.perf_counter) -> dict:
-    """Drive `engine` through `workload` in real time: add each request when it arrives, step
-    while any is unfinished. Returns the run's figures (a `ThroughputRecord`'s fields)."""
+    """Drive `engine` through `workload` in real time (see `drive_workload`). Returns the run's
+    figures (a `ThroughputRecord`'s fields)."""
+    timings, duration = drive_workload(engine, workload, clock)
+    figures = serving_metrics(timings, duration)
+    return dict(duration_s=duration, request_per_s=figures["request_throughput"], tok_s=figures["output_throughput"],
+                ttft_ms=figures["ttft_ms"], tpot_ms=figures["tpot_ms"], e2e_ms=figures["e2el_ms"])  # fmt: skip
+
+
+def drive_workload(
+    engine: Engine, workload: Workload, clock: Callable[[], float] = time.perf_counter, max_concurrency: int | None = None
+) -> tuple[list[RequestTiming], float]:  # fmt: skip
+    """Add each request when it arrives, step while any is unfinished; each request's timing
+    (sent: its arrival, or when a slot freed if `max_concurrency` requests were in flight then, as
+    a client's semaphore would hold it; a token's time: the end of the step that made it) and the
+    run's seconds."""
     pending = sorted(workload.requests, key=lambda r: r[0])
-    times: dict[int, list[float]] = {}  # request id -> arrival, then each token's time
+    timings: dict[int, RequestTiming] = {}
+    in_flight: set[int] = set()
+    blocked_at = -1.0  # when an arrived request last found max_concurrency requests in flight
     began = clock()
     while pending or engine.has_unfinished():
         now = clock() - began
-        while pending and pending[0][0] <= now:
+        while pending and pending[0][0] <= now and (max_concurrency is None or len(in_flight) < max_concurrency):
             arrival, prompt, new = pending.pop(0)
             rid = engine.add_request(prompt, SamplingParams(max_new_tokens=new, temperature=0))
-            times[rid] = [began + arrival]
+            timings[rid] = RequestTiming(len(prompt), sent=began + (now if arrival <= blocked_at else arrival))
+            in_flight.add(rid)
+        if pending and pending[0][0] <= now:
+            blocked_at = now
         if not engine.has_unfinished():
             time.sleep(max(0.0, pending[0][0] - (clock() - began)))
             continue
         outputs = engine.step()
         stamp = clock()
         for out in outputs:
+            timing = timings[out.request_id]
             if out.token is not None:
-                times[out.request_id].append(stamp)
-    duration = clock() - began
-    tokens = sum(len(t) - 1 for t in times.values())
-    ttft = [1000 * (t[1] - t[0]) for t in times.values()]
-    tpot = [1000 * (t[-1] - t[1]) / (len(t) - 2) for t in times.values() if len(t) > 2]
-    e2e = [1000 * (t[-1] - t[0]) for t in times.values()]
-    return dict(duration_s=duration, request_per_s=len(times) / duration, tok_s=tokens / duration,
-                ttft_ms=_summary(ttft), tpot_ms=_summary(tpot) if tpot else None, e2e_ms=_summary(e2e))  # fmt: skip
-
-
-def _summary(values: Sequence[float]) -> dict[str, float]:
-    array = np.asarray(values, dtype=float)
-    return {"mean": float(array.mean()), "p50": float(np.percentile(array, 50)), "p99": float(np.percentile(array, 99))}
+                timing.token_times.append(stamp)
+            if out.finished:
+                timing.end = stamp
+                in_flight.discard(out.request_id)
+    return list(timings.values()), clock() - began
 
 
 def run_throughput(

@@ -25,7 +25,7 @@ from tformer.engine.request import Request, RequestOutput, check_prompt
 from tformer.engine.runner import ModelRunner
 from tformer.engine.sampling import SamplingParams, sample_rows
 from tformer.engine.scheduler import Scheduler
-from tformer.errors import TformerError
+from tformer.errors import TformerError, one_line
 from tformer.inputs import as_int
 
 DEFAULT_BATCH = 8
@@ -107,6 +107,15 @@ class Engine:
             self._aborted.append((request, RequestOutput(request.id, None, "abort")))
             return True
 
+    def fail_all(self, error: str) -> None:
+        """End every request with reason "error" (its output says `error`): what a server does when
+        a step fails outside any backend call, so that no caller waits forever."""
+        with self._lock:
+            for request in list(self._requests.values()):
+                self.scheduler.finish(request, "error")
+                self._aborted.append((request, RequestOutput(request.id, None, "error", error)))
+            self._requests.clear()
+
     def has_unfinished(self) -> bool:
         with self._lock:
             return self.scheduler.has_unfinished() or bool(self._aborted)
@@ -118,8 +127,8 @@ class Engine:
         with self._lock:
             finished, self._aborted = self._aborted, []
             plan = self.scheduler.schedule()
-            if plan.prefill:
-                logits = self.runner.prefill(plan.prefill)
+            prefill = [r for r, _ in plan.prefill]
+            if plan.prefill and (logits := self._call(self.runner.prefill, plan.prefill, prefill, finished)) is not None:
                 for request, n in plan.prefill:
                     request.prefilled += n
                 done = [(b, r) for b, (r, _) in enumerate(plan.prefill) if not r.prefilling]
@@ -129,8 +138,8 @@ class Engine:
                 # view of the cache instead of gathering a copy of each row (see EagerBackend.step).
                 # Padding rows (static batching) step too; their logits are unused.
                 batch = sorted(plan.decode + plan.padding, key=lambda r: r.row)
-                logits = self.runner.decode(batch)
-                finished += self._sample(logits, [(b, r) for b, r in enumerate(batch) if r.finish_reason is None])
+                if (logits := self._call(self.runner.decode, batch, plan.decode, finished)) is not None:
+                    finished += self._sample(logits, [(b, r) for b, r in enumerate(batch) if r.finish_reason is None])
             self.scheduler.compact(self.runner.move)
             for request, output in finished:
                 if output.finished:
@@ -138,6 +147,18 @@ class Engine:
                 if request.on_output is not None:
                     request.on_output(output)
             return [output for _, output in finished]
+
+    def _call(self, call, work, requests: list[Request], finished: list) -> torch.Tensor | None:
+        """`call(work)`; if it raises, fail `requests` (the ones it touched) with the error and
+        return None. The engine goes on serving the others: a server must survive one bad step."""
+        try:
+            return call(work)
+        except Exception as exc:  # noqa: BLE001 - any backend failure, reported to its requests
+            error = one_line(exc)
+            for request in requests:
+                self.scheduler.finish(request, "error")
+                finished.append((request, RequestOutput(request.id, None, "error", error)))
+            return None
 
     def _sample(self, logits: torch.Tensor, rows: list[tuple[int, Request]]) -> list[tuple[Request, RequestOutput]]:
         if not rows:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from tformer.engine.engine import Engine
 from tformer.engine.request import RequestOutput
 from tformer.engine.sampling import SamplingParams
+from tformer.errors import one_line
 
 
 class AsyncEngine:
@@ -62,7 +63,10 @@ class AsyncEngine:
     def _loop(self) -> None:
         while not self._stopping:
             if self.engine.has_unfinished():
-                self.engine.step()
+                try:
+                    self.engine.step()
+                except Exception as exc:  # noqa: BLE001 - a bug in a step: fail its requests, keep serving
+                    self.engine.fail_all(one_line(exc))
             else:
                 self._wake.wait()
                 self._wake.clear()

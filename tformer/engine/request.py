@@ -24,17 +24,19 @@ class State(enum.Enum):
     FINISHED = "finished"
 
 
-FINISH_REASONS = ("eos", "length", "stop", "abort")
+FINISH_REASONS = ("eos", "length", "stop", "abort", "error")
 
 
 @dataclass(frozen=True)
 class RequestOutput:
     """What one engine step produced for one request: its new token (None when it produced none:
-    an abort), and why it finished, if it did (`eos`, `length`, `stop`, `abort`)."""
+    an abort or an error), why it finished, if it did (`eos`, `length`, `stop`, `abort`, `error`),
+    and for `error` what went wrong (the backend raised during a step this request was in)."""
 
     request_id: int
     token: int | None
     finish_reason: str | None = None
+    error: str | None = None
 
     @property
     def finished(self) -> bool:

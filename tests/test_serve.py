@@ -1,0 +1,350 @@
+"""`tformer serve` over real HTTP: a uvicorn server on a free port, spoken to with the official
+`openai` client (and raw HTTP for what that client hides). The reference for every text is the
+same model in-process (`Runtime.generate`), which the engine tests tie to the tutorial's model."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import html
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tformer.checkpoint import save_checkpoint
+from tformer.runtime import Runtime
+from tformer.serve.server import serve_in_thread
+
+PROMPTS = ["def ", "import os\n", "class Foo", "return self."]
+NAME = "tiny"
+
+
+@pytest.fixture(scope="module")
+def runtime(trained):
+    model, tokenizer = trained
+    return Runtime.from_model(copy.deepcopy(model), tokenizer, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def served(runtime):
+    """A server with 4 cache rows and room for 16 waiting requests: (base URL, runtime)."""
+    sized = Runtime(runtime.backend, runtime.tokenizer, max_batch_size=4, max_len=256)
+    with serve_in_thread(sized, model_name=NAME, max_waiting=16) as url:
+        yield url, sized
+
+
+def client(url: str, **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
+
+
+def metrics(url: str) -> dict[str, float]:
+    """Every sample of /metrics, parsed by prometheus_client's own parser: name{labels} -> value."""
+    text = httpx.get(f"{url}/metrics").text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return samples
+
+
+def test_greedy_completions_equal_the_model_in_process(served):
+    url, rt = served
+    want = rt.generate(PROMPTS, max_new_tokens=24, temperature=0)
+    c = client(url)
+    got = c.completions.create(model=NAME, prompt=PROMPTS, max_tokens=24, temperature=0)
+    assert [ch.text for ch in sorted(got.choices, key=lambda ch: ch.index)] == want
+    assert got.usage.prompt_tokens == sum(len(rt.tokenizer.encode(p)) for p in PROMPTS)
+    assert got.usage.completion_tokens > 0 and all(ch.finish_reason in ("stop", "length") for ch in got.choices)
+    streamed = c.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=24, temperature=0, stream=True,
+                                    stream_options={"include_usage": True})  # fmt: skip
+    chunks = list(streamed)
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == want[0]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+    ids = rt.tokenizer.encode(PROMPTS[1])
+    by_ids = c.completions.create(model=NAME, prompt=ids, max_tokens=24, temperature=0, echo=True)
+    assert by_ids.choices[0].text == PROMPTS[1] + want[1]
+
+
+def test_chat_completion_is_the_templated_prompt(served):
+    url, rt = served
+    messages = [{"role": "system", "content": "Python."}, {"role": "user", "content": "def f"}]
+    want = rt.generate("system: Python.\nuser: def f\nassistant:", max_new_tokens=16, temperature=0)[0]
+    c = client(url)
+    got = c.chat.completions.create(model=NAME, messages=messages, max_tokens=16, temperature=0)
+    assert got.choices[0].message.content == want and got.choices[0].message.role == "assistant"
+    parts = list(c.chat.completions.create(model=NAME, messages=messages, max_tokens=16, temperature=0, stream=True))
+    assert parts[0].choices[0].delta.role == "assistant"
+    assert "".join(p.choices[0].delta.content or "" for p in parts) == want
+
+
+def test_sixteen_concurrent_streams_each_get_their_own_text(served):
+    url, rt = served
+    prompts = [f"{PROMPTS[i % 4]}{i}" for i in range(16)]  # 16 clients, 4 rows: most wait, then join
+    want = rt.generate(prompts, max_new_tokens=20, temperature=0)
+
+    async def one(c: openai.AsyncOpenAI, prompt: str) -> str:
+        stream = await c.completions.create(model=NAME, prompt=prompt, max_tokens=20, temperature=0, stream=True)
+        return "".join([chunk.choices[0].text async for chunk in stream])
+
+    async def all_at_once() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0) as c:
+            return await asyncio.gather(*(one(c, p) for p in prompts))
+
+    assert asyncio.run(all_at_once()) == want
+
+
+def wait_for(predicate, seconds: float = 20.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_client_that_disconnects_frees_its_row(served):
+    url, _ = served
+    aborted = metrics(url).get("tformer:requests_total{outcome=abort}", 0)
+    body = {"model": NAME, "prompt": "def ", "max_tokens": 200, "temperature": 0, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response:
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))  # generating
+        assert metrics(url)["tformer:cache_rows_in_use"] == 1
+    # closed after one chunk of 200: the engine aborts it and its row is free
+    assert wait_for(lambda: metrics(url)["tformer:cache_rows_in_use"] == 0)
+    assert metrics(url)["tformer:requests_total{outcome=abort}"] == aborted + 1
+
+
+def test_overflow_is_503_with_retry_after(runtime, monkeypatch):
+    sized = Runtime(runtime.backend, runtime.tokenizer, max_batch_size=1, max_len=256)
+    step = sized.backend.step
+    monkeypatch.setattr(sized.backend, "step", lambda *a: time.sleep(0.02) or step(*a))  # 200 tokens: 4 s
+    with serve_in_thread(sized, model_name=NAME, max_waiting=0) as url:
+        body = {"model": NAME, "prompt": "def ", "max_tokens": 200, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as busy:
+            lines = busy.iter_lines()  # kept: a dropped line iterator closes the response (a disconnect)
+            next(line for line in lines if line.startswith("data: "))  # the one row is taken
+            refused = httpx.post(f"{url}/v1/completions", json={**body, "stream": False}, timeout=30)
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            assert refused.json()["error"]["code"] == "overloaded"
+
+
+BAD = [
+    (b"{not json", 400, None, "not valid JSON"),
+    ({"model": NAME, "prompt": "x", "best_offf": 2}, 400, "best_offf", "unknown field"),
+    ({"model": NAME, "prompt": "x", "max_tokens": "5"}, 400, "max_tokens", "must be an integer"),
+    ({"model": NAME, "prompt": "x", "temperature": 3}, 400, "temperature", "in [0, 2]"),
+    ({"model": NAME, "prompt": "x", "n": 2}, 400, "n", "must be 1"),
+    ({"model": NAME, "prompt": "x", "logprobs": 3}, 400, "logprobs", "not supported"),
+    ({"model": NAME, "prompt": [[1, 2], "x"]}, 400, "prompt", "list of token ids"),
+    ({"model": NAME, "prompt": "x", "max_tokens": 300}, 400, "prompt", "this server's max_len of 256"),
+    ({"model": NAME, "prompt": [5, 100000]}, 400, "prompt", "outside the vocabulary"),
+    ({"model": "gpt-4", "prompt": "x"}, 404, "model", "serves 'tiny'"),
+]
+
+
+@pytest.mark.parametrize("body, status, param, message", BAD, ids=[b[3] for b in BAD])
+def test_bad_requests_get_openai_error_objects(served, body, status, param, message):
+    url, _ = served
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(f"{url}/v1/completions", content=raw, headers={"content-type": "application/json"})
+    error = r.json()["error"]
+    assert r.status_code == status and error["param"] == param and message in error["message"]
+    assert set(error) == {"message", "type", "param", "code"}
+
+
+def test_the_official_client_raises_its_own_errors(served):
+    url, _ = served
+    with pytest.raises(openai.BadRequestError, match="max_len of 256"):
+        client(url).completions.create(model=NAME, prompt="x", max_tokens=1000)
+
+
+def test_text_prompts_need_a_tokenizer(runtime):
+    bare = Runtime(runtime.backend, None, max_batch_size=2, max_len=128)
+    with serve_in_thread(bare, model_name=NAME) as url:
+        r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "def "})
+        assert r.status_code == 400 and "no tokenizer" in r.json()["error"]["message"]
+        ok = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": [1, 2, 3], "max_tokens": 4,
+                                                        "temperature": 0, "ignore_eos": True}).json()  # fmt: skip
+        assert ok["choices"][0]["token_ids"] == bare.generate_ids([[1, 2, 3]], max_new_tokens=4, temperature=0)[0]
+
+
+def test_api_key_guards_v1_but_not_health(runtime):
+    sized = Runtime(runtime.backend, runtime.tokenizer, max_batch_size=2, max_len=128)
+    with serve_in_thread(sized, model_name=NAME, api_key="s3cret") as url:
+        assert httpx.get(f"{url}/health").status_code == 200
+        r = httpx.get(f"{url}/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            client(url, api_key="wrong").models.list()
+        assert [m.id for m in client(url, api_key="s3cret").models.list()] == [NAME]
+
+
+def test_an_engine_failure_fails_only_its_request(runtime, monkeypatch):
+    sized = Runtime(runtime.backend, runtime.tokenizer, max_batch_size=2, max_len=128)
+    step = sized.backend.step
+
+    def failing(input_ids, *args):
+        if bool((input_ids == 7).any()):
+            raise RuntimeError("simulated kernel failure")
+        return step(input_ids, *args)
+
+    monkeypatch.setattr(sized.backend, "step", failing)
+    with serve_in_thread(sized, model_name=NAME) as url:
+        r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": [7, 8], "max_tokens": 4})
+        assert r.status_code == 500 and "simulated kernel failure" in r.json()["error"]["message"]
+        ok = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": [8, 9], "max_tokens": 4, "temperature": 0})
+        assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] in ("stop", "length")
+        assert metrics(url)["tformer:requests_total{outcome=error}"] == 1
+
+
+def test_metrics_health_and_models(served):
+    url, _ = served
+    assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+    card = httpx.get(f"{url}/v1/models").json()["data"][0]
+    assert card["id"] == NAME and card["max_model_len"] == 256
+    m = metrics(url)
+    for name in ("tformer:requests_total{outcome=length}", "tformer:prompt_tokens_total", "tformer:generation_tokens_total",
+                 "tformer:time_to_first_token_seconds_count", "tformer:time_per_output_token_seconds_count",
+                 "tformer:e2e_request_latency_seconds_count", "tformer:num_requests_running",
+                 "tformer:num_requests_waiting", "tformer:cache_rows_in_use", "tformer:cache_rows"):  # fmt: skip
+        assert name in m, name
+    assert m["tformer:cache_rows"] == 4 and m["tformer:generation_tokens_total"] > 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_serves_until_sigterm_then_exits_0(trained, tmp_path):
+    model, tokenizer = trained
+    save_checkpoint(tmp_path / "tiny.safetensors", model, tokenizer)
+    port = free_port()
+    env = {**os.environ, "TFORMER_API_KEY": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "tformer.cli", "serve", str(tmp_path / "tiny.safetensors"), "--port",
+                             str(port), "--max-batch-size", "2", "--max-len", "128", "--device", "cpu"],
+                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert wait_for(lambda: _up(url), 120), proc.stderr.read() if proc.poll() is not None else "no answer"
+        r = client(url).completions.create(model="tiny", prompt="def ", max_tokens=5, temperature=0)
+        assert r.choices[0].text == Runtime.from_model(model, tokenizer).generate("def ", max_new_tokens=5, temperature=0)[0]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        err = proc.stderr.read()
+        assert f"http://127.0.0.1:{port}" in err and "cache" in err and err.strip().endswith("tformer serve: stopped")
+        assert "Traceback" not in err
+    finally:
+        proc.kill()
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_cli_refuses_a_port_in_use(trained, tmp_path):
+    model, tokenizer = trained
+    save_checkpoint(tmp_path / "tiny.safetensors", model, tokenizer)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "tformer.cli", "serve", str(tmp_path / "tiny.safetensors"), "--port",
+                            str(port)], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 2 and r.stderr.startswith("Error: cannot listen on 127.0.0.1:") and "--port" in r.stderr
+
+
+def chromium() -> str:
+    """The headless browser, or a skip saying how to get one; in CI (`TFORMER_CI`, set by .ci/run,
+    which installs it) its absence fails the test instead."""
+    found = next((p for name in ("chromium", "chromium-browser", "google-chrome") if (p := shutil.which(name))), None)
+    if found is None:
+        reason = "no Chromium here (Debian: apt-get install chromium); .ci/run installs it"
+        if os.environ.get("TFORMER_CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return found
+
+
+class Browser:
+    """Headless Chromium driven over the DevTools protocol on a pipe (`--remote-debugging-pipe`:
+    JSON messages ending in NUL, commands on its fd 3, answers on its fd 4), so that a test can
+    wait for what a page does rather than for a guessed time."""
+
+    def __init__(self, executable: str):
+        to_child, self._to_browser = os.pipe()
+        self._from_browser, from_child = os.pipe()
+
+        def fds() -> None:  # in the child: its fd 3 reads our commands, its fd 4 writes answers
+            os.dup2(to_child, 3)
+            os.dup2(from_child, 4)
+
+        self.proc = subprocess.Popen([executable, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe",
+                                      "about:blank"], preexec_fn=fds, close_fds=False,
+                                     stderr=subprocess.DEVNULL)  # fmt: skip
+        os.close(to_child)
+        os.close(from_child)
+        self._buffer, self._id = b"", 0
+
+    def send(self, method: str, session: str | None = None, **params) -> dict:
+        self._id += 1
+        message = {"id": self._id, "method": method, "params": params, **({"sessionId": session} if session else {})}
+        os.write(self._to_browser, json.dumps(message).encode() + b"\0")
+        while True:
+            while b"\0" not in self._buffer:
+                chunk = os.read(self._from_browser, 1 << 16)
+                assert chunk, "the browser exited"
+                self._buffer += chunk
+            raw, self._buffer = self._buffer.split(b"\0", 1)
+            answer = json.loads(raw)
+            if answer.get("id") == self._id:
+                assert "error" not in answer, answer
+                return answer["result"]
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        os.close(self._to_browser)
+        os.close(self._from_browser)
+
+
+def test_playground_streams_a_completion_in_a_real_browser(served):
+    """Headless Chromium loads `/`, which submits the prompt from its query string (autorun=1) and
+    streams the completion into the page; once the page says it is done, its DOM holds the model's
+    text."""
+    url, rt = served
+    want = rt.generate("def ", max_new_tokens=8, temperature=0)[0]
+    browser = Browser(chromium())
+    try:
+        target = browser.send("Target.createTarget", url=f"{url}/?prompt=def%20&max_tokens=8&temperature=0&autorun=1")
+        session = browser.send("Target.attachToTarget", targetId=target["targetId"], flatten=True)["sessionId"]
+
+        def page(expression: str) -> str:
+            return browser.send("Runtime.evaluate", session, expression=expression, returnByValue=True)["result"].get("value")
+
+        assert wait_for(lambda: (page("document.getElementById('stats').textContent") or "").startswith("done"), 60), \
+            page("document.getElementById('stats').textContent")
+        dom = page("document.documentElement.outerHTML")
+    finally:
+        browser.close()
+    shown = {key: html.unescape(re.search(rf'<span id="{key}">(.*?)</span>', dom, re.S).group(1))
+             for key in ("prompt-echo", "completion")}  # fmt: skip
+    assert shown == {"prompt-echo": "def ", "completion": want}
+    assert re.search(r'<div id="stats">done: \d+ tokens in', dom)

@@ -1,0 +1,368 @@
+"""The load generator behind `tformer-bench serve`: a seeded workload of streamed completions
+against any OpenAI-compatible server (tformer's own `tformer serve`, vLLM, llama.cpp...), measured
+as vLLM's `bench serve` measures it, so that the figures compare across servers.
+
+It speaks only the OpenAI HTTP API: `POST /v1/completions` with the prompt as token ids (random,
+seeded: no tokenizer needed on either side), `stream: true` and `stream_options.include_usage`,
+reading the server-sent events as they come. Requests arrive as a Poisson process at a rate (or
+all at once), at most `max_concurrency` in flight; a comma list of rates is a sweep over the same
+requests. A request that fails (an HTTP error, a dropped connection, a timeout, an error event) is
+counted and its message kept; it never stops the run. Given a MODEL instead of a URL, it starts
+`tformer serve` on a free local port for the runs and, with `offline`, also runs the same workload
+through tformer's engine in-process, so that the HTTP layer's cost shows side by side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from tformer.bench.latency import RequestTiming, serving_metrics
+from tformer.bench.throughput import Workload, drive_workload
+from tformer.backends.base import Backend
+from tformer.engine import Engine
+from tformer.engine.engine import DEFAULT_BATCH
+from tformer.errors import TformerError, one_line
+from tformer.runtime import load
+
+if TYPE_CHECKING:
+    import httpx
+
+DEFAULT_VOCAB = 256  # random prompt ids stay below this when neither --vocab-size nor the server says more
+TIMEOUT_S = 600.0  # to connect, and for each read between events: a stalled stream fails, a long one does not
+SERVER_START_S = 600.0  # a compiling backend may warm up for minutes before /health answers 200
+HTTP, OFFLINE = "http", "offline engine"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """One benchmark's workload and client settings; `rates`: requests/s per run, None = all at once."""
+
+    rates: tuple[float | None, ...]
+    num_prompts: int
+    prompt_len: tuple[int, int]
+    output_len: tuple[int, int]
+    seed: int = 0
+    max_concurrency: int | None = None
+    model: str | None = None  # the served model's name; default: the first that /v1/models lists
+    vocab_size: int | None = None  # default: the server's `vocab_size` in /v1/models, else DEFAULT_VOCAB
+    ignore_eos: bool = True
+
+    def workload(self, rate: float | None, vocab_size: int) -> Workload:
+        return Workload.draw(self.num_prompts, self.prompt_len, self.output_len, vocab_size, rate, self.seed)
+
+
+@dataclass
+class ServeRecord:
+    """One run: HTTP against the server, or the same workload through the engine in-process.
+    Figures as `latency.serving_metrics` computes them (vLLM's names; latencies in ms)."""
+
+    run: str  # HTTP or OFFLINE
+    rate: float | None  # requests/s of the Poisson arrivals; None: all at once (inf)
+    max_concurrency: int | None
+    num_prompts: int
+    output_tokens_from: str  # "usage" (the server's count), "chunks" (streamed text chunks), "engine"
+    completed: int
+    failed: int
+    errors: list[str]  # the first distinct messages of failed requests
+    duration_s: float
+    total_input_tokens: int
+    total_output_tokens: int
+    request_throughput: float
+    output_throughput: float
+    total_token_throughput: float
+    ttft_ms: dict[str, float] | None
+    tpot_ms: dict[str, float] | None
+    itl_ms: dict[str, float] | None
+    e2el_ms: dict[str, float] | None
+
+    @classmethod
+    def of(cls, run: str, rate: float | None, settings: ServeSettings, timings: Sequence[RequestTiming],
+           duration: float, source: str) -> ServeRecord:  # fmt: skip
+        return cls(run, rate, settings.max_concurrency, len(timings), source, **serving_metrics(timings, duration))
+
+    @property
+    def flagged(self) -> bool:
+        return self.failed > 0
+
+
+def require_httpx() -> None:
+    """httpx is imported where requests are sent, so that the other benchmarks run without it."""
+    try:
+        import httpx  # noqa: F401
+    except ImportError:
+        raise TformerError("tformer-bench serve needs httpx: pip install 'tformer[serve]'") from None
+
+
+def parse_rates(text: str) -> tuple[float | None, ...]:
+    """"inf" or "2" or "1,2,inf" -> requests/s per run (None = all at once)."""
+    rates = []
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            rate = None if part.lower() == "inf" else float(part)
+        except ValueError:
+            rate = 0.0
+        if rate is not None and not 0 < rate < float("inf"):
+            raise TformerError(f"--request-rate must be inf or positive numbers, comma-separated; got {text!r}")
+        rates.append(rate)
+    return tuple(rates)
+
+
+def rate_label(rate: float | None) -> str:
+    return "inf" if rate is None else f"{rate:g}"
+
+
+def feed(timing: RequestTiming, line: str, now: float) -> bool:
+    """One line of a completion's event stream into `timing`; True when the stream is over
+    (`data: [DONE]`, or an error, which sets `timing.error`). A chunk whose first choice carries
+    text (or, from tformer serve, token ids: a model without a tokenizer streams no text) is a
+    piece of output; a `usage` object gives the token count. Blank lines, comments and
+    other SSE fields are skipped."""
+    if not line.startswith("data:"):
+        return False
+    data = line[5:].strip()
+    if data == "[DONE]":
+        timing.end = now
+        if not timing.token_times:
+            timing.error = "the stream ended without any text"
+        return True
+    try:
+        chunk = json.loads(data)
+        if "error" in chunk:
+            error = chunk["error"]
+            timing.error = "error event: " + str(error.get("message", error) if isinstance(error, dict) else error)
+            return True
+        choices = chunk.get("choices") or []
+        if choices and (choices[0].get("text") or choices[0].get("token_ids")):  # token_ids: tformer's extension
+            timing.token_times.append(now)
+        usage = chunk.get("usage")
+        if usage and usage.get("completion_tokens") is not None:
+            timing.output_tokens = int(usage["completion_tokens"])
+    except (ValueError, AttributeError, TypeError):
+        timing.error = f"not an OpenAI completion chunk: {data[:80]!r}"
+        return True
+    return False
+
+
+async def send(client: httpx.AsyncClient, url: str, payload: dict, timing: RequestTiming) -> RequestTiming:
+    """POST one streamed completion and time its events into `timing`; any failure is recorded
+    in `timing.error`, never raised."""
+    import httpx
+
+    timing.sent = time.perf_counter()
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=payload) as response:
+            if response.status_code != 200:
+                body = (await response.aread()).decode(errors="replace").strip()
+                timing.error = f"HTTP {response.status_code}: {body[:200] or response.reason_phrase}"
+                return timing
+            async for line in response.aiter_lines():
+                if feed(timing, line, time.perf_counter()):
+                    return timing
+            timing.error = "the stream ended before data: [DONE]"
+    except httpx.HTTPError as exc:
+        timing.error = f"{type(exc).__name__}: {one_line(exc)}"
+    return timing
+
+
+def _headers() -> dict[str, str]:
+    """The key in OPENAI_API_KEY, if set, as a bearer token (as vLLM's client sends it)."""
+    key = os.environ.get("OPENAI_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def _payload(model: str, prompt: list[int], max_tokens: int, ignore_eos: bool) -> dict:
+    payload = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+               "stream_options": {"include_usage": True}}  # fmt: skip
+    if ignore_eos:  # vLLM's extension (its bench sends it the same way); servers without it ignore it or refuse it
+        payload["ignore_eos"] = True
+    return payload
+
+
+async def run_requests(
+    url: str,
+    model: str,
+    workload: Workload,
+    max_concurrency: int | None = None,
+    ignore_eos: bool = True,
+    progress: Callable[[int], None] = lambda _: None,
+) -> tuple[list[RequestTiming], float]:
+    """Send each request of `workload` at its arrival time (at most `max_concurrency` in flight);
+    their timings, in workload order, and the run's seconds. `progress(done)` after each one."""
+    import httpx
+
+    limit = asyncio.Semaphore(max_concurrency) if max_concurrency else contextlib.nullcontext()
+    done = 0
+    unlimited = httpx.Limits(max_connections=None, max_keepalive_connections=None)  # the workload sets the concurrency
+    async with httpx.AsyncClient(timeout=TIMEOUT_S, limits=unlimited, headers=_headers()) as client:
+        began = time.perf_counter()
+
+        async def one(arrival: float, prompt: list[int], max_tokens: int) -> RequestTiming:
+            nonlocal done
+            await asyncio.sleep(max(0.0, began + arrival - time.perf_counter()))
+            async with limit:
+                timing = await send(client, url, _payload(model, prompt, max_tokens, ignore_eos), RequestTiming(len(prompt)))
+            done += 1
+            progress(done)
+            return timing
+
+        timings = await asyncio.gather(*(one(*request) for request in workload.requests))
+        return list(timings), time.perf_counter() - began
+
+
+def served_model(url: str, name: str | None = None) -> dict:
+    """The model object of `name` (default: the first) in `url`'s /v1/models: its `id`, and the
+    `vocab_size` and `max_model_len` extensions where the server adds them."""
+    import httpx
+
+    try:
+        response = httpx.get(f"{url}/v1/models", timeout=TIMEOUT_S, headers=_headers())
+        response.raise_for_status()
+        models = response.json()["data"]
+        if not all(isinstance(m["id"], str) for m in models):
+            raise TypeError("a model without a string id")
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+        raise TformerError(f"cannot list the models at {url}/v1/models ({one_line(exc)}); is it an OpenAI-compatible server?") from None
+    if not models:
+        raise TformerError(f"{url}/v1/models lists no model")
+    if name is None:
+        return models[0]
+    if name not in (m["id"] for m in models):
+        known = ", ".join(m["id"] for m in models)
+        raise TformerError(f"{url} serves no model named {name!r}; it serves: {known} (--model)")
+    return next(m for m in models if m["id"] == name)
+
+
+def benchmark_url(
+    url: str, settings: ServeSettings, progress: Callable[[str], None] = lambda _: None
+) -> tuple[list[ServeRecord], dict]:  # fmt: skip
+    """One HTTP run per rate against the server at `url`. Returns the records and what was used
+    of the server's model list (`url`, `model`, `vocab_size`, `vocab_from`)."""
+    url = url.rstrip("/")
+    info = served_model(url, settings.model)
+    vocab, vocab_from = next((v, f) for v, f in ((settings.vocab_size, "--vocab-size"), (info.get("vocab_size"), "server"),
+                                                 (DEFAULT_VOCAB, "default")) if v)  # fmt: skip
+    longest = settings.prompt_len[1] + settings.output_len[1]
+    if isinstance(info.get("max_model_len"), int) and longest > info["max_model_len"]:
+        raise TformerError(f"the longest request ({longest} tokens) exceeds the server's max_model_len of {info['max_model_len']}")
+    name = info["id"]
+    progress("checking the server with one request")
+    first = settings.workload(None, vocab).requests[:1]
+    check = asyncio.run(run_requests(url, name, Workload(first), ignore_eos=settings.ignore_eos))[0][0]
+    if not check.ok:
+        raise TformerError(f"the server failed a first test request: {check.error} (random prompt ids are below {vocab}: --vocab-size)")
+    records = []
+    for rate in settings.rates:
+
+        def note(done: int) -> None:
+            progress(f"HTTP, rate {rate_label(rate)}: {done}/{settings.num_prompts} requests done")
+
+        note(0)
+        timings, duration = asyncio.run(run_requests(url, name, settings.workload(rate, vocab), settings.max_concurrency,
+                                                     settings.ignore_eos, note))  # fmt: skip
+        counted = {"usage" if t.output_tokens is not None else "chunks" for t in timings if t.ok}
+        records.append(ServeRecord.of(HTTP, rate, settings, timings, duration, "+".join(sorted(counted)) or "-"))
+    return records, {"url": url, "model": name, "vocab_size": vocab, "vocab_from": vocab_from}
+
+
+def benchmark_offline(
+    backend: Backend, settings: ServeSettings, vocab_size: int, max_batch_size: int, progress: Callable[[str], None] = lambda _: None
+) -> list[ServeRecord]:  # fmt: skip
+    """The same runs through tformer's engine in-process (`max_batch_size` cache rows, as the
+    server's): the rows without HTTP. A warm-up batch first, as the server warms up."""
+    workloads = [settings.workload(rate, vocab_size) for rate in settings.rates]
+    engine = Engine(backend, max_batch_size, max(w.longest for w in workloads))
+    progress("offline engine: warm-up")
+    drive_workload(engine, Workload([(0.0, p, n) for _, p, n in workloads[0].requests[:max_batch_size]]))
+    records = []
+    for rate, workload in zip(settings.rates, workloads):
+        progress(f"offline engine, rate {rate_label(rate)}")
+        timings, duration = drive_workload(engine, workload, max_concurrency=settings.max_concurrency)
+        records.append(ServeRecord.of(OFFLINE, rate, settings, timings, duration, "engine"))
+    return records
+
+
+def benchmark_model(
+    model: str,
+    settings: ServeSettings,
+    nhead: int | None = None,
+    backend: str | None = None,
+    tokenizer: str | None = None,
+    max_batch_size: int = DEFAULT_BATCH,
+    offline: bool = False,
+    progress: Callable[[str], None] = lambda _: None,
+) -> tuple[list[ServeRecord], dict]:
+    """`benchmark_url` against `tformer serve MODEL` started for it (and stopped after), then, with
+    `offline`, the same runs through the engine in this process: never both at once, so that
+    neither takes the other's cores. Records per rate: the offline row, then the HTTP row."""
+    options = [*(["--nhead", str(nhead)] if nhead else []), *(["--backend", backend] if backend else []),
+               *(["--tokenizer", tokenizer] if tokenizer else []), *(["--model-name", settings.model] if settings.model else []),
+               "--max-batch-size", str(max_batch_size)]  # fmt: skip
+    progress("starting tformer serve")
+    with local_server(model, options) as url:
+        records, info = benchmark_url(url, settings, progress)
+    if offline:
+        progress("offline engine: loading")
+        runtime = load(model, backend, nhead=nhead, tokenizer=tokenizer)
+        rows = benchmark_offline(runtime.backend, settings, info["vocab_size"], max_batch_size, progress)
+        records = [r for pair in zip(rows, records) for r in pair]
+    return records, info
+
+
+def free_port() -> int:
+    """A local TCP port free right now (the OS picks it; another process could take it before the server does)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_server(model: str, options: Sequence[str] = (), timeout: float = SERVER_START_S) -> Iterator[str]:
+    """`tformer serve MODEL OPTIONS` on a free local port, in a process of its own; yields its URL
+    once GET /health answers 200, and stops it (SIGTERM, then SIGKILL after 30 s) afterwards."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "tformer", "serve", model, "--host", "127.0.0.1", "--port", str(port), *options]
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            _wait_ready(url, process, log, timeout)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _wait_ready(url: str, process: subprocess.Popen, log, timeout: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise TformerError(f"tformer serve exited with code {process.returncode} before it was ready: {_tail(log)}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        time.sleep(0.25)
+    raise TformerError(f"tformer serve was not ready after {timeout:.0f} s (GET {url}/health): {_tail(log)}")
+
+
+def _tail(log, lines: int = 3) -> str:
+    """The last lines the server printed, on one line."""
+    log.seek(0)
+    text = [line.strip() for line in log.read().decode(errors="replace").splitlines() if line.strip()]
+    return " | ".join(text[-lines:]) or "(it printed nothing)"

@@ -1,0 +1,1 @@
+"""`tformer serve`: an OpenAI-compatible HTTP server on the continuous-batching engine."""

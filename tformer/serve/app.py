@@ -1,0 +1,311 @@
+"""The HTTP app: OpenAI's completions and chat completions on tformer's engine, with SSE streaming.
+
+Every request's prompts become engine requests through `AsyncEngine` (one background thread steps
+the engine for every connection), so requests from all clients share the running batch. Text is
+built token by token with `StopText` (whole characters, cut at stop strings), exactly as
+`Runtime.generate` builds it, so a greedy completion over HTTP is the in-process one. A client that
+goes away mid-stream closes its generator, which aborts its requests: the rows are free at the next
+engine step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from tformer.engine.front import AsyncEngine
+from tformer.engine.request import check_prompt
+from tformer.errors import TformerError
+from tformer.runtime import Runtime
+from tformer.serve.metrics import Metrics
+from tformer.serve.protocol import APIError, Job, check_chat, check_completion
+from tformer.text import StopText
+
+PLAYGROUND = Path(__file__).with_name("playground.html")
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "abort": "abort"}  # engine reason -> OpenAI's
+
+
+@dataclass
+class Event:
+    """A piece of one choice's completion: its text and token ids, and its finish reason at the end."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+
+
+@dataclass
+class Totals:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    texts: dict[int, str] = field(default_factory=dict)
+    token_ids: dict[int, list[int]] = field(default_factory=dict)
+    finish: dict[int, str | None] = field(default_factory=dict)
+
+    def add(self, event: Event) -> None:
+        self.texts[event.index] = self.texts.get(event.index, "") + event.text
+        self.token_ids.setdefault(event.index, []).extend(event.token_ids)
+        self.completion_tokens += len(event.token_ids)
+        self.finish[event.index] = event.finish_reason
+
+    def usage(self) -> dict:
+        total = self.prompt_tokens + self.completion_tokens
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "total_tokens": total}
+
+
+class Server:
+    """The state behind the routes: the runtime, its engine's async front, metrics, readiness."""
+
+    def __init__(self, runtime: Runtime, model_name: str, max_waiting: int):
+        self.runtime = runtime
+        self.engine = runtime.engine
+        self.front = AsyncEngine(self.engine)
+        self.metrics = Metrics(self.engine)
+        self.model_name = model_name
+        self.max_waiting = max_waiting
+        self.draining = False
+
+    def prompts(self, job: Job) -> tuple[list[list[int]], list[str]]:
+        """Each prompt's ids (checked against the engine's limits) and its text for `echo`."""
+        tokenizer = self.runtime.tokenizer
+        if job.texts is not None and tokenizer is None:
+            raise APIError(400, "this model has no tokenizer: send 'prompt' as token ids", "prompt")
+        if job.stop and tokenizer is None:
+            raise APIError(400, "'stop' strings need a tokenizer, and this model has none", "stop")
+        ids = [tokenizer.encode(t) for t in job.texts] if job.texts is not None else job.ids
+        config, engine = self.runtime.config, self.engine
+        for i, prompt in enumerate(ids):
+            try:
+                check_prompt(prompt, job.params.max_new_tokens, config.vocab_size, engine.max_len, f"prompt {i}",
+                             "this server's max_len", "shorten the prompt or lower max_tokens")  # fmt: skip
+            except TformerError as exc:
+                raise APIError(400, str(exc), "prompt", "context_length_exceeded" if "exceeds" in str(exc) else None)
+        texts = job.texts or [tokenizer.decode(p) if tokenizer else "" for p in ids]
+        scheduler = engine.scheduler
+        if len(scheduler.waiting) + len(ids) > self.max_waiting + len(scheduler.free_rows):
+            self.metrics.requests.labels("rejected").inc()
+            raise APIError(503, f"the server is at capacity ({self.max_waiting} requests waiting); retry shortly",
+                           code="overloaded", kind="server_error")  # fmt: skip
+        return ids, texts
+
+    async def events(self, job: Job, ids: list[list[int]]) -> AsyncIterator[Event]:
+        """The events of every choice, interleaved as they come. Closing this generator (a client
+        gone) cancels every choice, which aborts its engine request."""
+        if len(ids) == 1:  # the usual request: no task and no second queue hop per token
+            async with contextlib.aclosing(self.choice(0, ids[0], job)) as events:
+                async for event in events:
+                    yield event
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(index: int, prompt: list[int]) -> None:
+            try:
+                async for event in self.choice(index, prompt, job):
+                    queue.put_nowait(event)
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer
+                queue.put_nowait(exc)
+            finally:
+                queue.put_nowait(done)
+
+        tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(ids)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                item = await queue.get()
+                if item is done:
+                    remaining -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def choice(self, index: int, prompt: list[int], job: Job) -> AsyncIterator[Event]:
+        """One prompt's completion as events, with its metrics recorded at the end."""
+        tokenizer = self.runtime.tokenizer
+        text = StopText(tokenizer, job.stop) if tokenizer is not None else None
+        eos = None if job.ignore_eos else self.runtime.eos_id
+        began, first, count, outcome = time.perf_counter(), None, 0, "abort"
+        outputs = self.front.generate(prompt, job.params, eos_id=eos)
+        self.metrics.prompt_tokens.inc(len(prompt))
+        try:
+            async for out in outputs:
+                if out.finish_reason == "error":
+                    outcome = "error"
+                    raise APIError(500, f"generation failed: {out.error}", kind="server_error")
+                token_ids = [out.token] if out.token is not None and out.token != eos else []
+                if token_ids:
+                    count += 1
+                    first = first or time.perf_counter()
+                    if text is not None:
+                        text.push(out.token)
+                reason = "stop" if text is not None and text.stopped else FINISH.get(out.finish_reason)
+                if text is not None and reason is not None:
+                    text.stopped = True  # the end: nothing more can complete a stop string
+                yield Event(index, text.ready() if text is not None else "", token_ids, reason)
+                if reason is not None:
+                    outcome = reason
+                    return  # closing `outputs` aborts the request if a stop string ended it early
+        finally:
+            await outputs.aclose()
+            self._record(outcome, began, first, count)
+
+    def _record(self, outcome: str, began: float, first: float | None, count: int) -> None:
+        m, now = self.metrics, time.perf_counter()
+        m.requests.labels(outcome).inc()
+        m.generation_tokens.inc(count)
+        if first is not None:
+            m.ttft.observe(first - began)
+            m.e2e.observe(now - began)
+            if count > 1:
+                m.tpot.observe((now - first) / (count - 1))
+
+
+def create_app(runtime: Runtime, model_name: str = "tformer", max_waiting: int = 64, api_key: str | None = None) -> FastAPI:
+    """The app for `runtime` (its engine sized already: `Runtime(..., max_batch_size, max_len)`).
+    `api_key`: every `/v1/*` call must send `Authorization: Bearer <api_key>`."""
+    server = Server(runtime, model_name, max_waiting)
+    app = FastAPI(title="tformer", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        if exc.status != 503 and exc.status < 500:
+            server.metrics.requests.labels("rejected").inc()
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    def authorized(request: Request) -> None:
+        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
+
+    @v1.get("/models")
+    async def models() -> dict:
+        card = {"id": model_name, "object": "model", "created": 0, "owned_by": "tformer",
+                "max_model_len": server.engine.max_len, "vocab_size": runtime.config.vocab_size}  # fmt: skip
+        return {"object": "list", "data": [card]}
+
+    @v1.post("/completions")
+    async def completions(request: Request) -> Response:
+        job = check_completion(await _json(request), model_name)
+        return await _answer(server, job, "text_completion", chat=False)
+
+    @v1.post("/chat/completions")
+    async def chat(request: Request) -> Response:
+        job = check_chat(await _json(request), model_name)
+        return await _answer(server, job, "chat.completion", chat=True)
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = not server.draining
+        return JSONResponse({"status": "ok" if ok else "draining"}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/")
+    async def playground() -> HTMLResponse:
+        return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"))
+
+    return app
+
+
+async def _json(request: Request) -> object:
+    try:
+        return json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the request body is not valid JSON ({exc})") from None
+
+
+async def _answer(server: Server, job: Job, kind: str, chat: bool) -> Response:
+    ids, texts = server.prompts(job)
+    totals = Totals(prompt_tokens=sum(map(len, ids)))
+    head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+            "model": server.model_name}  # fmt: skip
+    events = server.events(job, ids)
+    if not job.stream:
+        try:
+            async for event in events:
+                totals.add(event)
+        finally:
+            await events.aclose()
+        choices = [_choice(i, totals.texts.get(i, ""), totals.token_ids.get(i, []), totals.finish.get(i), chat,
+                           texts[i] if job.echo else "") for i in range(len(ids))]  # fmt: skip
+        return JSONResponse({**head, "object": kind, "choices": choices, "usage": totals.usage()})
+    try:
+        first = await anext(events)  # before the 200 goes out: an error here is still an error status
+    except StopAsyncIteration:
+        first = None
+    except BaseException:
+        await events.aclose()
+        raise
+    chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+    return StreamingResponse(_sse(events, first, totals, head | {"object": chunk_kind}, job, chat, texts),
+                             media_type="text/event-stream")  # fmt: skip
+
+
+async def _sse(events, first, totals: Totals, head: dict, job: Job, chat: bool, texts: list[str]) -> AsyncIterator[str]:
+    """OpenAI's stream: one chunk per event (chat opens each choice with its role), the usage
+    chunk when asked for, then `[DONE]`. An error after the first chunk is sent as an error event."""
+    usage = {"usage": None} if job.include_usage else {}
+
+    def chunk(choice: dict) -> str:
+        return f"data: {json.dumps({**head, 'choices': [choice], **usage})}\n\n"
+
+    try:
+        if chat:
+            for i in range(len(texts)):
+                yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None})  # fmt: skip
+        elif job.echo:
+            for i, text in enumerate(texts):
+                yield chunk(_choice(i, text, [], None, chat=False))
+        pending = [first] if first is not None else []
+        while True:
+            for event in pending:
+                totals.add(event)
+                yield chunk(_choice(event.index, event.text, event.token_ids, event.finish_reason, chat, delta=True))
+            try:
+                pending = [await anext(events)]
+            except StopAsyncIteration:
+                break
+    except APIError as exc:
+        yield f"data: {json.dumps(exc.body())}\n\n"
+        return
+    finally:
+        await events.aclose()
+    if job.include_usage:
+        yield f"data: {json.dumps({**head, 'choices': [], 'usage': totals.usage()})}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def _choice(index: int, text: str, token_ids: list[int], finish: str | None, chat: bool, echo: str = "",
+            delta: bool = False) -> dict:  # fmt: skip
+    """A choice (or a streamed chunk's choice), with tformer's `token_ids` extension: the ids behind
+    the text, so that clients of a model without a tokenizer see what was generated."""
+    if chat:
+        body = {"delta": {"content": text} if text or not finish else {}} if delta else {
+            "message": {"role": "assistant", "content": text}}  # fmt: skip
+    else:
+        body = {"text": echo + text}
+    return {"index": index, **body, "token_ids": token_ids, "logprobs": None, "finish_reason": finish}

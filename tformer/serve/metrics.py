@@ -1,0 +1,35 @@
+"""The server's Prometheus metrics, in a registry of its own (one per app, so that tests can run
+several servers in one process). Names follow vLLM's where there is one (`tformer:` prefix)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from tformer.engine import Engine
+
+# Latency buckets in seconds: from a CPU decode step (~1 ms) to a long request.
+LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    def __init__(self, engine: Engine):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("tformer:requests", "Requests by outcome: stop, length, abort (client gone), "
+                                "error (500), rejected (4xx/503).", ["outcome"], registry=r)  # fmt: skip
+        self.prompt_tokens = Counter("tformer:prompt_tokens", "Prompt tokens of admitted requests.", registry=r)
+        self.generation_tokens = Counter("tformer:generation_tokens", "Tokens generated.", registry=r)
+        self.ttft = Histogram("tformer:time_to_first_token_seconds", "Arrival to first token.", buckets=LATENCY,
+                              registry=r)  # fmt: skip
+        self.tpot = Histogram("tformer:time_per_output_token_seconds", "Per request, after its first token.",
+                              buckets=LATENCY, registry=r)  # fmt: skip
+        self.e2e = Histogram("tformer:e2e_request_latency_seconds", "Arrival to last token.", buckets=LATENCY,
+                             registry=r)  # fmt: skip
+        scheduler = engine.scheduler  # read at scrape time
+        Gauge("tformer:num_requests_running", "Requests holding a cache row.", registry=r).set_function(
+            lambda: len(scheduler.running))
+        Gauge("tformer:num_requests_waiting", "Requests waiting for a cache row.", registry=r).set_function(
+            lambda: len(scheduler.waiting))
+        Gauge("tformer:cache_rows_in_use", "KV cache rows in use.", registry=r).set_function(
+            lambda: engine.max_batch_size - len(scheduler.free_rows))
+        Gauge("tformer:cache_rows", "KV cache rows allocated.", registry=r).set(engine.max_batch_size)
