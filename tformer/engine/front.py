@@ -23,6 +23,10 @@ class AsyncEngine:
         self.engine = engine
         self._wake = threading.Event()
         self._stopping = False
+        # request id -> (its event loop, its queue). Outputs of one engine step are handed to each
+        # event loop in one call: one wake-up and one GIL hand-off per step, not per request.
+        self._listeners: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._listeners_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="tformer-engine", daemon=True)
         self._thread.start()
 
@@ -35,13 +39,10 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """The request's outputs as the engine produces them, the last with its finish reason.
         Input errors raise before the first output."""
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-
-        def deliver(output: RequestOutput) -> None:  # on the engine's thread
-            loop.call_soon_threadsafe(queue.put_nowait, output)
-
-        request_id = self.engine.add_request(prompt, params, eos_id, stop, on_output=deliver)
+        with self._listeners_lock:  # registered before the engine thread can hand out its outputs
+            request_id = self.engine.add_request(prompt, params, eos_id, stop)
+            self._listeners[request_id] = (asyncio.get_running_loop(), queue)
         self._wake.set()
         finished = False
         try:
@@ -50,6 +51,8 @@ class AsyncEngine:
                 finished = output.finished
                 yield output
         finally:
+            with self._listeners_lock:
+                self._listeners.pop(request_id, None)
             if not finished:  # the consumer went away: free the row
                 self.engine.abort(request_id)
                 self._wake.set()
@@ -64,9 +67,26 @@ class AsyncEngine:
         while not self._stopping:
             if self.engine.has_unfinished():
                 try:
-                    self.engine.step()
+                    self._hand_out(self.engine.step())
                 except Exception as exc:  # noqa: BLE001 - a bug in a step: fail its requests, keep serving
                     self.engine.fail_all(one_line(exc))
             else:
                 self._wake.wait()
                 self._wake.clear()
+
+    def _hand_out(self, outputs: list[RequestOutput]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        with self._listeners_lock:
+            for out in outputs:
+                if (listener := self._listeners.get(out.request_id)) is not None:
+                    by_loop.setdefault(listener[0], []).append((listener[1], out))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # that event loop has closed: nobody is listening any more
+                pass
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, output in batch:
+        queue.put_nowait(output)
