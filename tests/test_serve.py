@@ -243,6 +243,13 @@ def test_cli_serves_until_sigterm_then_exits_0(trained, tmp_path):
         assert wait_for(lambda: _up(url), 120), proc.stderr.read() if proc.poll() is not None else "no answer"
         r = client(url).completions.create(model="tiny", prompt="def ", max_tokens=5, temperature=0)
         assert r.choices[0].text == Runtime.from_model(model, tokenizer).generate("def ", max_new_tokens=5, temperature=0)[0]
+        # The CLI's engine runs in a process of its own: a disconnect reaches it as an abort too.
+        body = {"model": "tiny", "prompt": "def ", "max_tokens": 100, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response:
+            lines = response.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+        assert wait_for(lambda: metrics(url)["tformer:cache_rows_in_use"] == 0)
+        assert metrics(url)["tformer:requests_total{outcome=abort}"] == 1
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         err = proc.stderr.read()

@@ -25,7 +25,7 @@ from tformer.export.formats import FORMATS
 from tformer.export.onnx import DEFAULT_OPSET, OPSETS
 from tformer.files import check_writable, keep_compiled_kernels_in_store
 from tformer.model import TransformerLM
-from tformer.runtime import Runtime, load
+from tformer.runtime import load
 from tformer.tokenizer import Tokenizer
 from tformer.train import TrainConfig, default_corpus, read_corpus, train
 
@@ -352,22 +352,21 @@ def serve(model, backend, device, dtype, nhead, tokenizer, host, port, max_batch
     /v1/models), with /health, /metrics (Prometheus) and a playground page at /."""
     try:
         from tformer.serve.server import run
+        from tformer.serve.worker import EngineProcess, WorkerSpec
     except ImportError as exc:
         raise CliError(f"tformer serve needs {exc.name}: pip install 'tformer[serve]'") from None
     _check_port(host, port)
-    # On a 2-core CPU, torch's second thread took the core the event loop needed: streaming ITL
-    # over HTTP at 1 client was 2.2x the engine's with 2 threads, 1.4x with 1 (docs/benchmarks).
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
-    loaded = load(model, backend=backend, device=device, dtype=dtype, nhead=nhead, tokenizer=tokenizer)
-    runtime = Runtime(loaded.backend, loaded.tokenizer, max_batch_size, max_len or loaded.config.max_len)
-    engine = runtime.engine
-    prompt = min(128, engine.max_len // 2)  # compiling backends compile here, before the port opens
-    seconds = runtime.warmup((1, max_batch_size), prompt, min(128, engine.max_len - prompt))
+    # The engine runs in a process of its own (no lock shared with the HTTP side). On a 2-core CPU
+    # its torch threads leave one core to the HTTP side by default (docs/benchmarks).
+    spec = WorkerSpec(model, backend, device, dtype, nhead, tokenizer, max_batch_size, max_len,
+                      threads or max(1, (os.cpu_count() or 2) - 1))  # fmt: skip
+    engine = EngineProcess(spec)
+    s = engine.served
     name = model_name or Path(model).stem
-    click.echo(f"tformer serve: http://{host}:{port} | model '{name}' | {engine.backend.name} on {engine.backend.device} "
-               f"| cache {engine.cache_bytes / 2**20:.1f} MiB ({max_batch_size} rows x {engine.max_len} slots) "
-               f"| warm-up {seconds:.1f} s", err=True)  # fmt: skip
-    run(runtime, host, port, grace, model_name=name, max_waiting=max_waiting, api_key=api_key)
+    cache = f"cache {s.cache_bytes / 2**20:.1f} MiB" if s.cache_bytes is not None else "cache"
+    click.echo(f"tformer serve: http://{host}:{port} | model '{name}' | {s.backend} on {s.device} | {cache} "
+               f"({s.max_batch_size} rows x {s.max_len} slots) | warm-up {s.warmup_s:.1f} s", err=True)  # fmt: skip
+    run(engine, host, port, grace, model_name=name, max_waiting=max_waiting, api_key=api_key)
     click.echo("tformer serve: stopped", err=True)
 
 

@@ -29,6 +29,7 @@ from tformer.errors import TformerError
 from tformer.runtime import Runtime
 from tformer.serve.metrics import Metrics
 from tformer.serve.protocol import APIError, Job, check_chat, check_completion
+from tformer.serve.worker import EngineProcess, Served
 from tformer.text import StopText
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
@@ -65,35 +66,35 @@ class Totals:
 
 
 class Server:
-    """The state behind the routes: the runtime, its engine's async front, metrics, readiness."""
+    """The state behind the routes: what is served, the engine's async front (`AsyncEngine` on a
+    thread here, or `EngineProcess`), metrics, readiness."""
 
-    def __init__(self, runtime: Runtime, model_name: str, max_waiting: int):
-        self.runtime = runtime
-        self.engine = runtime.engine
-        self.front = AsyncEngine(self.engine)
-        self.metrics = Metrics(self.engine)
+    def __init__(self, front: AsyncEngine | EngineProcess, served: Served, model_name: str, max_waiting: int):
+        self.front = front
+        self.served = served
+        self.metrics = Metrics(front.stats, served.max_batch_size)
         self.model_name = model_name
         self.max_waiting = max_waiting
         self.draining = False
 
     def prompts(self, job: Job) -> tuple[list[list[int]], list[str]]:
         """Each prompt's ids (checked against the engine's limits) and its text for `echo`."""
-        tokenizer = self.runtime.tokenizer
+        tokenizer = self.served.tokenizer
         if job.texts is not None and tokenizer is None:
             raise APIError(400, "this model has no tokenizer: send 'prompt' as token ids", "prompt")
         if job.stop and tokenizer is None:
             raise APIError(400, "'stop' strings need a tokenizer, and this model has none", "stop")
         ids = [tokenizer.encode(t) for t in job.texts] if job.texts is not None else job.ids
-        config, engine = self.runtime.config, self.engine
+        served = self.served
         for i, prompt in enumerate(ids):
             try:
-                check_prompt(prompt, job.params.max_new_tokens, config.vocab_size, engine.max_len, f"prompt {i}",
+                check_prompt(prompt, job.params.max_new_tokens, served.config.vocab_size, served.max_len, f"prompt {i}",
                              "this server's max_len", "shorten the prompt or lower max_tokens")  # fmt: skip
             except TformerError as exc:
                 raise APIError(400, str(exc), "prompt", "context_length_exceeded" if "exceeds" in str(exc) else None)
         texts = job.texts or [tokenizer.decode(p) if tokenizer else "" for p in ids]
-        scheduler = engine.scheduler
-        if len(scheduler.waiting) + len(ids) > self.max_waiting + len(scheduler.free_rows):
+        _, waiting, in_use = self.front.stats()
+        if waiting + len(ids) > self.max_waiting + served.max_batch_size - in_use:
             self.metrics.requests.labels("rejected").inc()
             raise APIError(503, f"the server is at capacity ({self.max_waiting} requests waiting); retry shortly",
                            code="overloaded", kind="server_error")  # fmt: skip
@@ -137,9 +138,9 @@ class Server:
 
     async def choice(self, index: int, prompt: list[int], job: Job) -> AsyncIterator[Event]:
         """One prompt's completion as events, with its metrics recorded at the end."""
-        tokenizer = self.runtime.tokenizer
+        tokenizer = self.served.tokenizer
         text = StopText(tokenizer, job.stop) if tokenizer is not None else None
-        eos = None if job.ignore_eos else self.runtime.eos_id
+        eos = None if job.ignore_eos else self.served.eos_id
         began, first, count, outcome = time.perf_counter(), None, 0, "abort"
         outputs = self.front.generate(prompt, job.params, eos_id=eos)
         self.metrics.prompt_tokens.inc(len(prompt))
@@ -176,10 +177,15 @@ class Server:
                 m.tpot.observe((now - first) / (count - 1))
 
 
-def create_app(runtime: Runtime, model_name: str = "tformer", max_waiting: int = 64, api_key: str | None = None) -> FastAPI:
-    """The app for `runtime` (its engine sized already: `Runtime(..., max_batch_size, max_len)`).
+def create_app(source: Runtime | EngineProcess, model_name: str = "tformer", max_waiting: int = 64,
+               api_key: str | None = None) -> FastAPI:  # fmt: skip
+    """The app for `source`: a `Runtime` (its engine, sized already by `Runtime(..., max_batch_size,
+    max_len)`, steps on a thread of this process) or an `EngineProcess` (`tformer serve`).
     `api_key`: every `/v1/*` call must send `Authorization: Bearer <api_key>`."""
-    server = Server(runtime, model_name, max_waiting)
+    if isinstance(source, Runtime):
+        server = Server(AsyncEngine(source.engine), Served.of(source), model_name, max_waiting)
+    else:
+        server = Server(source, source.served, model_name, max_waiting)
     app = FastAPI(title="tformer", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
 
@@ -199,7 +205,7 @@ def create_app(runtime: Runtime, model_name: str = "tformer", max_waiting: int =
     @v1.get("/models")
     async def models() -> dict:
         card = {"id": model_name, "object": "model", "created": 0, "owned_by": "tformer",
-                "max_model_len": server.engine.max_len, "vocab_size": runtime.config.vocab_size}  # fmt: skip
+                "max_model_len": server.served.max_len, "vocab_size": server.served.config.vocab_size}  # fmt: skip
         return {"object": "list", "data": [card]}
 
     @v1.post("/completions")

@@ -3,16 +3,18 @@ several servers in one process). Names follow vLLM's where there is one (`tforme
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from tformer.engine import Engine
 
 # Latency buckets in seconds: from a CPU decode step (~1 ms) to a long request.
 LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class Metrics:
-    def __init__(self, engine: Engine):
+    def __init__(self, stats: Callable[[], tuple[int, int, int]], rows: int):
+        """`stats()`: requests running, requests waiting, cache rows in use (read at scrape time)."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("tformer:requests", "Requests by outcome: stop, length, abort (client gone), "
@@ -25,11 +27,9 @@ class Metrics:
                               buckets=LATENCY, registry=r)  # fmt: skip
         self.e2e = Histogram("tformer:e2e_request_latency_seconds", "Arrival to last token.", buckets=LATENCY,
                              registry=r)  # fmt: skip
-        scheduler = engine.scheduler  # read at scrape time
-        Gauge("tformer:num_requests_running", "Requests holding a cache row.", registry=r).set_function(
-            lambda: len(scheduler.running))
-        Gauge("tformer:num_requests_waiting", "Requests waiting for a cache row.", registry=r).set_function(
-            lambda: len(scheduler.waiting))
-        Gauge("tformer:cache_rows_in_use", "KV cache rows in use.", registry=r).set_function(
-            lambda: engine.max_batch_size - len(scheduler.free_rows))
-        Gauge("tformer:cache_rows", "KV cache rows allocated.", registry=r).set(engine.max_batch_size)
+        gauges = (("tformer:num_requests_running", "Requests holding a cache row."),
+                  ("tformer:num_requests_waiting", "Requests waiting for a cache row."),
+                  ("tformer:cache_rows_in_use", "KV cache rows in use."))  # fmt: skip
+        for i, (name, text) in enumerate(gauges):
+            Gauge(name, text, registry=r).set_function(lambda i=i: stats()[i])
+        Gauge("tformer:cache_rows", "KV cache rows allocated.", registry=r).set(rows)

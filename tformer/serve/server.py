@@ -12,6 +12,7 @@ import uvicorn
 
 from tformer.runtime import Runtime
 from tformer.serve.app import create_app
+from tformer.serve.worker import EngineProcess
 
 
 class _Server(uvicorn.Server):
@@ -25,12 +26,16 @@ class _Server(uvicorn.Server):
         self._captured_signals.clear()
 
 
-def run(runtime: Runtime, host: str, port: int, grace: float = 30.0, **app_options) -> None:
+def run(source: Runtime | EngineProcess, host: str, port: int, grace: float = 30.0, **app_options) -> None:
     """Serve until SIGTERM or Ctrl-C; then stop accepting, let in-flight requests finish for up to
-    `grace` seconds (the rest are cancelled, which aborts their engine requests) and return."""
-    app = create_app(runtime, **app_options)
+    `grace` seconds (the rest are cancelled, which aborts their engine requests), stop the engine
+    and return."""
+    app = create_app(source, **app_options)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace)
-    _Server(config).run()
+    try:
+        _Server(config).run()
+    finally:
+        app.state.server.front.shutdown()
 
 
 @contextlib.contextmanager

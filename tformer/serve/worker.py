@@ -1,0 +1,188 @@
+"""The engine in a process of its own, for `tformer serve`.
+
+In one process the engine thread and the event loop that streams tokens share one interpreter
+lock: each streamed chunk's ~100 us of Python (JSON, HTTP framing) is time the engine's own Python
+waits for, so every step gets slower as clients multiply (docs/benchmarks/2026-11-25-serve-cpu-2core.md).
+Here the engine runs in a child process with its own interpreter; the HTTP process sends it
+requests and aborts over a pipe, and it answers with one message per engine step holding every
+output of that step. `EngineProcess` offers `AsyncEngine`'s `generate`, so the app does not care
+which it has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import multiprocessing
+import threading
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tformer.config import ModelConfig
+from tformer.engine import RequestOutput, SamplingParams
+from tformer.engine.front import Listeners, outputs_of
+from tformer.errors import TformerError, one_line
+from tformer.runtime import Runtime, load
+from tformer.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What the child loads and how it sizes its engine (the options of `tformer serve`)."""
+
+    model: str
+    backend: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    nhead: int | None = None
+    tokenizer: str | None = None
+    max_batch_size: int = 16
+    max_len: int | None = None  # default: the model's context
+    threads: int = 1
+
+
+@dataclass(frozen=True)
+class Served:
+    """What the HTTP side knows of the served model and engine."""
+
+    config: ModelConfig
+    tokenizer: Tokenizer | None
+    eos_id: int | None
+    max_len: int
+    max_batch_size: int
+    cache_bytes: int | None
+    backend: str
+    device: str
+    warmup_s: float = 0.0
+
+    @classmethod
+    def of(cls, runtime: Runtime, warmup_s: float = 0.0) -> Served:
+        engine = runtime.engine
+        return cls(runtime.config, runtime.tokenizer, runtime.eos_id, engine.max_len, engine.max_batch_size,
+                   engine.cache_bytes, runtime.backend.name, str(runtime.backend.device), warmup_s)  # fmt: skip
+
+
+def build(spec: WorkerSpec) -> tuple[Runtime, Served]:
+    """Load the model, size its engine and warm it up (compiling backends compile here)."""
+    torch.set_num_threads(spec.threads)
+    loaded = load(spec.model, backend=spec.backend, device=spec.device, dtype=spec.dtype, nhead=spec.nhead,
+                  tokenizer=spec.tokenizer)  # fmt: skip
+    runtime = Runtime(loaded.backend, loaded.tokenizer, spec.max_batch_size, spec.max_len or loaded.config.max_len)
+    prompt = min(128, runtime.engine.max_len // 2)
+    seconds = runtime.warmup((1, spec.max_batch_size), prompt, min(128, runtime.engine.max_len - prompt))
+    return runtime, Served.of(runtime, seconds)
+
+
+class EngineProcess:
+    """An engine in a child process, driven like `AsyncEngine`: `generate` from any event loop."""
+
+    def __init__(self, spec: WorkerSpec, timeout: float = 600.0):
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_child, args=(child, spec), name="tformer-engine", daemon=True)
+        self._process.start()
+        child.close()
+        if not self._conn.poll(timeout):
+            self._process.kill()
+            raise TformerError(f"the engine process did not start within {timeout:.0f} s")
+        try:
+            kind, payload = self._conn.recv()
+        except EOFError:
+            raise TformerError(f"the engine process exited (code {self._process.exitcode}) while starting") from None
+        if kind == "failed":
+            raise TformerError(payload)
+        config, tokenizer, rest = payload
+        self.served = Served(ModelConfig.from_dict(config), Tokenizer.from_json(tokenizer) if tokenizer else None, **rest)
+        self._ids = itertools.count()
+        self.listeners = Listeners()
+        self._send_lock = threading.Lock()  # a pipe end is not safe to write from two threads at once
+        threading.Thread(target=self._read, name="tformer-engine-reader", daemon=True).start()
+
+    def generate(
+        self, prompt: Sequence[int], params: SamplingParams = SamplingParams(), eos_id: int | None = None,
+        stop: Sequence[Sequence[int]] = (),
+    ) -> AsyncIterator[RequestOutput]:  # fmt: skip
+        """The request's outputs as the child's engine produces them, the last with its reason."""
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        request_id = next(self._ids)
+        with self.listeners.lock:
+            self.listeners.add(request_id, queue)
+            self._send("add", (request_id, list(prompt), params, eos_id, [list(s) for s in stop]))
+        return outputs_of(request_id, queue, self.listeners, lambda rid: self._send("abort", rid))
+
+    def stats(self) -> tuple[int, int, int]:
+        """Requests running, waiting, cache rows in use: from the requests in flight (the child
+        admits them into free rows at its next step)."""
+        rows, in_flight = self.served.max_batch_size, len(self.listeners)
+        return min(in_flight, rows), max(0, in_flight - rows), min(in_flight, rows)
+
+    def shutdown(self) -> None:
+        self._send("stop", None)
+        self._process.join(timeout=10)
+        if self._process.is_alive():
+            self._process.kill()
+
+    def _send(self, kind: str, payload) -> None:
+        try:
+            with self._send_lock:
+                self._conn.send((kind, payload))
+        except OSError:  # the child is gone; the reader fails its requests
+            pass
+
+    def _read(self) -> None:
+        """Hand each step's outputs to the event loops waiting for them."""
+        while True:
+            try:
+                outputs = self._conn.recv()
+            except (EOFError, OSError):  # the child is gone: nothing more will come
+                self.listeners.hand_out([RequestOutput(i, None, "error", "the engine process exited")
+                                         for i in self.listeners.ids()])  # fmt: skip
+                return
+            self.listeners.hand_out(outputs)
+
+
+def _child(conn, spec: WorkerSpec) -> None:
+    """The child: build the engine, say so, then serve the pipe: requests in, one message per step out."""
+    try:
+        runtime, served = build(spec)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent as one line
+        conn.send(("failed", one_line(exc) if not isinstance(exc, TformerError) else str(exc)))
+        return
+    rest = {k: v for k, v in vars(served).items() if k not in ("config", "tokenizer")}
+    conn.send(("ready", (vars(served.config).copy(), served.tokenizer.to_json() if served.tokenizer else None, rest)))
+    engine = runtime.engine
+    ours: dict[int, int] = {}  # engine request id -> the parent's id
+    theirs: dict[int, int] = {}  # the parent's id -> engine request id
+    while True:
+        while conn.poll(0 if engine.has_unfinished() else None):
+            kind, payload = conn.recv()
+            if kind == "stop":
+                return
+            if kind == "add":
+                parent_id, prompt, params, eos_id, stop = payload
+                try:
+                    engine_id = engine.add_request(prompt, params, eos_id, stop)
+                except TformerError as exc:  # the parent checks first; a refusal is this request's error
+                    conn.send([RequestOutput(parent_id, None, "error", str(exc))])
+                    continue
+                ours[engine_id], theirs[parent_id] = parent_id, engine_id
+            elif kind == "abort" and (engine_id := theirs.pop(payload, None)) is not None:
+                engine.abort(engine_id)
+        try:
+            outputs = engine.step()
+        except Exception as exc:  # noqa: BLE001 - a bug in a step: fail its requests, keep serving
+            engine.fail_all(one_line(exc))
+            continue
+        sent = []
+        for out in outputs:
+            parent_id = ours.get(out.request_id)
+            if parent_id is None:
+                continue
+            sent.append(RequestOutput(parent_id, out.token, out.finish_reason, out.error))
+            if out.finished:
+                del ours[out.request_id]
+                theirs.pop(parent_id, None)
+        if sent:
+            conn.send(sent)
