@@ -59,14 +59,23 @@ def _put_all(batch: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
         queue.put_nowait(output)
 
 
-async def outputs_of(request_id: int, queue: asyncio.Queue, listeners: Listeners, abort) -> AsyncIterator[RequestOutput]:
-    """A registered request's outputs until its last; `abort(request_id)` if the consumer leaves first."""
+async def outputs_of(
+    request_id: int, queue: asyncio.Queue, listeners: Listeners, abort, batched: bool = False
+) -> AsyncIterator:
+    """A registered request's outputs until its last; `abort(request_id)` if the consumer leaves
+    first. `batched`: yield lists, each of every output waiting by then, so that a consumer that
+    fell behind (a server streaming to many clients) catches up in one go rather than one by one."""
     finished = False
     try:
         while not finished:
-            output = await queue.get()
-            finished = output.finished
-            yield output
+            batch = [await queue.get()]
+            while batched and not batch[-1].finished and not queue.empty():
+                batch.append(queue.get_nowait())
+            finished = batch[-1].finished
+            if batched:
+                yield batch
+            else:
+                yield batch[0]
     finally:
         listeners.remove(request_id)
         if not finished:  # the consumer went away: free the row
@@ -88,15 +97,17 @@ class AsyncEngine:
         params: SamplingParams = SamplingParams(),
         eos_id: int | None = None,
         stop: Sequence[Sequence[int]] = (),
-    ) -> AsyncIterator[RequestOutput]:
-        """The request's outputs as the engine produces them, the last with its finish reason.
-        Input errors raise here, before the first output. Call from a running event loop."""
+        batched: bool = False,
+    ) -> AsyncIterator:
+        """The request's outputs (`RequestOutput`) as the engine produces them, the last with its
+        finish reason; `batched`: lists of the outputs waiting (see `outputs_of`). Input errors
+        raise here, before the first output. Call from a running event loop."""
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         with self.listeners.lock:
             request_id = self.engine.add_request(prompt, params, eos_id, stop)
             self.listeners.add(request_id, queue)
         self._wake.set()
-        return outputs_of(request_id, queue, self.listeners, self._abort)
+        return outputs_of(request_id, queue, self.listeners, self._abort, batched)
 
     def stats(self) -> tuple[int, int, int]:
         """Requests running, requests waiting, cache rows in use."""

@@ -142,20 +142,25 @@ class Server:
         text = StopText(tokenizer, job.stop) if tokenizer is not None else None
         eos = None if job.ignore_eos else self.served.eos_id
         began, first, count, outcome = time.perf_counter(), None, 0, "abort"
-        outputs = self.front.generate(prompt, job.params, eos_id=eos)
+        outputs = self.front.generate(prompt, job.params, eos_id=eos, batched=True)
         self.metrics.prompt_tokens.inc(len(prompt))
         try:
-            async for out in outputs:
-                if out.finish_reason == "error":
-                    outcome = "error"
-                    raise APIError(500, f"generation failed: {out.error}", kind="server_error")
-                token_ids = [out.token] if out.token is not None and out.token != eos else []
+            async for batch in outputs:  # every output waiting: one chunk for all when this client lags
+                token_ids, reason = [], None
+                for out in batch:
+                    if out.finish_reason == "error":
+                        outcome = "error"
+                        raise APIError(500, f"generation failed: {out.error}", kind="server_error")
+                    if out.token is not None and out.token != eos:
+                        token_ids.append(out.token)
+                        if text is not None:
+                            text.push(out.token)
+                    reason = "stop" if text is not None and text.stopped else FINISH.get(out.finish_reason)
+                    if reason is not None:
+                        break
                 if token_ids:
-                    count += 1
+                    count += len(token_ids)
                     first = first or time.perf_counter()
-                    if text is not None:
-                        text.push(out.token)
-                reason = "stop" if text is not None and text.stopped else FINISH.get(out.finish_reason)
                 if text is not None and reason is not None:
                     text.stopped = True  # the end: nothing more can complete a stop string
                 yield Event(index, text.ready() if text is not None else "", token_ids, reason)

@@ -102,15 +102,16 @@ class EngineProcess:
 
     def generate(
         self, prompt: Sequence[int], params: SamplingParams = SamplingParams(), eos_id: int | None = None,
-        stop: Sequence[Sequence[int]] = (),
-    ) -> AsyncIterator[RequestOutput]:  # fmt: skip
-        """The request's outputs as the child's engine produces them, the last with its reason."""
+        stop: Sequence[Sequence[int]] = (), batched: bool = False,
+    ) -> AsyncIterator:  # fmt: skip
+        """The request's outputs as the child's engine produces them, the last with its reason
+        (`batched`: lists, as `AsyncEngine.generate`)."""
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         request_id = next(self._ids)
         with self.listeners.lock:
             self.listeners.add(request_id, queue)
             self._send("add", (request_id, list(prompt), params, eos_id, [list(s) for s in stop]))
-        return outputs_of(request_id, queue, self.listeners, lambda rid: self._send("abort", rid))
+        return outputs_of(request_id, queue, self.listeners, lambda rid: self._send("abort", rid), batched)
 
     def stats(self) -> tuple[int, int, int]:
         """Requests running, waiting, cache rows in use: from the requests in flight (the child
