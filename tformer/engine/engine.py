@@ -103,17 +103,14 @@ class Engine:
             request = self._requests.pop(request_id, None)
             if request is None:
                 return False
-            self.scheduler.finish(request, "abort")
-            self._aborted.append((request, RequestOutput(request.id, None, "abort")))
+            self._aborted.append(self._end(request, "abort"))
             return True
 
     def fail_all(self, error: str) -> None:
         """End every request with reason "error" (its output says `error`): what a server does when
         a step fails outside any backend call, so that no caller waits forever."""
         with self._lock:
-            for request in list(self._requests.values()):
-                self.scheduler.finish(request, "error")
-                self._aborted.append((request, RequestOutput(request.id, None, "error", error)))
+            self._aborted += [self._end(request, "error", error) for request in self._requests.values()]
             self._requests.clear()
 
     def has_unfinished(self) -> bool:
@@ -154,11 +151,13 @@ class Engine:
         try:
             return call(work)
         except Exception as exc:  # noqa: BLE001 - any backend failure, reported to its requests
-            error = one_line(exc)
-            for request in requests:
-                self.scheduler.finish(request, "error")
-                finished.append((request, RequestOutput(request.id, None, "error", error)))
+            finished += [self._end(request, "error", one_line(exc)) for request in requests]
             return None
+
+    def _end(self, request: Request, reason: str, error: str | None = None) -> tuple[Request, RequestOutput]:
+        """End `request` without a token (abort, error), freeing its row; its last output."""
+        self.scheduler.finish(request, reason)
+        return request, RequestOutput(request.id, None, reason, error)
 
     def _sample(self, logits: torch.Tensor, rows: list[tuple[int, Request]]) -> list[tuple[Request, RequestOutput]]:
         if not rows:

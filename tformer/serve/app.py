@@ -11,7 +11,6 @@ engine step.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 import uuid
@@ -95,7 +94,6 @@ class Server:
         texts = job.texts or [tokenizer.decode(p) if tokenizer else "" for p in ids]
         _, waiting, in_use = self.front.stats()
         if waiting + len(ids) > self.max_waiting + served.max_batch_size - in_use:
-            self.metrics.requests.labels("rejected").inc()
             raise APIError(503, f"the server is at capacity ({self.max_waiting} requests waiting); retry shortly",
                            code="overloaded", kind="server_error")  # fmt: skip
         return ids, texts
@@ -103,11 +101,6 @@ class Server:
     async def events(self, job: Job, ids: list[list[int]]) -> AsyncIterator[Event]:
         """The events of every choice, interleaved as they come. Closing this generator (a client
         gone) cancels every choice, which aborts its engine request."""
-        if len(ids) == 1:  # the usual request: no task and no second queue hop per token
-            async with contextlib.aclosing(self.choice(0, ids[0], job)) as events:
-                async for event in events:
-                    yield event
-            return
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
 
@@ -197,7 +190,7 @@ def create_app(source: Runtime | EngineProcess, model_name: str = "tformer", max
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
         headers = {"Retry-After": "1"} if exc.status == 503 else None
-        if exc.status != 503 and exc.status < 500:
+        if exc.status < 500 or exc.status == 503:  # refused before any generation
             server.metrics.requests.labels("rejected").inc()
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
