@@ -8,7 +8,6 @@ the batch, whenever it joins or leaves, a request's greedy tokens must be exactl
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import random
 
@@ -193,27 +192,38 @@ def test_static_batching_admits_only_into_an_empty_batch(trained):
 
 
 def test_async_front_serves_coroutines_and_threads_at_once(trained, workload):
-    """Coroutines on two event loops (one per thread) submit at once through one `AsyncEngine`;
-    every request streams exactly the tokens it gets alone, the last output with its reason."""
+    """Coroutines on two event loops (one per thread) submit at once through one `AsyncEngine`,
+    one prompt a submission on one loop, all five in one submission on the other; every request
+    streams exactly the tokens it gets alone, the last output with its reason."""
     model, _ = trained
     prompts, outputs, expected = workload
     front = AsyncEngine(Engine(Runtime.from_model(copy.deepcopy(model), device="cpu").backend, max_batch_size=4, max_len=192))
 
-    async def one(i: int) -> tuple[list[int], str | None]:
-        tokens, reason = [], None
-        async for out in front.generate(prompts[i], SamplingParams(max_new_tokens=outputs[i], temperature=0)):
-            tokens.append(out.token)
-            reason = out.finish_reason
-        return tokens, reason
+    async def tokens_of(stream) -> dict[int, tuple[list[int], str | None]]:
+        got = {i: ([], None) for i in stream.index.values()}
+        async for batch in stream:
+            for out in batch:
+                tokens, _ = got[stream.index[out.request_id]]
+                tokens.append(out.token)
+                got[stream.index[out.request_id]] = (tokens, out.finish_reason)
+        return got
 
-    async def several(first: int) -> list:
-        return await asyncio.gather(*(one(i) for i in range(first, first + 5)))
+    async def one_by_one() -> list:
+        streams = [front.submit([prompts[i]], SamplingParams(max_new_tokens=outputs[i], temperature=0)) for i in range(5)]
+        return [(await tokens_of(s))[0] for s in streams]
+
+    shortest = min(outputs[5:10])
+
+    async def all_at_once() -> list:
+        got = await tokens_of(front.submit(prompts[5:10], SamplingParams(max_new_tokens=shortest, temperature=0)))
+        return [got[i] for i in range(5)]
 
     try:
-        got = [r for part in at_once(lambda t: asyncio.run(several(5 * t)), 2) for r in part]
+        alone, together = at_once(lambda t: asyncio.run(all_at_once() if t else one_by_one()), 2)
     finally:
         front.shutdown()
-    assert got == [(expected[i], "length") for i in range(10)]
+    assert alone == [(expected[i], "length") for i in range(5)]
+    assert together == [(expected[i][:shortest], "length") for i in range(5, 10)]
 
 
 def test_async_consumer_that_stops_listening_aborts_its_request(trained):
@@ -225,14 +235,15 @@ def test_async_consumer_that_stops_listening_aborts_its_request(trained):
     long = SamplingParams(max_new_tokens=60, temperature=0)
 
     async def scenario() -> tuple[int, int]:
-        seen = 0
-        async with contextlib.aclosing(front.generate([1, 2, 3], long)) as outputs:
-            async for _ in outputs:
-                seen += 1
-                if seen == 2:
-                    break  # closing the generator aborts the request
-        short = [out.token async for out in front.generate([4, 5], SamplingParams(max_new_tokens=3, temperature=0))]
-        return seen, len(short)
+        seen, stream = 0, front.submit([[1, 2, 3]], long)
+        async for batch in stream:
+            seen += len(batch)
+            if seen >= 2:
+                break
+        await stream.aclose()  # the consumer leaves: its request is aborted
+        short = [out.token async for batch in front.submit([[4, 5]], SamplingParams(max_new_tokens=3, temperature=0))
+                 for out in batch]  # fmt: skip
+        return min(seen, 2), len(short)
 
     try:
         assert asyncio.run(asyncio.wait_for(scenario(), 60)) == (2, 3)  # the one row went to the second request

@@ -6,7 +6,6 @@ Bad input ends in one line, `Error: <problem and fix>`, and exit code 2; never a
 from __future__ import annotations
 
 import errno
-import os
 import re
 import socket
 import sys
@@ -344,8 +343,8 @@ def convert_cmd(model, nhead, tokenizer, output) -> None:
 @click.option("--model-name", help="The name clients pass as 'model' [default: MODEL's file name without its suffix].")
 @click.option("--grace", default=30.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds in-flight requests may finish after SIGTERM or Ctrl-C.")
-@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch [default: one fewer than the "
-              "machine's cores: the HTTP side (event loop, JSON, sockets) gets a core of its own].")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads of the engine's torch [default: torch's "
+              "own, one per core: on a 2-core CPU leaving a core to the HTTP side measured slower (docs/benchmarks)].")
 def serve(model, backend, device, dtype, nhead, tokenizer, host, port, max_batch_size, max_len, max_waiting, api_key,
           model_name, grace, threads) -> None:  # fmt: skip
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
@@ -356,10 +355,8 @@ def serve(model, backend, device, dtype, nhead, tokenizer, host, port, max_batch
     except ImportError as exc:
         raise CliError(f"tformer serve needs {exc.name}: pip install 'tformer[serve]'") from None
     _check_port(host, port)
-    # The engine runs in a process of its own (no lock shared with the HTTP side). On a 2-core CPU
-    # its torch threads leave one core to the HTTP side by default (docs/benchmarks).
-    spec = WorkerSpec(model, backend, device, dtype, nhead, tokenizer, max_batch_size, max_len,
-                      threads or max(1, (os.cpu_count() or 2) - 1))  # fmt: skip
+    # The engine runs in a process of its own (no interpreter lock shared with the HTTP side).
+    spec = WorkerSpec(model, backend, device, dtype, nhead, tokenizer, max_batch_size, max_len, threads)
     engine = EngineProcess(spec)
     s = engine.served
     name = model_name or Path(model).stem

@@ -316,7 +316,7 @@ def serve(model, url, model_name, num_prompts, request_rate, prompt_len, output_
     as a bearer token.
     """
     from tformer.bench.report import print_serve_table, write_serve_plot
-    from tformer.bench.serve import ServeSettings, benchmark_model, benchmark_url, parse_rates, rate_label, require_httpx
+    from tformer.bench.serve import ServeSettings, benchmark_model, benchmark_url, parse_rates, rate_label, require_aiohttp
     from tformer.bench.throughput import parse_range
 
     if (model is None) == (url is None):
@@ -324,7 +324,7 @@ def serve(model, url, model_name, num_prompts, request_rate, prompt_len, output_
     local_only = dict(offline=offline, nhead=nhead, backend=backend, tokenizer=tokenizer)
     if url and any(local_only.values()):
         raise CliError(f"--{next(k for k, v in local_only.items() if v)} needs MODEL: it configures the server tformer-bench starts")
-    require_httpx()
+    require_aiohttp()
     if plot_path:
         require_matplotlib()
     settings = ServeSettings(parse_rates(request_rate), num_prompts, parse_range(prompt_len, "--prompt-len"),

@@ -1,21 +1,22 @@
-"""The asynchronous front of the engine, for servers: `async for output in front.generate(...)`.
+"""The asynchronous front of the engine, for servers: `async for batch in front.submit(prompts)`.
 
 One background thread steps the engine while any request is unfinished and sleeps otherwise.
-Coroutines on any event loop (and threads) submit requests; each request's outputs reach its
-coroutine through an asyncio queue, handed over thread-safely. A coroutine that stops listening
-(a client that disconnects) aborts its request, whose row is then free at the next step.
+Coroutines on any event loop (and threads) submit requests, one per prompt; the outputs of one
+submission reach its coroutine through one asyncio queue, handed over thread-safely, once per
+engine step for every request of that event loop. A coroutine that stops listening (a client that
+disconnects) closes its stream, which aborts its requests: their rows are free at the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Callable, Sequence
 
 from tformer.engine.engine import Engine
 from tformer.engine.request import RequestOutput
 from tformer.engine.sampling import SamplingParams
-from tformer.errors import one_line
+from tformer.errors import TformerError, one_line
 
 
 class Listeners:
@@ -33,9 +34,10 @@ class Listeners:
         """Call with `lock` held."""
         self._waiting[request_id] = (asyncio.get_running_loop(), queue)
 
-    def remove(self, request_id: int) -> None:
+    def remove(self, request_ids: list[int]) -> None:
         with self.lock:
-            self._waiting.pop(request_id, None)
+            for request_id in request_ids:
+                self._waiting.pop(request_id, None)
 
     def ids(self) -> list[int]:
         with self.lock:
@@ -59,27 +61,45 @@ def _put_all(batch: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
         queue.put_nowait(output)
 
 
-async def outputs_of(
-    request_id: int, queue: asyncio.Queue, listeners: Listeners, abort, batched: bool = False
-) -> AsyncIterator:
-    """A registered request's outputs until its last; `abort(request_id)` if the consumer leaves
-    first. `batched`: yield lists, each of every output waiting by then, so that a consumer that
-    fell behind (a server streaming to many clients) catches up in one go rather than one by one."""
-    finished = False
-    try:
-        while not finished:
-            batch = [await queue.get()]
-            while batched and not batch[-1].finished and not queue.empty():
-                batch.append(queue.get_nowait())
-            finished = batch[-1].finished
-            if batched:
-                yield batch
-            else:
-                yield batch[0]
-    finally:
-        listeners.remove(request_id)
-        if not finished:  # the consumer went away: free the row
-            abort(request_id)
+class Stream:
+    """The outputs of one submission's requests (one per prompt, registered on one queue), as they
+    come: `async for batch in stream` gives lists of every output waiting by then, so a consumer
+    that fell behind (a server streaming to many clients) catches up in one go, and a request of
+    many prompts costs one wake-up per step, not one per prompt. `index[request_id]` is the
+    request's prompt index. `aclose()` (a consumer that leaves first) aborts what is unfinished;
+    `abort(request_id)` ends one request early (a stop string)."""
+
+    def __init__(self, ids: list[int], queue: asyncio.Queue, listeners: Listeners, abort: Callable[[int], None]):
+        self.index = {request_id: i for i, request_id in enumerate(ids)}
+        self._unfinished = set(ids)
+        self._queue, self._listeners, self._abort = queue, listeners, abort
+
+    def __aiter__(self) -> Stream:
+        return self
+
+    async def __anext__(self) -> list[RequestOutput]:
+        if not self._unfinished:
+            raise StopAsyncIteration
+        queue = self._queue
+        batch = [await queue.get()]
+        while not queue.empty():
+            batch.append(queue.get_nowait())
+        if finished := [out.request_id for out in batch if out.finished]:
+            self._unfinished.difference_update(finished)
+            self._listeners.remove(finished)
+        return batch
+
+    def abort(self, request_id: int) -> None:
+        if request_id in self._unfinished:
+            self._unfinished.discard(request_id)
+            self._listeners.remove([request_id])
+            self._abort(request_id)
+
+    async def aclose(self) -> None:
+        self._listeners.remove(list(self.index))
+        for request_id in self._unfinished:
+            self._abort(request_id)
+        self._unfinished.clear()
 
 
 class AsyncEngine:
@@ -91,23 +111,30 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._loop, name="tformer-engine", daemon=True)
         self._thread.start()
 
-    def generate(
+    def submit(
         self,
-        prompt: Sequence[int],
+        prompts: Sequence[Sequence[int]],
         params: SamplingParams = SamplingParams(),
         eos_id: int | None = None,
         stop: Sequence[Sequence[int]] = (),
-        batched: bool = False,
-    ) -> AsyncIterator:
-        """The request's outputs (`RequestOutput`) as the engine produces them, the last with its
-        finish reason; `batched`: lists of the outputs waiting (see `outputs_of`). Input errors
-        raise here, before the first output. Call from a running event loop."""
+    ) -> Stream:
+        """Queue one request per prompt; their outputs (`RequestOutput`) as the engine produces
+        them, the last of each with its finish reason (see `Stream`). Input errors raise here,
+        before any request is queued. Call from a running event loop."""
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        ids: list[int] = []
         with self.listeners.lock:
-            request_id = self.engine.add_request(prompt, params, eos_id, stop)
-            self.listeners.add(request_id, queue)
+            try:
+                for prompt in prompts:
+                    ids.append(self.engine.add_request(prompt, params, eos_id, stop))
+            except TformerError:
+                for request_id in ids:
+                    self.engine.abort(request_id)
+                raise
+            for request_id in ids:
+                self.listeners.add(request_id, queue)
         self._wake.set()
-        return outputs_of(request_id, queue, self.listeners, self._abort, batched)
+        return Stream(ids, queue, self.listeners, self._abort)
 
     def stats(self) -> tuple[int, int, int]:
         """Requests running, requests waiting, cache rows in use."""

@@ -5,7 +5,7 @@ lock: each streamed chunk's ~100 us of Python (JSON, HTTP framing) is time the e
 waits for, so every step gets slower as clients multiply (docs/benchmarks/2026-11-25-serve-cpu-2core.md).
 Here the engine runs in a child process with its own interpreter; the HTTP process sends it
 requests and aborts over a pipe, and it answers with one message per engine step holding every
-output of that step. `EngineProcess` offers `AsyncEngine`'s `generate`, so the app does not care
+output of that step. `EngineProcess` offers `AsyncEngine`'s `submit`, so the app does not care
 which it has.
 """
 
@@ -15,14 +15,14 @@ import asyncio
 import itertools
 import multiprocessing
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from tformer.config import ModelConfig
 from tformer.engine import RequestOutput, SamplingParams
-from tformer.engine.front import Listeners, outputs_of
+from tformer.engine.front import Listeners, Stream
 from tformer.errors import TformerError, one_line
 from tformer.runtime import Runtime, load
 from tformer.tokenizer import Tokenizer
@@ -40,7 +40,7 @@ class WorkerSpec:
     tokenizer: str | None = None
     max_batch_size: int = 16
     max_len: int | None = None  # default: the model's context
-    threads: int = 1
+    threads: int | None = None  # torch's CPU threads; None: torch's own choice (one per core)
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,8 @@ class Served:
 
 def build(spec: WorkerSpec) -> tuple[Runtime, Served]:
     """Load the model, size its engine and warm it up (compiling backends compile here)."""
-    torch.set_num_threads(spec.threads)
+    if spec.threads is not None:
+        torch.set_num_threads(spec.threads)
     loaded = load(spec.model, backend=spec.backend, device=spec.device, dtype=spec.dtype, nhead=spec.nhead,
                   tokenizer=spec.tokenizer)  # fmt: skip
     runtime = Runtime(loaded.backend, loaded.tokenizer, spec.max_batch_size, spec.max_len or loaded.config.max_len)
@@ -76,7 +77,7 @@ def build(spec: WorkerSpec) -> tuple[Runtime, Served]:
 
 
 class EngineProcess:
-    """An engine in a child process, driven like `AsyncEngine`: `generate` from any event loop."""
+    """An engine in a child process, driven like `AsyncEngine`: `submit` from any event loop."""
 
     def __init__(self, spec: WorkerSpec, timeout: float = 600.0):
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads
@@ -100,18 +101,20 @@ class EngineProcess:
         self._send_lock = threading.Lock()  # a pipe end is not safe to write from two threads at once
         threading.Thread(target=self._read, name="tformer-engine-reader", daemon=True).start()
 
-    def generate(
-        self, prompt: Sequence[int], params: SamplingParams = SamplingParams(), eos_id: int | None = None,
-        stop: Sequence[Sequence[int]] = (), batched: bool = False,
-    ) -> AsyncIterator:  # fmt: skip
-        """The request's outputs as the child's engine produces them, the last with its reason
-        (`batched`: lists, as `AsyncEngine.generate`)."""
+    def submit(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams = SamplingParams(), eos_id: int | None = None,
+        stop: Sequence[Sequence[int]] = (),
+    ) -> Stream:  # fmt: skip
+        """One request per prompt, their outputs as the child's engine produces them (as
+        `AsyncEngine.submit`; the HTTP side has checked the prompts against the engine's limits)."""
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        request_id = next(self._ids)
+        ids = [next(self._ids) for _ in prompts]
+        stop = [list(s) for s in stop]
         with self.listeners.lock:
-            self.listeners.add(request_id, queue)
-            self._send("add", (request_id, list(prompt), params, eos_id, [list(s) for s in stop]))
-        return outputs_of(request_id, queue, self.listeners, lambda rid: self._send("abort", rid), batched)
+            for request_id in ids:
+                self.listeners.add(request_id, queue)
+            self._send("add", [(i, list(prompt), params, eos_id, stop) for i, prompt in zip(ids, prompts)])
+        return Stream(ids, queue, self.listeners, lambda request_id: self._send("abort", request_id))
 
     def stats(self) -> tuple[int, int, int]:
         """Requests running, waiting, cache rows in use: from the requests in flight (the child
@@ -162,13 +165,13 @@ def _child(conn, spec: WorkerSpec) -> None:
             if kind == "stop":
                 return
             if kind == "add":
-                parent_id, prompt, params, eos_id, stop = payload
-                try:
-                    engine_id = engine.add_request(prompt, params, eos_id, stop)
-                except TformerError as exc:  # the parent checks first; a refusal is this request's error
-                    conn.send([RequestOutput(parent_id, None, "error", str(exc))])
-                    continue
-                ours[engine_id], theirs[parent_id] = parent_id, engine_id
+                for parent_id, prompt, params, eos_id, stop in payload:
+                    try:
+                        engine_id = engine.add_request(prompt, params, eos_id, stop)
+                    except TformerError as exc:  # the parent checks first; a refusal is this request's error
+                        conn.send([RequestOutput(parent_id, None, "error", str(exc))])
+                        continue
+                    ours[engine_id], theirs[parent_id] = parent_id, engine_id
             elif kind == "abort" and (engine_id := theirs.pop(payload, None)) is not None:
                 engine.abort(engine_id)
         try:
