@@ -370,6 +370,8 @@ def serve(model, backend, device, dtype, nhead, tokenizer, host, port, max_batch
 def _check_port(host: str, port: int) -> None:
     """One line for a port that is taken, before minutes of loading and warming up."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        # As uvicorn binds: connections of a server just stopped (TIME_WAIT) do not hold the port.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:

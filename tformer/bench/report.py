@@ -140,19 +140,23 @@ def print_throughput_table(records: Sequence[ThroughputRecord], title: str, cons
         console.print(f"skipped {', '.join(rows)}: {escape(reason)}")
 
 
-def print_serve_table(records: Sequence[ServeRecord], title: str, console: Console | None = None) -> None:
-    """One row per run (request rate; HTTP or the offline engine); latencies as mean / p50 / p99 in
-    ms; failed requests' first errors below the table."""
-    console = console or Console(width=max(Console().width, 170))
+def print_serve_table(records: Sequence[ServeRecord], title: str, against: Sequence[dict] = (),
+                      console: Console | None = None) -> None:  # fmt: skip
+    """One row per run (request rate; HTTP or the offline engine; the round, when there are
+    several); latencies as mean / p50 / p99 in ms; failed requests' first errors below the table,
+    then `against` (`serve.ratios`: HTTP over the offline engine)."""
+    console = console or Console(width=max(Console().width, 190))
     table = Table(title=title, title_justify="left")
-    headers = ("run", "rate req/s", "done/failed", "req/s", "output tok/s", "total tok/s", "TTFT ms mean/p50/p99",
-               "TPOT ms mean/p50/p99", "ITL ms mean/p50/p99", "E2EL ms mean/p50/p99")  # fmt: skip
+    rounds = len({r.round for r in records}) > 1
+    headers = ("run", *(["round"] if rounds else []), "rate req/s", "done/failed", "req/s", "output tok/s", "total tok/s",
+               "TTFT ms mean/p50/p99", "TPOT ms mean/p50/p99", "ITL ms mean/p50/p99", "E2EL ms mean/p50/p99")  # fmt: skip
     for h in headers:
         table.add_column(h, justify="left" if h == "run" else "right")
     for r in records:
-        table.add_row(r.run, rate_label(r.rate), f"{r.completed}/{r.failed}", _num(r.request_throughput),
-                      _num(r.output_throughput), _num(r.total_token_throughput), _triple(r.ttft_ms), _triple(r.tpot_ms),
-                      _triple(r.itl_ms), _triple(r.e2el_ms), style="red" if r.flagged else None)  # fmt: skip
+        table.add_row(r.run, *([str(r.round + 1)] if rounds else []), rate_label(r.rate), f"{r.completed}/{r.failed}",
+                      _num(r.request_throughput), _num(r.output_throughput), _num(r.total_token_throughput),
+                      _triple(r.ttft_ms), _triple(r.tpot_ms), _triple(r.itl_ms), _triple(r.e2el_ms),
+                      style="red" if r.flagged else None)  # fmt: skip
     console.print(table)
     for r in records:
         for error in r.errors:
@@ -160,6 +164,14 @@ def print_serve_table(records: Sequence[ServeRecord], title: str, console: Conso
     sources = {r.output_tokens_from for r in records if r.run != OFFLINE}
     if sources:
         console.print(f"output tokens counted from: {', '.join(sorted(sources))} (usage: the server's count; chunks: streamed text chunks)")
+    for a in against:
+        itl = a["itl_p50"]
+        console.print(f"rate {rate_label(a['rate'])}, HTTP / offline engine over {a['rounds']} round(s), median (min-max): "
+                      f"output tok/s {_spread(a['output_throughput'])}, ITL p50 {_spread(itl) if itl else '-'}")  # fmt: skip
+
+
+def _spread(s: dict[str, float]) -> str:
+    return f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
 
 
 def _triple(figures: dict[str, float] | None) -> str:

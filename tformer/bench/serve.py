@@ -28,7 +28,10 @@ from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import torch
+
 from tformer.bench.latency import RequestTiming, serving_metrics
+from tformer.bench.stats import Spread
 from tformer.bench.throughput import Workload, drive_workload
 from tformer.backends.base import Backend
 from tformer.engine import Engine
@@ -89,10 +92,13 @@ class ServeRecord:
     itl_ms: dict[str, float] | None
     e2el_ms: dict[str, float] | None
 
+    round: int = 0  # which round of the run (`--repeats`)
+
     @classmethod
     def of(cls, run: str, rate: float | None, settings: ServeSettings, timings: Sequence[RequestTiming],
-           duration: float, source: str) -> ServeRecord:  # fmt: skip
-        return cls(run, rate, settings.max_concurrency, len(timings), source, **serving_metrics(timings, duration))
+           duration: float, source: str, round_: int = 0) -> ServeRecord:  # fmt: skip
+        return cls(run, rate, settings.max_concurrency, len(timings), source, **serving_metrics(timings, duration),
+                   round=round_)  # fmt: skip
 
     @property
     def flagged(self) -> bool:
@@ -263,11 +269,9 @@ def served_model(url: str, name: str | None = None) -> dict:
     return next(m for m in models if m["id"] == name)
 
 
-def benchmark_url(
-    url: str, settings: ServeSettings, progress: Callable[[str], None] = lambda _: None
-) -> tuple[list[ServeRecord], dict]:  # fmt: skip
-    """One HTTP run per rate against the server at `url`. Returns the records and what was used
-    of the server's model list (`url`, `model`, `vocab_size`, `vocab_from`)."""
+def connect(url: str, settings: ServeSettings, progress: Callable[[str], None] = lambda _: None) -> dict:
+    """What the runs need of the server at `url`, checked with one request first: `url`, `model`
+    (its name there), `vocab_size` (random prompt ids stay below it) and `vocab_from`."""
     url = url.rstrip("/")
     info = served_model(url, settings.model)
     vocab, vocab_from = next((v, f) for v, f in ((settings.vocab_size, "--vocab-size"), (info.get("vocab_size"), "server"),
@@ -275,41 +279,53 @@ def benchmark_url(
     longest = settings.prompt_len[1] + settings.output_len[1]
     if isinstance(info.get("max_model_len"), int) and longest > info["max_model_len"]:
         raise TformerError(f"the longest request ({longest} tokens) exceeds the server's max_model_len of {info['max_model_len']}")
-    name = info["id"]
     progress("checking the server with one request")
     first = settings.workload(None, vocab).requests[:1]
-    check = _run(run_requests(url, name, Workload(first), ignore_eos=settings.ignore_eos))[0][0]
+    check = _run(run_requests(url, info["id"], Workload(first), ignore_eos=settings.ignore_eos))[0][0]
     if not check.ok:
         raise TformerError(f"the server failed a first test request: {check.error} (random prompt ids are below {vocab}: --vocab-size)")
-    records = []
-    for rate in settings.rates:
-
-        def note(done: int) -> None:
-            progress(f"HTTP, rate {rate_label(rate)}: {done}/{settings.num_prompts} requests done")
-
-        note(0)
-        timings, duration = _run(run_requests(url, name, settings.workload(rate, vocab), settings.max_concurrency,
-                                                     settings.ignore_eos, note))  # fmt: skip
-        counted = {"usage" if t.output_tokens is not None else "chunks" for t in timings if t.ok}
-        records.append(ServeRecord.of(HTTP, rate, settings, timings, duration, "+".join(sorted(counted)) or "-"))
-    return records, {"url": url, "model": name, "vocab_size": vocab, "vocab_from": vocab_from}
+    return {"url": url, "model": info["id"], "vocab_size": vocab, "vocab_from": vocab_from}
 
 
-def benchmark_offline(
-    backend: Backend, settings: ServeSettings, vocab_size: int, max_batch_size: int, progress: Callable[[str], None] = lambda _: None
-) -> list[ServeRecord]:  # fmt: skip
-    """The same runs through tformer's engine in-process (`max_batch_size` cache rows, as the
-    server's): the rows without HTTP. A warm-up batch first, as the server warms up."""
+def run_http(server: dict, settings: ServeSettings, rate: float | None, round_: int = 0,
+             progress: Callable[[str], None] = lambda _: None) -> ServeRecord:  # fmt: skip
+    """One run of the workload at `rate` against the server that `connect` checked."""
+
+    def note(done: int) -> None:
+        progress(f"round {round_ + 1}, HTTP, rate {rate_label(rate)}: {done}/{settings.num_prompts} requests done")
+
+    note(0)
+    workload = settings.workload(rate, server["vocab_size"])
+    timings, duration = _run(run_requests(server["url"], server["model"], workload, settings.max_concurrency,
+                                          settings.ignore_eos, note))  # fmt: skip
+    counted = {"usage" if t.output_tokens is not None else "chunks" for t in timings if t.ok}
+    return ServeRecord.of(HTTP, rate, settings, timings, duration, "+".join(sorted(counted)) or "-", round_)
+
+
+def offline_engine(backend: Backend, settings: ServeSettings, vocab_size: int, max_batch_size: int) -> Engine:
+    """An engine in this process sized as the server's (`max_batch_size` rows), warmed up with a
+    batch of the workload as the server warms up: the runs without HTTP."""
     workloads = [settings.workload(rate, vocab_size) for rate in settings.rates]
     engine = Engine(backend, max_batch_size, max(w.longest for w in workloads))
-    progress("offline engine: warm-up")
     drive_workload(engine, Workload([(0.0, p, n) for _, p, n in workloads[0].requests[:max_batch_size]]))
-    records = []
-    for rate, workload in zip(settings.rates, workloads):
-        progress(f"offline engine, rate {rate_label(rate)}")
-        timings, duration = drive_workload(engine, workload, max_concurrency=settings.max_concurrency)
-        records.append(ServeRecord.of(OFFLINE, rate, settings, timings, duration, "engine"))
-    return records
+    return engine
+
+
+def run_offline(engine: Engine, settings: ServeSettings, rate: float | None, vocab_size: int, round_: int = 0,
+                progress: Callable[[str], None] = lambda _: None) -> ServeRecord:  # fmt: skip
+    """One run of the workload at `rate` through `engine` in this process."""
+    progress(f"round {round_ + 1}, offline engine, rate {rate_label(rate)}")
+    timings, duration = drive_workload(engine, settings.workload(rate, vocab_size), max_concurrency=settings.max_concurrency)
+    return ServeRecord.of(OFFLINE, rate, settings, timings, duration, "engine", round_)
+
+
+def benchmark_url(
+    url: str, settings: ServeSettings, progress: Callable[[str], None] = lambda _: None, repeats: int = 1
+) -> tuple[list[ServeRecord], dict]:  # fmt: skip
+    """`repeats` rounds of one HTTP run per rate against the server at `url`. Returns the records
+    and what `connect` found of the server."""
+    server = connect(url, settings, progress)
+    return [run_http(server, settings, rate, r, progress) for r in range(repeats) for rate in settings.rates], server
 
 
 def benchmark_model(
@@ -321,22 +337,56 @@ def benchmark_model(
     max_batch_size: int = DEFAULT_BATCH,
     offline: bool = False,
     progress: Callable[[str], None] = lambda _: None,
+    repeats: int = 1,
+    threads: int | None = None,
 ) -> tuple[list[ServeRecord], dict]:
-    """`benchmark_url` against `tformer serve MODEL` started for it (and stopped after), then, with
-    `offline`, the same runs through the engine in this process: never both at once, so that
-    neither takes the other's cores. Records per rate: the offline row, then the HTTP row."""
+    """`repeats` rounds against `tformer serve MODEL` started for them (and stopped after); with
+    `offline`, each round also runs the same workload through the engine in this process, the
+    two never at once (the idle server takes no CPU), in alternating order, so that a noisy spell
+    of the machine costs both kinds of run alike. `threads`: torch threads of the server's engine
+    and of the offline one (default: torch's own). Records per round and rate: the offline row
+    and the HTTP row."""
     options = [*(["--nhead", str(nhead)] if nhead else []), *(["--backend", backend] if backend else []),
                *(["--tokenizer", tokenizer] if tokenizer else []), *(["--model-name", settings.model] if settings.model else []),
-               "--max-batch-size", str(max_batch_size)]  # fmt: skip
+               *(["--threads", str(threads)] if threads else []), "--max-batch-size", str(max_batch_size)]  # fmt: skip
     progress("starting tformer serve")
     with local_server(model, options) as url:
-        records, info = benchmark_url(url, settings, progress)
-    if offline:
-        progress("offline engine: loading")
-        runtime = load(model, backend, nhead=nhead, tokenizer=tokenizer)
-        rows = benchmark_offline(runtime.backend, settings, info["vocab_size"], max_batch_size, progress)
-        records = [r for pair in zip(rows, records) for r in pair]
-    return records, info
+        server = connect(url, settings, progress)
+        engine = None
+        if offline:
+            progress("offline engine: loading and warming up")
+            if threads:
+                torch.set_num_threads(threads)
+            runtime = load(model, backend, nhead=nhead, tokenizer=tokenizer)
+            engine = offline_engine(runtime.backend, settings, server["vocab_size"], max_batch_size)
+        records = []
+        for r in range(repeats):
+            for rate in settings.rates:
+                runs = [lambda: run_http(server, settings, rate, r, progress)]
+                if engine is not None:
+                    runs.append(lambda: run_offline(engine, settings, rate, server["vocab_size"], r, progress))
+                pair = [run() for run in (runs[::-1] if r % 2 else runs)]  # which runs first alternates
+                records += sorted(pair, key=lambda record: record.run != OFFLINE)
+    return records, server
+
+
+def ratios(records: Sequence[ServeRecord]) -> list[dict]:
+    """Per request rate with both kinds of run: HTTP's output tokens/s and ITL p50 over the
+    offline engine's, per round, as median, min and max over the rounds (`Spread`)."""
+    out = []
+    for rate in dict.fromkeys(r.rate for r in records):
+        pairs = {}
+        for r in records:
+            if r.rate == rate:
+                pairs.setdefault(r.round, {})[r.run] = r
+        both = [p for p in pairs.values() if len(p) == 2 and p[OFFLINE].output_throughput > 0]
+        if not both:
+            continue
+        tok = [p[HTTP].output_throughput / p[OFFLINE].output_throughput for p in both]
+        itl = [p[HTTP].itl_ms["p50"] / p[OFFLINE].itl_ms["p50"] for p in both if p[HTTP].itl_ms and p[OFFLINE].itl_ms]
+        out.append({"rate": rate, "rounds": len(both), "output_throughput": vars(Spread.of(tok)),
+                    "itl_p50": vars(Spread.of(itl)) if itl else None})  # fmt: skip
+    return out
 
 
 def free_port() -> int:

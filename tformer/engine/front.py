@@ -49,7 +49,14 @@ class Listeners:
             for out in outputs:
                 if (listener := self._waiting.get(out.request_id)) is not None:
                     by_loop.setdefault(listener[0], []).append((listener[1], out))
+        try:  # the loop itself, when it reads the engine's pipe (EngineProcess); else the engine's thread
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
         for loop, batch in by_loop.items():
+            if loop is running:
+                _put_all(batch)
+                continue
             try:
                 loop.call_soon_threadsafe(_put_all, batch)
             except RuntimeError:  # that event loop has closed: nobody is listening any more
