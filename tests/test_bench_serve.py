@@ -13,9 +13,10 @@ from click.testing import CliRunner
 
 from tformer.bench.cli import main as bench
 from tformer.bench.latency import RequestTiming, serving_metrics
-from tformer.bench.serve import (ServeSettings, benchmark_url, feed, free_port, local_server, parse_rates, run_requests,
-                                 send)  # fmt: skip
+from tformer.bench.serve import (HTTP, OFFLINE, ServeSettings, benchmark_model, benchmark_url, feed, free_port,
+                                 local_server, parse_rates, ratios, run_requests, send)  # fmt: skip
 from tformer.bench.throughput import Workload, drive_workload
+from tformer.checkpoint import save_checkpoint
 from tformer.engine import Engine
 from tformer.errors import TformerError
 from tformer.runtime import Runtime
@@ -177,3 +178,20 @@ def test_load_generator_against_tformer_serve(trained, tmp_path):
     assert (record["completed"], record["failed"], record["total_output_tokens"]) == (6, 0, 30)
     assert record["ttft_ms"]["p50"] <= record["e2el_ms"]["p50"] and record["output_tokens_from"] in ("usage", "chunks")
     assert saved["meta"]["served_model"] == "tiny" and saved["meta"]["versions"]["torch"]
+
+
+def test_rounds_alternate_http_and_the_offline_engine_and_give_their_ratios(trained, tmp_path):
+    """`--offline --repeats 2` against a `tformer serve` it starts: per round an offline row and an
+    HTTP row of the same workload, both complete; the ratios of each round's pair, summarised."""
+    model, tokenizer = trained
+    save_checkpoint(tmp_path / "tiny.safetensors", model, tokenizer)
+    settings = ServeSettings((None,), 4, (4, 8), (3, 5), seed=2, max_concurrency=2)
+    records, info = benchmark_model(str(tmp_path / "tiny.safetensors"), settings, max_batch_size=2, offline=True,
+                                    repeats=2, threads=1)  # fmt: skip
+    assert [(r.run, r.round) for r in records] == [(OFFLINE, 0), (HTTP, 0), (OFFLINE, 1), (HTTP, 1)]
+    assert all((r.completed, r.failed) == (4, 0) for r in records)
+    assert len({r.total_output_tokens for r in records}) == 1  # the same workload each time
+    (ratio,) = ratios(records)
+    pairs = [records[i + 1].output_throughput / records[i].output_throughput for i in (0, 2)]
+    assert ratio["rounds"] == 2 and ratio["output_throughput"]["min"] == pytest.approx(min(pairs))
+    assert ratio["itl_p50"]["median"] > 0

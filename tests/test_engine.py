@@ -16,7 +16,8 @@ import torch
 
 from conftest import at_once
 from tformer.engine import Engine, SamplingParams
-from tformer.engine.front import AsyncEngine
+from tformer.engine.front import AsyncEngine, Coalescer
+from tformer.engine.request import RequestOutput
 from tformer.errors import TformerError
 from tformer.reference import TransformerModel, generate_full_recompute
 from tformer.runtime import Runtime
@@ -250,3 +251,16 @@ def test_async_consumer_that_stops_listening_aborts_its_request(trained):
         assert not engine.has_unfinished()
     finally:
         front.shutdown()
+
+
+def test_coalescer_sends_the_first_token_at_once_then_groups_and_flushes_at_the_end():
+    """`--stream-interval 3`: a request's first token goes at once, then its tokens three at a
+    time; an ending (finished or aborted) sends whatever is held with it; interval 1 holds nothing."""
+    out = RequestOutput
+    steps = [[out(1, 10), out(2, 20)], [out(1, 11), out(2, 21)], [out(1, 12), out(2, None, "abort")],
+             [out(1, 13)], [out(1, 14)], [out(1, 15, "length")]]  # fmt: skip
+    coalesce = Coalescer(3)
+    sent = [coalesce(step) for step in steps]
+    assert sent == [[out(1, 10), out(2, 20)], [], [out(2, 21), out(2, None, "abort")],
+                    [out(1, 11), out(1, 12), out(1, 13)], [], [out(1, 14), out(1, 15, "length")]]  # fmt: skip
+    assert [Coalescer(1)(step) for step in steps] == steps

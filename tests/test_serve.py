@@ -105,6 +105,21 @@ def test_sixteen_concurrent_streams_each_get_their_own_text(served):
     assert asyncio.run(all_at_once()) == want
 
 
+def test_stream_interval_groups_tokens_into_fewer_chunks_with_the_same_text(runtime):
+    """A server with stream_interval 3 (`tformer serve --stream-interval 3`): tokens come at least
+    three to a chunk after the first (more when the client lags: it gets every group waiting), and
+    the text is the in-process text."""
+    sized = Runtime(runtime.backend, runtime.tokenizer, max_batch_size=4, max_len=256)
+    want = sized.generate(PROMPTS[0], max_new_tokens=20, temperature=0)[0]
+    body = {"model": NAME, "prompt": PROMPTS[0], "max_tokens": 20, "temperature": 0, "stream": True}
+    with serve_in_thread(sized, model_name=NAME, stream_interval=3) as url:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response:
+            events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    counts = [len(e["choices"][0]["token_ids"]) for e in events]
+    assert sum(counts) >= 10 and len(counts) <= 1 + -(-(sum(counts) - 1) // 3)  # ceil: the first token, then groups of 3
+    assert "".join(e["choices"][0]["text"] for e in events) == want
+
+
 def wait_for(predicate, seconds: float = 20.0) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:

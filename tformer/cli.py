@@ -345,8 +345,11 @@ def convert_cmd(model, nhead, tokenizer, output) -> None:
               help="Seconds in-flight requests may finish after SIGTERM or Ctrl-C.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads of the engine's torch [default: torch's "
               "own, one per core: on a 2-core CPU leaving a core to the HTTP side measured slower (docs/benchmarks)].")
+@click.option("--stream-interval", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Tokens of a request streamed together in one chunk (its first token goes at once): fewer chunks "
+                   "cost the server less CPU under many streams, at a coarser stream (vLLM's --stream-interval).")
 def serve(model, backend, device, dtype, nhead, tokenizer, host, port, max_batch_size, max_len, max_waiting, api_key,
-          model_name, grace, threads) -> None:  # fmt: skip
+          model_name, grace, threads, stream_interval) -> None:  # fmt: skip
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
     /v1/models), with /health, /metrics (Prometheus) and a playground page at /."""
     try:
@@ -356,7 +359,7 @@ def serve(model, backend, device, dtype, nhead, tokenizer, host, port, max_batch
         raise CliError(f"tformer serve needs {exc.name}: pip install 'tformer[serve]'") from None
     _check_port(host, port)
     # The engine runs in a process of its own (no interpreter lock shared with the HTTP side).
-    spec = WorkerSpec(model, backend, device, dtype, nhead, tokenizer, max_batch_size, max_len, threads)
+    spec = WorkerSpec(model, backend, device, dtype, nhead, tokenizer, max_batch_size, max_len, threads, stream_interval)
     engine = EngineProcess(spec)
     s = engine.served
     name = model_name or Path(model).stem

@@ -301,6 +301,8 @@ def throughput(model, nhead, backends, count, prompt_len, output_len, batch_size
                    "given as median (min-max) over the rounds.")  # fmt: skip
 @click.option("--threads", type=click.IntRange(min=1),
               help="MODEL only: torch threads of the server's engine and of the offline one [default: torch's own].")
+@click.option("--stream-interval", type=click.IntRange(min=1),
+              help="MODEL only: the server's --stream-interval (tokens per streamed chunk) [default: 1].")
 @click.option("--nhead", type=click.IntRange(min=1), help="MODEL only: head count; required for a tutorial state_dict (.pt).")
 @click.option("--backend", type=click.Choice(list(BACKENDS)), help=f"MODEL only: the backend to serve with [default: {REFERENCE}].")
 @click.option("--tokenizer", type=click.Path(dir_okay=False), help="MODEL only: a tokenizer.json for the server (decodes its output).")
@@ -309,7 +311,8 @@ def throughput(model, nhead, backends, count, prompt_len, output_len, batch_size
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every record, the settings and versions as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Plot TTFT and TPOT p50/p99 against request rate (PNG).")
 def serve(model, url, model_name, num_prompts, request_rate, prompt_len, output_len, seed, max_concurrency, vocab_size,
-          ignore_eos, offline, repeats, threads, nhead, backend, tokenizer, max_batch_size, json_path, plot_path) -> None:  # fmt: skip
+          ignore_eos, offline, repeats, threads, stream_interval, nhead, backend, tokenizer, max_batch_size, json_path,
+          plot_path) -> None:  # fmt: skip
     """Load-test an OpenAI-compatible server (vLLM `bench serve` style): MODEL starts `tformer
     serve MODEL` on a free local port for the runs; --url measures a server already running.
 
@@ -327,7 +330,8 @@ def serve(model, url, model_name, num_prompts, request_rate, prompt_len, output_
 
     if (model is None) == (url is None):
         raise CliError("give MODEL (to start tformer serve) or --url (a running server), exactly one")
-    local_only = dict(offline=offline, nhead=nhead, backend=backend, tokenizer=tokenizer, threads=threads)
+    local_only = dict(offline=offline, nhead=nhead, backend=backend, tokenizer=tokenizer, threads=threads,
+                      stream_interval=stream_interval)
     if url and any(local_only.values()):
         raise CliError(f"--{next(k for k, v in local_only.items() if v)} needs MODEL: it configures the server tformer-bench starts")
     require_aiohttp()
@@ -342,7 +346,7 @@ def serve(model, url, model_name, num_prompts, request_rate, prompt_len, output_
             records, server = benchmark_url(url, settings, note, repeats)
         else:
             records, server = benchmark_model(model, settings, nhead, backend, tokenizer, max_batch_size, offline, note,
-                                              repeats, threads)  # fmt: skip
+                                              repeats, threads, stream_interval or 1)  # fmt: skip
     title = (f"{model or server['url']}: model {server['model']} | {num_prompts} requests, prompts {prompt_len}, outputs "
              f"{output_len}, rates {','.join(map(rate_label, settings.rates))} req/s, max concurrency "
              f"{max_concurrency or 'none'}, random ids below {server['vocab_size']} ({server['vocab_from']})")  # fmt: skip
@@ -351,8 +355,8 @@ def serve(model, url, model_name, num_prompts, request_rate, prompt_len, output_
     meta = dict(model=model, url=server["url"], served_model=server["model"], vocab_size=server["vocab_size"],
                 vocab_from=server["vocab_from"], num_prompts=num_prompts, request_rates=list(settings.rates),
                 prompt_len=settings.prompt_len, output_len=settings.output_len, seed=seed, max_concurrency=max_concurrency,
-                ignore_eos=ignore_eos, offline=offline, repeats=repeats, threads=threads, http_over_offline=against,
-                backend=backend, max_batch_size=max_batch_size if model else None,
+                ignore_eos=ignore_eos, offline=offline, repeats=repeats, threads=threads, stream_interval=stream_interval,
+                http_over_offline=against, backend=backend, max_batch_size=max_batch_size if model else None,
                 versions=versions(), platform=platform.platform(), python=platform.python_version(),
                 seconds=round(time.perf_counter() - began, 1), command=_command_line())  # fmt: skip
     if json_path:

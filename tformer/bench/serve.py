@@ -339,16 +339,18 @@ def benchmark_model(
     progress: Callable[[str], None] = lambda _: None,
     repeats: int = 1,
     threads: int | None = None,
+    stream_interval: int = 1,
 ) -> tuple[list[ServeRecord], dict]:
     """`repeats` rounds against `tformer serve MODEL` started for them (and stopped after); with
     `offline`, each round also runs the same workload through the engine in this process, the
     two never at once (the idle server takes no CPU), in alternating order, so that a noisy spell
     of the machine costs both kinds of run alike. `threads`: torch threads of the server's engine
-    and of the offline one (default: torch's own). Records per round and rate: the offline row
-    and the HTTP row."""
+    and of the offline one (default: torch's own); `stream_interval`: the server's. Records per
+    round and rate: the offline row and the HTTP row."""
     options = [*(["--nhead", str(nhead)] if nhead else []), *(["--backend", backend] if backend else []),
                *(["--tokenizer", tokenizer] if tokenizer else []), *(["--model-name", settings.model] if settings.model else []),
-               *(["--threads", str(threads)] if threads else []), "--max-batch-size", str(max_batch_size)]  # fmt: skip
+               *(["--threads", str(threads)] if threads else []), "--stream-interval", str(stream_interval),
+               "--max-batch-size", str(max_batch_size)]  # fmt: skip
     progress("starting tformer serve")
     with local_server(model, options) as url:
         server = connect(url, settings, progress)

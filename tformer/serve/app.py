@@ -176,12 +176,13 @@ class Server:
 
 
 def create_app(source: Runtime | EngineProcess, model_name: str = "tformer", max_waiting: int = 64,
-               api_key: str | None = None) -> FastAPI:  # fmt: skip
+               api_key: str | None = None, stream_interval: int = 1) -> FastAPI:  # fmt: skip
     """The app for `source`: a `Runtime` (its engine, sized already by `Runtime(..., max_batch_size,
     max_len)`, steps on a thread of this process) or an `EngineProcess` (`tformer serve`).
-    `api_key`: every `/v1/*` call must send `Authorization: Bearer <api_key>`."""
+    `api_key`: every `/v1/*` call must send `Authorization: Bearer <api_key>`. `stream_interval`:
+    tokens per streamed chunk for a `Runtime` (an `EngineProcess` has its own, in its spec)."""
     if isinstance(source, Runtime):
-        server = Server(AsyncEngine(source.engine), Served.of(source), model_name, max_waiting)
+        server = Server(AsyncEngine(source.engine, stream_interval), Served.of(source), model_name, max_waiting)
     else:
         server = Server(source, source.served, model_name, max_waiting)
     app = FastAPI(title="tformer", docs_url=None, redoc_url=None, openapi_url=None)
@@ -328,7 +329,7 @@ async def _sse(events, first, totals: Totals, head: dict, job: Job, chat: bool, 
         step = first or []
         while True:
             for event in step:
-                totals.add(event)
+                totals.completion_tokens += len(event.token_ids)  # the stream needs only the count
             if pieces := opening + [chunk(_choice(e.index, e.text, e.token_ids, e.finish_reason, chat, delta=True))
                                     for e in step]:  # fmt: skip
                 yield "".join(pieces).encode()

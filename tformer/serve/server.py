@@ -45,7 +45,7 @@ def serve_in_thread(
     """A real server for `runtime` on a free port of 127.0.0.1, in a background thread; yields its
     base URL (`http://127.0.0.1:PORT`) once it accepts connections, and stops it on exit.
     `max_batch_size`, `max_len`: size its engine (else the runtime's own sizing);
-    `app_options`: those of `create_app` (model_name, max_waiting, api_key)."""
+    `app_options`: those of `create_app` (model_name, max_waiting, api_key, stream_interval)."""
     if max_batch_size is not None or max_len is not None:
         runtime = Runtime(runtime.backend, runtime.tokenizer, max_batch_size, max_len)
     app = create_app(runtime, **app_options)

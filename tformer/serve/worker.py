@@ -22,7 +22,7 @@ import torch
 
 from tformer.config import ModelConfig
 from tformer.engine import RequestOutput, SamplingParams
-from tformer.engine.front import Listeners, Stream
+from tformer.engine.front import Coalescer, Listeners, Stream
 from tformer.errors import TformerError, one_line
 from tformer.runtime import Runtime, load
 from tformer.tokenizer import Tokenizer
@@ -41,6 +41,7 @@ class WorkerSpec:
     max_batch_size: int = 16
     max_len: int | None = None  # default: the model's context
     threads: int | None = None  # torch's CPU threads; None: torch's own choice (one per core)
+    stream_interval: int = 1  # tokens of a request sent to the HTTP side together (see `Coalescer`)
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,7 @@ def _child(conn, spec: WorkerSpec) -> None:
         return
     rest = {k: v for k, v in vars(served).items() if k not in ("config", "tokenizer")}
     conn.send(("ready", (vars(served.config).copy(), served.tokenizer.to_json() if served.tokenizer else None, rest)))
-    engine = runtime.engine
+    engine, coalesce = runtime.engine, Coalescer(spec.stream_interval)
     ours: dict[int, int] = {}  # engine request id -> the parent's id
     theirs: dict[int, int] = {}  # the parent's id -> engine request id
     while True:
@@ -194,7 +195,7 @@ def _child(conn, spec: WorkerSpec) -> None:
             engine.fail_all(one_line(exc))
             continue
         sent = []
-        for out in outputs:
+        for out in coalesce(outputs):
             parent_id = ours.get(out.request_id)
             if parent_id is None:
                 continue
