@@ -264,3 +264,36 @@ def test_coalescer_sends_the_first_token_at_once_then_groups_and_flushes_at_the_
     assert sent == [[out(1, 10), out(2, 20)], [], [out(2, 21), out(2, None, "abort")],
                     [out(1, 11), out(1, 12), out(1, 13)], [], [out(1, 14), out(1, 15, "length")]]  # fmt: skip
     assert [Coalescer(1)(step) for step in steps] == steps
+
+
+def test_adapted_threads_run_small_steps_on_one_thread_and_give_the_same_tokens(trained):
+    """`Engine.adapt_threads` (tformer serve's engine process): a step below `PARALLEL_MACS` runs on
+    one torch thread, a larger one on the threads torch had; the tokens do not change."""
+    from tformer.engine.runner import PARALLEL_MACS
+
+    model, _ = trained
+    backend = Runtime.from_model(copy.deepcopy(model), device="cpu").backend
+    c = backend.config
+    per_token = c.n_layers * (4 * c.d_model**2 + 2 * c.d_model * c.d_ff) + c.d_model * c.vocab_size
+    prompts = [[(7 * i + j) % c.vocab_size for j in range(100)] for i in range(4)]  # their prefill is one large step
+    assert 400 * per_token >= PARALLEL_MACS and 4 * per_token < PARALLEL_MACS  # a decode of 4 rows is small
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        plain = Engine(backend, max_batch_size=4, max_len=128)
+        adapted = Engine(backend, max_batch_size=4, max_len=128)
+        adapted.adapt_threads()
+        got = {}
+        for name, engine in (("plain", plain), ("adapted", adapted)):
+            ids = [engine.add_request(p, SamplingParams(max_new_tokens=5, temperature=0)) for p in prompts]
+            tokens, threads = {i: [] for i in ids}, []
+            while engine.has_unfinished():
+                for o in engine.step():
+                    tokens[o.request_id].append(o.token)
+                threads.append(torch.get_num_threads())
+            got[name] = list(tokens.values()), threads
+        assert got["adapted"][0] == got["plain"][0] and all(len(t) == 5 for t in got["plain"][0])
+        assert got["adapted"][1][0] == 2 and set(got["adapted"][1][1:]) == {1}  # the prefill, then 4-row decodes
+        assert set(got["plain"][1]) == {2}
+    finally:
+        torch.set_num_threads(before)

@@ -74,6 +74,7 @@ def build(spec: WorkerSpec) -> tuple[Runtime, Served]:
     runtime = Runtime(loaded.backend, loaded.tokenizer, spec.max_batch_size, spec.max_len or loaded.config.max_len)
     prompt = min(128, runtime.engine.max_len // 2)
     seconds = runtime.warmup((1, spec.max_batch_size), prompt, min(128, runtime.engine.max_len - prompt))
+    runtime.engine.adapt_threads()  # this process is the engine's
     return runtime, Served.of(runtime, seconds)
 
 
