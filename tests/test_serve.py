@@ -370,3 +370,15 @@ def test_playground_streams_a_completion_in_a_real_browser(served):
              for key in ("prompt-echo", "completion")}  # fmt: skip
     assert shown == {"prompt-echo": "def ", "completion": want}
     assert re.search(r'<div id="stats">done: \d+ tokens in', dom)
+
+
+def test_ray_without_ray_installed_is_one_line(trained, tmp_path):
+    """`tformer serve --ray` where Ray cannot be imported: one line naming the extra, exit 2."""
+    model, tokenizer = trained
+    save_checkpoint(tmp_path / "m.safetensors", model, tokenizer)
+    (tmp_path / "noray" / "ray").mkdir(parents=True)
+    (tmp_path / "noray" / "ray" / "__init__.py").write_text("raise ImportError(\"No module named 'ray'\", name='ray')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "noray"), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "tformer.cli", "serve", str(tmp_path / "m.safetensors"), "--ray"],
+                       capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    assert r.returncode == 2 and r.stderr == "Error: tformer serve --ray needs Ray Serve: pip install 'tformer[ray]'\n"

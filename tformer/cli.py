@@ -348,25 +348,91 @@ def convert_cmd(model, nhead, tokenizer, output) -> None:
 @click.option("--stream-interval", default=1, show_default=True, type=click.IntRange(min=1),
               help="Tokens of a request streamed together in one chunk (its first token goes at once): fewer chunks "
                    "cost the server less CPU under many streams, at a coarser stream (vLLM's --stream-interval).")
+@click.option("--ray", "on_ray", is_flag=True, help="Deploy on Ray Serve: replicas of this server (one engine each) "
+              "behind Ray's proxy at --host:--port, on a local Ray instance or the cluster at --ray-address.")
+@click.option("--replicas", type=click.IntRange(min=1), help="--ray: a fixed number of replicas [default: 1].")
+@click.option("--min-replicas", type=click.IntRange(min=0), help="--ray: autoscale, at least this many replicas.")
+@click.option("--max-replicas", type=click.IntRange(min=1), help="--ray: autoscale, at most this many replicas.")
+@click.option("--target-ongoing-requests", type=click.FloatRange(min=0, min_open=True),
+              help="--ray: autoscaling keeps about this many requests in flight per replica [default: --max-batch-size].")
+@click.option("--ray-address", help="--ray: the cluster to join ('auto': the one this node is in; 'ray://HEAD:10001') "
+              "[default: start a local Ray instance].")
+@click.option("--num-gpus-per-replica", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="--ray: GPUs Ray reserves for each replica (fractions share one GPU).")
+@click.option("--print-config", is_flag=True, help="--ray: print the equivalent Ray Serve config file (YAML, for "
+              "'serve deploy') and exit.")
 def serve(model, backend, device, dtype, nhead, tokenizer, host, port, max_batch_size, max_len, max_waiting, api_key,
-          model_name, grace, threads, stream_interval) -> None:  # fmt: skip
+          model_name, grace, threads, stream_interval, on_ray, replicas, min_replicas, max_replicas,
+          target_ongoing_requests, ray_address, num_gpus_per_replica, print_config) -> None:  # fmt: skip
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
-    /v1/models), with /health, /metrics (Prometheus) and a playground page at /."""
+    /v1/models), with /health, /metrics (Prometheus) and a playground page at /; with --ray, as
+    replicas on Ray Serve."""
     try:
         from tformer.serve.server import run
         from tformer.serve.worker import EngineProcess, WorkerSpec
     except ImportError as exc:
         raise CliError(f"tformer serve needs {exc.name}: pip install 'tformer[serve]'") from None
+    name = model_name or Path(model).stem
+    ray_only = dict(replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas, ray_address=ray_address,
+                    target_ongoing_requests=target_ongoing_requests, print_config=print_config,
+                    num_gpus_per_replica=num_gpus_per_replica)  # fmt: skip
+    if not on_ray:
+        if given := next((k for k, v in ray_only.items() if v), None):
+            raise CliError(f"--{given.replace('_', '-')} needs --ray")
+    else:
+        # Each replica's engine takes --threads cores (default 1), and Ray reserves that many for it. Paths that
+        # exist here are made absolute: replicas (and `serve deploy`) do not start in this directory.
+        local = {k: str(Path(v).resolve()) if v and Path(v).exists() else v for k, v in (("model", model), ("tokenizer", tokenizer))}
+        spec = WorkerSpec(local["model"], backend, device, dtype, nhead, local["tokenizer"], max_batch_size, max_len,
+                          threads or 1, stream_interval)  # fmt: skip
+        _serve_on_ray(spec, name, max_waiting, api_key, host, port, grace, **ray_only)
+        return
     _check_port(host, port)
     # The engine runs in a process of its own (no interpreter lock shared with the HTTP side).
     spec = WorkerSpec(model, backend, device, dtype, nhead, tokenizer, max_batch_size, max_len, threads, stream_interval)
     engine = EngineProcess(spec)
     s = engine.served
-    name = model_name or Path(model).stem
     cache = f"cache {s.cache_bytes / 2**20:.1f} MiB" if s.cache_bytes is not None else "cache"
     click.echo(f"tformer serve: http://{host}:{port} | model '{name}' | {s.backend} on {s.device} | {cache} "
                f"({s.max_batch_size} rows x {s.max_len} slots) | warm-up {s.warmup_s:.1f} s", err=True)  # fmt: skip
     run(engine, host, port, grace, model_name=name, max_waiting=max_waiting, api_key=api_key)
+    click.echo("tformer serve: stopped", err=True)
+
+
+def _serve_on_ray(spec, name: str, max_waiting: int, api_key: str | None, host: str, port: int, grace: float,
+                  replicas, min_replicas, max_replicas, target_ongoing_requests, ray_address, print_config,
+                  num_gpus_per_replica) -> None:  # fmt: skip
+    """`tformer serve --ray`: print the Ray Serve config, or deploy and serve until SIGTERM/Ctrl-C."""
+    try:
+        from tformer.serve import rayserve
+    except ImportError as exc:
+        if exc.name is None or exc.name.split(".")[0] != "ray":
+            raise
+        raise CliError("tformer serve --ray needs Ray Serve: pip install 'tformer[ray]'") from None
+    if replicas is not None and (min_replicas is not None or max_replicas is not None):
+        raise CliError("give --replicas (a fixed count) or --min-replicas/--max-replicas (autoscaling), not both")
+    if min_replicas is not None and max_replicas is not None and min_replicas > max_replicas:
+        raise CliError(f"--min-replicas {min_replicas} is more than --max-replicas {max_replicas}")
+    if target_ongoing_requests is not None and min_replicas is None and max_replicas is None:
+        raise CliError("--target-ongoing-requests is for autoscaling: give --min-replicas and/or --max-replicas")
+    scaling = rayserve.Scaling(replicas or 1, min_replicas, max_replicas, target_ongoing_requests, spec.threads,
+                               num_gpus_per_replica)  # fmt: skip
+    options = rayserve.AppOptions(name, max_waiting, api_key)
+    if print_config:
+        import yaml  # a dependency of Ray
+
+        click.echo(yaml.safe_dump(rayserve.config(spec, options, scaling, host, port, grace), sort_keys=False), nl=False)
+        return
+    if ray_address is None:
+        if not Path(spec.model).exists():
+            raise CliError(f"{spec.model}: no such file or directory")
+        _check_port(host, port)
+
+    def ready() -> None:
+        click.echo(f"tformer serve: http://{host}:{port} on Ray Serve ({ray_address or 'local instance'}) | model "
+                   f"'{name}' | {scaling.describe()}, {spec.threads} thread(s) each", err=True)  # fmt: skip
+
+    rayserve.run(spec, options, scaling, host, port, ray_address, grace, ready)
     click.echo("tformer serve: stopped", err=True)
 
 

@@ -175,6 +175,11 @@ class AsyncEngine:
         self._wake.set()
         return Stream(ids, queue, self.listeners, self._abort)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the thread that steps the engine runs."""
+        return self._thread.is_alive()
+
     def stats(self) -> tuple[int, int, int]:
         """Requests running, requests waiting, cache rows in use."""
         scheduler = self.engine.scheduler

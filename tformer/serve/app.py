@@ -107,13 +107,22 @@ class Server:
     """The state behind the routes: what is served, the engine's async front (`AsyncEngine` on a
     thread here, or `EngineProcess`), metrics, readiness."""
 
-    def __init__(self, front: AsyncEngine | EngineProcess, served: Served, model_name: str, max_waiting: int):
+    def __init__(self, front: AsyncEngine | EngineProcess, served: Served, model_name: str, max_waiting: int,
+                 replica: str | None = None):  # fmt: skip
         self.front = front
         self.served = served
         self.metrics = Metrics(front.stats, served.max_batch_size)
         self.model_name = model_name
         self.max_waiting = max_waiting
         self.draining = False
+        # Which server answered, in an `x-tformer-replica` header of each completion (Ray Serve's replicas)
+        self.headers = {"x-tformer-replica": replica} if replica else {}
+
+    def trouble(self) -> str | None:
+        """Why this server cannot take requests ("draining", "engine down"), or None: `/health`."""
+        if self.draining:
+            return "draining"
+        return None if self.front.alive else "engine down"
 
     def prompts(self, job: Job) -> tuple[list[list[int]], list[str]]:
         """Each prompt's ids (checked against the engine's limits) and its text for `echo`."""
@@ -176,15 +185,17 @@ class Server:
 
 
 def create_app(source: Runtime | EngineProcess, model_name: str = "tformer", max_waiting: int = 64,
-               api_key: str | None = None, stream_interval: int = 1) -> FastAPI:  # fmt: skip
+               api_key: str | None = None, stream_interval: int = 1, replica: str | None = None) -> FastAPI:  # fmt: skip
     """The app for `source`: a `Runtime` (its engine, sized already by `Runtime(..., max_batch_size,
     max_len)`, steps on a thread of this process) or an `EngineProcess` (`tformer serve`).
     `api_key`: every `/v1/*` call must send `Authorization: Bearer <api_key>`. `stream_interval`:
-    tokens per streamed chunk for a `Runtime` (an `EngineProcess` has its own, in its spec)."""
+    tokens per streamed chunk for a `Runtime` (an `EngineProcess` has its own, in its spec).
+    `replica`: this server's name among several, sent as `x-tformer-replica` with each completion."""
     if isinstance(source, Runtime):
-        server = Server(AsyncEngine(source.engine, stream_interval), Served.of(source), model_name, max_waiting)
+        front, served = AsyncEngine(source.engine, stream_interval), Served.of(source)
     else:
-        server = Server(source, source.served, model_name, max_waiting)
+        front, served = source, source.served
+    server = Server(front, served, model_name, max_waiting, replica)
     app = FastAPI(title="tformer", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
 
@@ -221,8 +232,8 @@ def create_app(source: Runtime | EngineProcess, model_name: str = "tformer", max
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        ok = not server.draining
-        return JSONResponse({"status": "ok" if ok else "draining"}, status_code=200 if ok else 503)
+        trouble = server.trouble()
+        return JSONResponse({"status": trouble or "ok"}, status_code=200 if trouble is None else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -257,7 +268,8 @@ async def _answer(server: Server, job: Job, kind: str, chat: bool) -> Response:
             await events.aclose()
         choices = [_choice(i, totals.texts.get(i, ""), totals.token_ids.get(i, []), totals.finish.get(i), chat,
                            texts[i] if job.echo else "") for i in range(len(ids))]  # fmt: skip
-        return JSONResponse({**head, "object": kind, "choices": choices, "usage": totals.usage()})
+        body = {**head, "object": kind, "choices": choices, "usage": totals.usage()}
+        return JSONResponse(body, headers=server.headers)
     try:
         first = await anext(events)  # before the 200 goes out: an error here is still an error status
     except StopAsyncIteration:
@@ -266,8 +278,7 @@ async def _answer(server: Server, job: Job, kind: str, chat: bool) -> Response:
         await events.aclose()
         raise
     chunk_kind = "chat.completion.chunk" if chat else "text_completion"
-    return EventStream(_sse(events, first, totals, head | {"object": chunk_kind}, job, chat, texts),
-)  # fmt: skip
+    return EventStream(_sse(events, first, totals, head | {"object": chunk_kind}, job, chat, texts), server.headers)
 
 
 class EventStream(Response):
@@ -278,9 +289,9 @@ class EventStream(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, body: AsyncIterator[bytes]):
+    def __init__(self, body: AsyncIterator[bytes], headers: dict[str, str] | None = None):
         self.status_code, self.background, self.pieces = 200, None, body
-        self.init_headers({"cache-control": "no-cache"})  # no content-length: the body is sent in pieces
+        self.init_headers({"cache-control": "no-cache", **(headers or {})})  # no content-length: sent in pieces
 
     async def __call__(self, scope, receive, send) -> None:
         streaming = asyncio.create_task(self._stream(send))

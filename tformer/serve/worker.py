@@ -126,6 +126,11 @@ class EngineProcess:
         rows, in_flight = self.served.max_batch_size, len(self.listeners)
         return min(in_flight, rows), max(0, in_flight - rows), min(in_flight, rows)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the engine process still runs (a health check's question)."""
+        return self._process.is_alive()
+
     def shutdown(self) -> None:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self._conn.fileno())
