@@ -19,6 +19,7 @@ import httpx
 import openai
 import pytest
 
+from tformer.bench.serve import free_port
 from tformer.checkpoint import save_checkpoint
 from tformer.model import TransformerLM
 from tformer.runtime import Runtime
@@ -57,8 +58,7 @@ def ray_app(long_model):
     path, runtime = long_model
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
-        with socket_port() as port:
-            pass
+        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         spec = rayserve.WorkerSpec(str(path), max_batch_size=4, max_len=4096, threads=1)
         app = rayserve.application(spec, rayserve.AppOptions(NAME, max_waiting=32), rayserve.Scaling(replicas=2), grace=2)
@@ -67,20 +67,6 @@ def ray_app(long_model):
     finally:
         serve.shutdown()
         ray.shutdown()
-
-
-class socket_port:
-    """A free local TCP port (closed again on exit, for the server to take)."""
-
-    def __enter__(self) -> int:
-        import socket
-
-        self.s = socket.socket()
-        self.s.bind(("127.0.0.1", 0))
-        return self.s.getsockname()[1]
-
-    def __exit__(self, *exc) -> None:
-        self.s.close()
 
 
 def replica_pids() -> dict[str, int]:
