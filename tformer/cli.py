@@ -382,8 +382,8 @@ def serve(model, backend, device, dtype, nhead, tokenizer, host, port, max_batch
     else:
         # Each replica's engine takes --threads cores (default 1), and Ray reserves that many for it. Paths that
         # exist here are made absolute: replicas (and `serve deploy`) do not start in this directory.
-        local = {k: str(Path(v).resolve()) if v and Path(v).exists() else v for k, v in (("model", model), ("tokenizer", tokenizer))}
-        spec = WorkerSpec(local["model"], backend, device, dtype, nhead, local["tokenizer"], max_batch_size, max_len,
+        model_path, tokenizer_path = (str(Path(p).resolve()) if p and Path(p).exists() else p for p in (model, tokenizer))
+        spec = WorkerSpec(model_path, backend, device, dtype, nhead, tokenizer_path, max_batch_size, max_len,
                           threads or 1, stream_interval)  # fmt: skip
         _serve_on_ray(spec, name, max_waiting, api_key, host, port, grace, **ray_only)
         return

@@ -50,9 +50,15 @@ class Scaling:
     def autoscaling(self) -> bool:
         return self.min_replicas is not None or self.max_replicas is not None
 
+    @property
+    def bounds(self) -> tuple[int, int]:
+        """Autoscaling's replica range: a missing low end is 1, a missing high end the low one."""
+        low = self.min_replicas if self.min_replicas is not None else 1
+        return low, self.max_replicas if self.max_replicas is not None else low
+
     def describe(self) -> str:
         if self.autoscaling:
-            return f"{self.min_replicas}..{self.max_replicas} replicas (autoscaling)"
+            return "{}..{} replicas (autoscaling)".format(*self.bounds)
         return f"{self.replicas} replica{'s' if self.replicas != 1 else ''}"
 
 
@@ -99,11 +105,9 @@ def deployment_options(spec: WorkerSpec, options: AppOptions, scaling: Scaling, 
         "graceful_shutdown_timeout_s": grace,
     }
     if scaling.autoscaling:
-        opts["autoscaling_config"] = {
-            "min_replicas": scaling.min_replicas if scaling.min_replicas is not None else 1,
-            "max_replicas": scaling.max_replicas if scaling.max_replicas is not None else scaling.min_replicas,
-            "target_ongoing_requests": scaling.target_ongoing_requests or spec.max_batch_size,
-        }
+        low, high = scaling.bounds
+        opts["autoscaling_config"] = {"min_replicas": low, "max_replicas": high,
+                                      "target_ongoing_requests": scaling.target_ongoing_requests or spec.max_batch_size}
     else:
         opts["num_replicas"] = scaling.replicas
     return opts
@@ -117,13 +121,13 @@ def app_builder(args: dict) -> serve.Application:
     """The application for Ray's own tools (`serve run`, `serve deploy` of a config file): `args`
     are `WorkerSpec`'s and `AppOptions`' fields by name (`model` required). Replica counts and
     resources come from the config's `deployments` section, which overrides the defaults here."""
-    fields = {f.name for f in dataclasses.fields(WorkerSpec)} | {f.name for f in dataclasses.fields(AppOptions)}
-    unknown = sorted(set(args) - fields)
+    spec_fields, option_fields = ({f.name for f in dataclasses.fields(c)} for c in (WorkerSpec, AppOptions))
+    unknown = sorted(set(args) - spec_fields - option_fields)
     if unknown or "model" not in args:
         raise ValueError(f"tformer app args: 'model' is required; unknown: {', '.join(unknown) or 'none'}; "
-                         f"known: {', '.join(sorted(fields))}")  # fmt: skip
-    spec = WorkerSpec(**{k: v for k, v in args.items() if k in {f.name for f in dataclasses.fields(WorkerSpec)}})
-    options = AppOptions(**{k: v for k, v in args.items() if k in {f.name for f in dataclasses.fields(AppOptions)}})
+                         f"known: {', '.join(sorted(spec_fields | option_fields))}")  # fmt: skip
+    spec = WorkerSpec(**{k: v for k, v in args.items() if k in spec_fields})
+    options = AppOptions(**{k: v for k, v in args.items() if k in option_fields})
     return application(spec, options, Scaling())
 
 

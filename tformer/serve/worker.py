@@ -79,7 +79,7 @@ def build(spec: WorkerSpec) -> tuple[Runtime, Served]:
 
 
 class EngineProcess:
-    """An engine in a child process, driven like `AsyncEngine`: `submit` from any event loop."""
+    """An engine in a child process, driven like `AsyncEngine` (`submit`), from one event loop."""
 
     def __init__(self, spec: WorkerSpec, timeout: float = 600.0):
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads
@@ -148,8 +148,8 @@ class EngineProcess:
 
     def _attach(self) -> None:
         """Read the pipe in the running event loop, as soon as a message is there: one wake-up per
-        engine step, where a reader thread would cost two (its own, then the loop's) and an
-        interpreter-lock hand-off (measured: most of HTTP's latency at one client)."""
+        engine step, where a reader thread cost two (its own, then the loop's) and an
+        interpreter-lock hand-off."""
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
