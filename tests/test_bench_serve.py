@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import statistics
+import subprocess
+import sys
 
 import aiohttp
 import pytest
 from click.testing import CliRunner
 
 from tformer.bench.cli import main as bench
+from tformer.bench.cpu import CpuMeter, descendants, process_seconds
 from tformer.bench.latency import RequestTiming, serving_metrics
 from tformer.bench.serve import (HTTP, OFFLINE, ServeSettings, benchmark_model, benchmark_url, feed, free_port,
                                  local_server, parse_rates, ratios, run_requests, send)  # fmt: skip
@@ -136,6 +140,28 @@ def test_offline_max_concurrency_holds_requests_as_a_client_would(trained):
     assert all(later.sent >= earlier.end for earlier, later in zip(timings, timings[1:]))  # one at a time
 
 
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/stat"), reason="reads Linux's /proc")
+def test_cpu_of_a_child_process_is_what_it_measures_itself():
+    """A child burns CPU, prints its own `time.process_time()` and waits: /proc, read from here,
+    finds it below this process and gives the same seconds (to /proc's tick)."""
+    burn = "import time, sys\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n" \
+           "print(time.process_time(), flush=True)\nsys.stdin.read()"
+    child = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        own = float(child.stdout.readline())
+        assert child.pid in descendants(os.getpid())
+        assert process_seconds(child.pid) == pytest.approx(own, abs=0.03)
+        meter = CpuMeter(server_pid=child.pid)
+        before = meter.read()
+        assert set(before) == {"client", "server", "engine"} and before["engine"] == 0  # it has no children
+        per_token = CpuMeter.per_token(before, {**before, "server": before["server"] + 0.5}, 1000)
+        assert per_token == {"client": 0, "server": pytest.approx(500), "engine": 0}  # 0.5 s over 1000 tokens
+    finally:
+        child.stdin.close()
+        child.wait()
+    assert process_seconds(child.pid) is None and CpuMeter.per_token(before, before, 0) is None
+
+
 def test_a_server_that_exits_is_reported_with_what_it_printed(tmp_path):
     with pytest.raises(TformerError, match=r"tformer serve exited with code \d+ before it was ready: .*Error"):
         with local_server(str(tmp_path / "missing.safetensors")):
@@ -165,6 +191,7 @@ def test_load_generator_against_tformer_serve(trained, tmp_path):
         result = CliRunner().invoke(bench, ["serve", "--url", url, "--num-prompts", "6", "--request-rate", "inf",
                                             "--prompt-len", "4:12", "--output-len", "5", "--json", str(tmp_path / "s.json")])  # fmt: skip
     assert info["model"] == "tiny" and [r.rate for r in records] == [None, 20.0]
+    assert all(set(r.cpu_us_per_token) == {"client"} and r.cpu_us_per_token["client"] > 0 for r in records)
     requested = sum(n for _, _, n in settings.workload(None, info["vocab_size"]).requests)
     for r in records:
         assert (r.completed, r.failed, r.errors) == (6, 0, [])
@@ -195,3 +222,7 @@ def test_rounds_alternate_http_and_the_offline_engine_and_give_their_ratios(trai
     pairs = [records[i + 1].output_throughput / records[i].output_throughput for i in (0, 2)]
     assert ratio["rounds"] == 2 and ratio["output_throughput"]["min"] == pytest.approx(min(pairs))
     assert ratio["itl_p50"]["median"] > 0
+    for r in records:  # where each run's CPU went: under HTTP the engine is the server's child process
+        assert set(r.cpu_us_per_token) == ({"client", "server", "engine"} if r.run == HTTP else {"engine"})
+        assert min(r.cpu_us_per_token.values()) >= 0  # /proc counts in ticks (10 ms): a tiny run may read 0
+        assert r.cpu_us_per_token["client" if r.run == HTTP else "engine"] > 0  # this process: to the nanosecond

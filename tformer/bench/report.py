@@ -149,13 +149,14 @@ def print_serve_table(records: Sequence[ServeRecord], title: str, against: Seque
     table = Table(title=title, title_justify="left")
     rounds = len({r.round for r in records}) > 1
     headers = ("run", *(["round"] if rounds else []), "rate req/s", "done/failed", "req/s", "output tok/s", "total tok/s",
-               "TTFT ms mean/p50/p99", "TPOT ms mean/p50/p99", "ITL ms mean/p50/p99", "E2EL ms mean/p50/p99")  # fmt: skip
+               "TTFT ms mean/p50/p99", "TPOT ms mean/p50/p99", "ITL ms mean/p50/p99", "E2EL ms mean/p50/p99",
+               "CPU us/tok client/server/engine")  # fmt: skip
     for h in headers:
         table.add_column(h, justify="left" if h == "run" else "right")
     for r in records:
         table.add_row(r.run, *([str(r.round + 1)] if rounds else []), rate_label(r.rate), f"{r.completed}/{r.failed}",
                       _num(r.request_throughput), _num(r.output_throughput), _num(r.total_token_throughput),
-                      _triple(r.ttft_ms), _triple(r.tpot_ms), _triple(r.itl_ms), _triple(r.e2el_ms),
+                      _triple(r.ttft_ms), _triple(r.tpot_ms), _triple(r.itl_ms), _triple(r.e2el_ms), _cpu(r.cpu_us_per_token),
                       style="red" if r.flagged else None)  # fmt: skip
     console.print(table)
     for r in records:
@@ -168,6 +169,12 @@ def print_serve_table(records: Sequence[ServeRecord], title: str, against: Seque
         itl = a["itl_p50"]
         console.print(f"rate {rate_label(a['rate'])}, HTTP / offline engine over {a['rounds']} round(s), median (min-max): "
                       f"output tok/s {_spread(a['output_throughput'])}, ITL p50 {_spread(itl) if itl else '-'}")  # fmt: skip
+
+
+def _cpu(per_token: dict[str, float] | None) -> str:
+    """CPU us per output token of the load generator, the server's process and its engine ("-": not measured)."""
+    per_token = per_token or {}
+    return " / ".join(_num(per_token.get(k)) for k in ("client", "server", "engine"))
 
 
 def _spread(s: dict[str, float]) -> str:

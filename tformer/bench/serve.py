@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
+from tformer.bench.cpu import CpuMeter
 from tformer.bench.latency import RequestTiming, serving_metrics
 from tformer.bench.stats import Spread
 from tformer.bench.throughput import Workload, drive_workload
@@ -93,12 +94,18 @@ class ServeRecord:
     e2el_ms: dict[str, float] | None
 
     round: int = 0  # which round of the run (`--repeats`)
+    # CPU microseconds per output token of each process in the run (`CpuMeter`): "client" (this
+    # one), and for a server started here "server" and "engine" (its child); offline: "engine"
+    cpu_us_per_token: dict[str, float] | None = None
 
     @classmethod
     def of(cls, run: str, rate: float | None, settings: ServeSettings, timings: Sequence[RequestTiming],
-           duration: float, source: str, round_: int = 0) -> ServeRecord:  # fmt: skip
-        return cls(run, rate, settings.max_concurrency, len(timings), source, **serving_metrics(timings, duration),
-                   round=round_)  # fmt: skip
+           duration: float, source: str, round_: int = 0, cpu: tuple[dict, dict] | None = None) -> ServeRecord:  # fmt: skip
+        """`cpu`: `CpuMeter` readings before and after the run."""
+        metrics = serving_metrics(timings, duration)
+        per_token = CpuMeter.per_token(*cpu, metrics["total_output_tokens"]) if cpu else None
+        return cls(run, rate, settings.max_concurrency, len(timings), source, **metrics, round=round_,
+                   cpu_us_per_token=per_token)  # fmt: skip
 
     @property
     def flagged(self) -> bool:
@@ -288,18 +295,21 @@ def connect(url: str, settings: ServeSettings, progress: Callable[[str], None] =
 
 
 def run_http(server: dict, settings: ServeSettings, rate: float | None, round_: int = 0,
-             progress: Callable[[str], None] = lambda _: None) -> ServeRecord:  # fmt: skip
-    """One run of the workload at `rate` against the server that `connect` checked."""
+             progress: Callable[[str], None] = lambda _: None, meter: CpuMeter = CpuMeter()) -> ServeRecord:  # fmt: skip
+    """One run of the workload at `rate` against the server that `connect` checked; `meter`
+    reads the CPU time of the processes it knows before and after."""
 
     def note(done: int) -> None:
         progress(f"round {round_ + 1}, HTTP, rate {rate_label(rate)}: {done}/{settings.num_prompts} requests done")
 
     note(0)
     workload = settings.workload(rate, server["vocab_size"])
+    before = meter.read()
     timings, duration = _run(run_requests(server["url"], server["model"], workload, settings.max_concurrency,
                                           settings.ignore_eos, note))  # fmt: skip
+    cpu = (before, meter.read())
     counted = {"usage" if t.output_tokens is not None else "chunks" for t in timings if t.ok}
-    return ServeRecord.of(HTTP, rate, settings, timings, duration, "+".join(sorted(counted)) or "-", round_)
+    return ServeRecord.of(HTTP, rate, settings, timings, duration, "+".join(sorted(counted)) or "-", round_, cpu)
 
 
 def offline_engine(backend: Backend, settings: ServeSettings, vocab_size: int, max_batch_size: int) -> Engine:
@@ -315,8 +325,10 @@ def run_offline(engine: Engine, settings: ServeSettings, rate: float | None, voc
                 progress: Callable[[str], None] = lambda _: None) -> ServeRecord:  # fmt: skip
     """One run of the workload at `rate` through `engine` in this process."""
     progress(f"round {round_ + 1}, offline engine, rate {rate_label(rate)}")
+    meter = CpuMeter(this="engine")
+    before = meter.read()
     timings, duration = drive_workload(engine, settings.workload(rate, vocab_size), max_concurrency=settings.max_concurrency)
-    return ServeRecord.of(OFFLINE, rate, settings, timings, duration, "engine", round_)
+    return ServeRecord.of(OFFLINE, rate, settings, timings, duration, "engine", round_, (before, meter.read()))
 
 
 def benchmark_url(
@@ -352,8 +364,8 @@ def benchmark_model(
                *(["--threads", str(threads)] if threads else []), "--stream-interval", str(stream_interval),
                "--max-batch-size", str(max_batch_size)]  # fmt: skip
     progress("starting tformer serve")
-    with local_server(model, options) as url:
-        server = connect(url, settings, progress)
+    with local_server(model, options) as (url, pid):
+        server, meter = connect(url, settings, progress), CpuMeter(pid)
         engine = None
         if offline:
             progress("offline engine: loading and warming up")
@@ -364,7 +376,7 @@ def benchmark_model(
         records = []
         for r in range(repeats):
             for rate in settings.rates:
-                runs = [lambda: run_http(server, settings, rate, r, progress)]
+                runs = [lambda: run_http(server, settings, rate, r, progress, meter)]
                 if engine is not None:
                     runs.append(lambda: run_offline(engine, settings, rate, server["vocab_size"], r, progress))
                 pair = [run() for run in (runs[::-1] if r % 2 else runs)]  # which runs first alternates
@@ -399,9 +411,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def local_server(model: str, options: Sequence[str] = (), timeout: float = SERVER_START_S) -> Iterator[str]:
+def local_server(model: str, options: Sequence[str] = (), timeout: float = SERVER_START_S) -> Iterator[tuple[str, int]]:
     """`tformer serve MODEL OPTIONS` on a free local port, in a process of its own; yields its URL
-    once GET /health answers 200, and stops it (SIGTERM, then SIGKILL after 30 s) afterwards."""
+    and process id once GET /health answers 200, and stops it (SIGTERM, then SIGKILL after 30 s)
+    afterwards."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "tformer", "serve", model, "--host", "127.0.0.1", "--port", str(port), *options]
@@ -409,7 +422,7 @@ def local_server(model: str, options: Sequence[str] = (), timeout: float = SERVE
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
             _wait_ready(url, process, log, timeout)
-            yield url
+            yield url, process.pid
         finally:
             process.terminate()
             try:
