@@ -145,7 +145,7 @@ def print_serve_table(records: Sequence[ServeRecord], title: str, against: Seque
     """One row per run (request rate; HTTP or the offline engine; the round, when there are
     several); latencies as mean / p50 / p99 in ms; failed requests' first errors below the table,
     then `against` (`serve.ratios`: HTTP over the offline engine)."""
-    console = console or Console(width=max(Console().width, 190))
+    console = console or Console(width=max(Console().width, 220))
     table = Table(title=title, title_justify="left")
     rounds = len({r.round for r in records}) > 1
     headers = ("run", *(["round"] if rounds else []), "rate req/s", "done/failed", "req/s", "output tok/s", "total tok/s",
