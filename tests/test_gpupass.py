@@ -7,7 +7,6 @@ import datetime
 import json
 import shutil
 import time
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -17,6 +16,7 @@ from tformer.bench.cli import main as bench
 from tformer.bench.gpupass import GPU, PARTS, Step, run_step, steps
 from tformer.bench.gpureport import Report
 from tformer.errors import TformerError
+from tformer.files import proc_stat_fields
 
 from conftest import CUDA
 
@@ -121,10 +121,8 @@ def test_a_step_past_its_time_is_stopped_with_its_children():
 def _ends(pid: int) -> bool:
     """Whether process `pid` is gone (or a zombie) within a few seconds."""
     for _ in range(50):
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-                return True
-        except FileNotFoundError:
+        fields = proc_stat_fields(pid)
+        if fields is None or fields[0] in ("Z", "X"):
             return True
         time.sleep(0.1)
     return False

@@ -70,11 +70,17 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True  # someone else's process
+    fields = proc_stat_fields(pid)
+    return fields is None or fields[0] not in ("Z", "X")
+
+
+def proc_stat_fields(pid: int) -> list[str] | None:
+    """The fields of Linux's /proc/PID/stat after the "(name)", which may hold spaces: `[0]` is the
+    state, field N of proc(5) is `[N - 3]`; None where there is no such file (another OS, a process gone)."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return True
-    return state not in ("Z", "X")
+        return None
 
 
 @contextmanager

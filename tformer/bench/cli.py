@@ -321,8 +321,8 @@ def serve(model, url, model_name, num_prompts, request_rate, prompt_len, output_
     request/s, output and total tokens/s, and the mean, median (p50) and p99 of TTFT, TPOT (time
     per output token after the first), ITL (gaps between streamed chunks) and end-to-end latency,
     and the CPU microseconds per output token of this client and, with MODEL, of the server's
-    process and its engine process (Linux). A failed request is counted and its error kept, never fatal. OPENAI_API_KEY, if set, is sent
-    as a bearer token.
+    process and its engine process (Linux). A failed request is counted and its error kept, never
+    fatal. OPENAI_API_KEY, if set, is sent as a bearer token.
     """
     from tformer.bench.report import print_serve_table, write_serve_plot
     from tformer.bench.serve import (ServeSettings, benchmark_model, benchmark_url, parse_rates, rate_label, ratios,

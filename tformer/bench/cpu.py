@@ -15,15 +15,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tformer.files import proc_stat_fields
+
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100  # /proc's CPU times are in these
 
 
 def process_seconds(pid: int) -> float | None:
     """User + system CPU seconds of `pid` (all its threads) so far; None where /proc cannot say."""
+    fields = proc_stat_fields(pid)
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # after "(name)", which may hold spaces
         return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime: fields 14 and 15 of proc(5)
-    except (OSError, IndexError, ValueError):
+    except (TypeError, IndexError, ValueError):
         return None
 
 
