@@ -1,11 +1,16 @@
-"""Shared fixtures: the tutorial's own model as the reference, one tiny trained model, and the
-`device` cases of tests that run on a CUDA GPU too."""
+"""Shared fixtures: the tutorial's own model as the reference; one tiny trained model and the
+artifacts made from it, each built once per test session (a checkpoint, an ONNX export, a .pt2
+package, compiled runtimes) and read-only for the tests (a test that changes one changes a copy);
+tformer's store in a temporary folder; and the `device` cases of tests that run on a CUDA GPU too."""
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -72,6 +77,16 @@ def make_reference_model(config: ModelConfig = TINY, seed: int = 0) -> Transform
     return ref.eval()
 
 
+def reference_of(model: TransformerLM) -> TransformerModel:
+    """The tutorial's TransformerModel with `model`'s weights (its positional table cut to the
+    model's context, as `TransformerLM` keeps it)."""
+    c = model.config
+    reference = TransformerModel(c.vocab_size, c.d_model, c.nhead, c.d_ff, c.n_layers, 0.0)
+    reference.pos_encoder.pe = reference.pos_encoder.pe[: c.max_len]
+    reference.load_state_dict(model.state_dict())
+    return reference.eval()
+
+
 def tformer_copy(ref: TransformerModel, config: ModelConfig = TINY) -> TransformerLM:
     model = TransformerLM(config)
     model.load_state_dict(ref.state_dict(), strict=True)
@@ -92,3 +107,84 @@ def trained():
     steps = TrainConfig(steps=120, batch_size=16, seq_len=48, lr=3e-3, eval_every=60, eval_batches=2)
     model, tokenizer, _ = train(texts, config, steps, progress=False)
     return model, tokenizer
+
+
+@pytest.fixture(scope="session", autouse=True)
+def store(tmp_path_factory) -> Path:
+    """tformer's store ($TFORMER_CACHE: exports made on first use, compiled kernels) in a folder of
+    this test session, never the user's ~/.cache/tformer; subprocesses inherit it."""
+    path = tmp_path_factory.mktemp("store")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TFORMER_CACHE", str(path))
+        yield path
+
+
+@pytest.fixture(scope="session")
+def checkpoint(trained, tmp_path_factory) -> Path:
+    """The trained model and its tokenizer in tformer's own file, `m.safetensors`."""
+    from tformer.checkpoint import save_checkpoint
+
+    path = tmp_path_factory.mktemp("checkpoint") / "m.safetensors"
+    save_checkpoint(path, *trained)
+    return path
+
+
+def _export(checkpoint: Path, fmt: str) -> Path:
+    """`tformer-export m.safetensors --format FMT`, beside the checkpoint: validated, with the tokenizer."""
+    from click.testing import CliRunner
+
+    from tformer.cli import export_cmd
+
+    result = CliRunner().invoke(export_cmd, [str(checkpoint), "--format", fmt])
+    assert result.exit_code == 0, result.output
+    return checkpoint.with_name(f"{checkpoint.stem}-{fmt}")
+
+
+@pytest.fixture(scope="session")
+def onnx_export(checkpoint) -> Path:
+    """The session's ONNX export of the trained model (its load during validation wrote the
+    optimized-graph cache beside model.onnx)."""
+    return _export(checkpoint, "onnx")
+
+
+@pytest.fixture(scope="session")
+def pt2_export(checkpoint) -> Path:
+    """The session's AOTInductor package of the trained model."""
+    return _export(checkpoint, "pt2")
+
+
+# The compiled runtime's bounds: 8 cache rows (decode buckets 1, 2, 4, 8), 160 tokens a request.
+COMPILED_ROWS, COMPILED_PROMPT, COMPILED_NEW = 8, 100, 60
+
+
+@dataclass
+class Compiled:
+    """A compile-backend runtime of the trained model, compiled once per device and session: first
+    lazily, by six threads calling the fresh runtime at once (`first_calls`: the prompts and what
+    each thread got), then whatever else the bounds above need, by `warmup`."""
+
+    runtime: Any
+    first_calls: tuple[list[list[int]], list[list[int]]]
+
+
+@pytest.fixture(scope="session")
+def compiled(trained) -> Callable[[str], Compiled]:
+    """`compiled(device)`: the session's `Compiled` for that device."""
+    from tformer.backends import create_backend
+    from tformer.runtime import Runtime
+
+    made: dict[str, Compiled] = {}
+
+    def get(device: str) -> Compiled:
+        if device not in made:
+            model = trained[0]
+            backend = create_backend("compile", copy.deepcopy(model), torch.device(device), torch.float32)
+            runtime = Runtime(backend, None, COMPILED_ROWS, COMPILED_PROMPT + COMPILED_NEW)
+            prompts = [[(7 * i + j) % model.config.vocab_size for j in range(3 + 5 * i)] for i in range(6)]
+            got = at_once(lambda i: runtime.generate_ids([prompts[i]], max_new_tokens=20, temperature=0)[0], 6)
+            assert runtime.warmup(batch_sizes=(COMPILED_ROWS,), max_prompt_len=COMPILED_PROMPT,
+                                  max_new_tokens=COMPILED_NEW) > 0  # fmt: skip
+            made[device] = Compiled(runtime, (prompts, got))
+        return made[device]
+
+    return get

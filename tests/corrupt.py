@@ -14,10 +14,14 @@ import sys
 from pathlib import Path
 
 
-def mutate(raw: bytes, rng: random.Random) -> tuple[bytes, str]:
+KINDS = ("flip", "truncate", "zero")
+
+
+def mutate(raw: bytes, rng: random.Random, kind: str | None = None) -> tuple[bytes, str]:
     """A damaged copy of `raw` and how it was damaged: bit flips (1 to 16), a truncation, or a
-    zeroed run of bytes (what a torn write leaves)."""
-    kind = rng.choice(["flip", "flip", "truncate", "zero"])
+    zeroed run of bytes (what a torn write leaves); `kind` one of KINDS, default drawn (flips twice
+    as often)."""
+    kind = kind or rng.choice(["flip", "flip", "truncate", "zero"])
     data = bytearray(raw)
     if kind == "truncate":
         cut = rng.randrange(len(data))

@@ -8,24 +8,17 @@ import subprocess
 import sys
 
 import pytest
-from click.testing import CliRunner
 
 import tformer
-from tformer.checkpoint import save_checkpoint
-from tformer.cli import export_cmd
 from tformer.runtime import Runtime
 
 PROMPTS = ["import sys\nfrom os import path\n", "def "]
 
 
 @pytest.fixture(scope="module")
-def package(trained, tmp_path_factory):
-    model, tokenizer = trained
-    root = tmp_path_factory.mktemp("pt2")
-    save_checkpoint(root / "m.safetensors", model, tokenizer)
-    result = CliRunner().invoke(export_cmd, [str(root / "m.safetensors"), "--format", "pt2"])
-    assert result.exit_code == 0, result.output
-    return root / "m-pt2"
+def package(pt2_export):
+    """The session's package of the trained model, made by `tformer-export --format pt2`."""
+    return pt2_export
 
 
 def test_package_is_validated(package):

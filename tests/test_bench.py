@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import sys
-import time
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from rich.console import Console
 
 from tformer.backends.eager import EagerBackend
 from tformer.bench.cli import main as bench
-from tformer.bench.harness import Record, benchmark_runtime, mark_noisy, run_benchmarks
+from tformer.bench.harness import Clock, Record, benchmark_runtime, mark_noisy, run_benchmarks
 from tformer.bench.report import print_table
 from tformer.bench.stats import Spread, percentiles
 from tformer.checkpoint import save_checkpoint
@@ -164,8 +163,9 @@ def test_plot_without_matplotlib_says_how_to_get_it(monkeypatch):
 
 
 class Paced(EagerBackend):
-    """eager's tokens at a set pace: each step sleeps `delay` s, plus `machine.extra` s while the
-    machine is in a noisy spell. Logs the start of each of its generations on the machine."""
+    """eager's tokens at a set pace on the machine's fake clock: each step takes `delay` s, plus
+    `machine.extra` s while the machine is in a noisy spell. Logs the start of each of its
+    generations on the machine."""
 
     def __init__(self, model, name, delay, machine):
         super().__init__(model, torch.device("cpu"), torch.float32)
@@ -174,15 +174,20 @@ class Paced(EagerBackend):
     def step(self, input_ids, start, lengths, rows, cache):
         if bool((start == 0).any()):  # a row's first chunk: a generation begins
             self.machine.log.append((self.name, self.machine.noisy))
-        time.sleep(self.delay + (self.machine.extra if self.machine.noisy else 0.0))
+        self.machine.clock.sleep(self.delay + (self.machine.extra if self.machine.noisy else 0.0))
         return super().step(input_ids, start, lengths, rows, cache)
 
 
 class Machine:
-    """Shared by the paced backends: a noisy spell lasts while the benchmark times round `spell`."""
+    """Shared by the paced backends: a fake clock that moves only when a step or the benchmark's
+    pause says so, and a noisy spell that lasts while the benchmark times round `spell`."""
 
     def __init__(self, spell: str, extra: float):
-        self.spell, self.extra, self.noisy, self.log = spell, extra, False, []
+        self.spell, self.extra, self.noisy, self.log, self.t = spell, extra, False, [], 0.0
+        self.clock = Clock(now=lambda: self.t, sleep=self._advance)
+
+    def _advance(self, seconds: float) -> None:
+        self.t += seconds
 
     def progress(self, what: str) -> None:
         self.noisy = self.spell in what
@@ -191,7 +196,8 @@ class Machine:
 def test_a_noisy_spell_slows_one_round_of_every_row_and_no_rank_changes(model):
     """Timed repeats run in rounds, each round every row once in a rotated order, so a noisy spell
     of the machine costs each row one repeat; the median (and the rank by it) ignores it. Timed one
-    row after another, the same spell would cost one row several repeats."""
+    row after another, the same spell would cost one row several repeats. On a fake clock: the
+    figures are exact, whatever the machine's speed."""
     machine = Machine("round 2/5", extra=0.1)  # 100 ms more per step during the second round
 
     def build(name):
@@ -200,16 +206,18 @@ def test_a_noisy_spell_slows_one_round_of_every_row_and_no_rank_changes(model):
         return Runtime(backend, None)
 
     records = run_benchmarks(model, ["quick", "steady"], batch_sizes=(1,), prompt_len=4, new_tokens=5, repeats=5,
-                             warmup=1, build=build, progress=machine.progress)  # fmt: skip
+                             warmup=1, build=build, progress=machine.progress, clock=machine.clock)  # fmt: skip
     quick, steady = records
     timed = [name for name, _ in machine.log[4:]]  # after each row's correctness check and warm-up
     assert timed == ["quick", "steady", "steady", "quick", "quick", "steady", "steady", "quick", "quick", "steady"]
     assert [noisy for _, noisy in machine.log] == [False] * 6 + [True] * 2 + [False] * 6
-    for r in (quick, steady):  # the spell: each row's slowest repeat, far below its median, in the same round
-        assert r.e2e_samples.index(r.e2e_tok_s.min) == 1 and r.e2e_tok_s.min < r.e2e_tok_s.median / 3, r.e2e_samples
+    # 5 steps a run: quick 10 ms (102 ms in the spell), steady 50 ms (550 ms): 5 tokens each
+    assert quick.e2e_samples == pytest.approx([500, 5 / 0.51, 500, 500, 500])
+    assert steady.e2e_samples == pytest.approx([100, 5 / 0.55, 100, 100, 100])
+    assert (quick.e2e_tok_s.median, steady.e2e_tok_s.median) == pytest.approx((500, 100))
     assert quick.e2e_tok_s.min < steady.e2e_tok_s.median  # quick's slow repeat is slower than steady's typical one
-    assert quick.e2e_tok_s.median > steady.e2e_tok_s.median and not quick.noisy and not steady.noisy
-    assert quick.matches_eager and steady.matches_eager
+    assert quick.ttft_ms.median == pytest.approx(2) and quick.itl_ms["p50"] == pytest.approx(2)
+    assert not quick.noisy and not steady.noisy and quick.matches_eager and steady.matches_eager
     assert "in this process (the other rows' memory included)" in quick.mem_source  # a custom build: no own process
     console = Console(record=True, width=250)
     print_table(records, "test", console)

@@ -150,7 +150,7 @@ def test_cpu_of_a_child_process_is_what_it_measures_itself():
     try:
         own = float(child.stdout.readline())
         assert child.pid in descendants(os.getpid())
-        assert process_seconds(child.pid) == pytest.approx(own, abs=0.03)
+        assert process_seconds(child.pid) == pytest.approx(own, abs=0.01)  # to /proc's tick, or better
         meter = CpuMeter(server_pid=child.pid)
         before = meter.read()
         assert set(before) == {"client", "server", "engine"} and before["engine"] == 0  # it has no children
@@ -224,5 +224,4 @@ def test_rounds_alternate_http_and_the_offline_engine_and_give_their_ratios(trai
     assert ratio["itl_p50"]["median"] > 0
     for r in records:  # where each run's CPU went: under HTTP the engine is the server's child process
         assert set(r.cpu_us_per_token) == ({"client", "server", "engine"} if r.run == HTTP else {"engine"})
-        assert min(r.cpu_us_per_token.values()) >= 0  # /proc counts in ticks (10 ms): a tiny run may read 0
-        assert r.cpu_us_per_token["client" if r.run == HTTP else "engine"] > 0  # this process: to the nanosecond
+        assert min(r.cpu_us_per_token.values()) > 0, r.cpu_us_per_token  # each process served the run

@@ -89,12 +89,20 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
     assert proc.stderr.strip() == f"Error: {tmp_path / 'nope.pt'}: file not found" and proc.stdout == ""
 
 
-def test_export_is_announced_as_not_built_yet():
+def test_tformer_export_console_script_reports_errors_in_one_line(tmp_path, monkeypatch, capsys):
+    """`tformer-export` (its own entry point, outside the `tformer` group): a bad checkpoint path is
+    one line naming it, exit code 2, under the command's own name."""
     from tformer.cli import export_main
 
+    monkeypatch.setattr(sys, "argv", ["tformer-export", str(tmp_path / "absent.pt"), "--nhead", "4"])
     with pytest.raises(SystemExit) as info:
         export_main()
     assert info.value.code == 2
+    assert capsys.readouterr().err == f"Error: {tmp_path / 'absent.pt'}: file not found\n"
+    monkeypatch.setattr(sys, "argv", ["tformer-export", "--help"])
+    with pytest.raises(SystemExit) as info:
+        export_main()
+    assert info.value.code == 0 and capsys.readouterr().out.startswith("Usage: tformer-export [OPTIONS] MODEL")
 
 
 def test_demo_end_to_end(tmp_path):

@@ -5,7 +5,6 @@ several threads at once compiles once and serves them all."""
 from __future__ import annotations
 
 import copy
-import os
 import random
 
 import pytest
@@ -17,28 +16,24 @@ from tformer.backends.compile import buckets
 from tformer.engine import Engine
 from tformer.runtime import Runtime
 
-from conftest import DEVICES, at_once
+from conftest import COMPILED_NEW as NEW, COMPILED_PROMPT as PROMPT, COMPILED_ROWS as ROWS, DEVICES
 from test_engine import run_staggered
-
-ROWS, PROMPT, NEW = 8, 100, 60  # the warm-up's bounds: 8 cache rows (buckets 1, 2, 4, 8), 160 tokens a request
 
 
 @pytest.fixture(scope="module", params=DEVICES)
-def compiled(request, trained, tmp_path_factory):
-    """Warmed up once per device: every decode bucket and the prefill graph (on CUDA the decode
-    buckets run as CUDA graphs)."""
-    os.environ.setdefault("TFORMER_CACHE", str(tmp_path_factory.mktemp("cache")))
-    runtime = Runtime.from_model(copy.deepcopy(trained[0]), backend="compile", device=request.param)
-    assert runtime.warmup(batch_sizes=(ROWS,), max_prompt_len=PROMPT, max_new_tokens=NEW) > 0
-    return runtime
+def compiled_runtime(request, compiled):
+    """The session's compiled runtime on each device: every decode bucket and the prefill graph
+    compiled (on CUDA the decode buckets run as CUDA graphs)."""
+    return compiled(request.param)
 
 
 def test_buckets():
     assert [buckets(n) for n in (1, 2, 3, 8, 12)] == [[1], [1, 2], [1, 2, 3], [1, 2, 4, 8], [1, 2, 4, 8, 12]]
 
 
-def test_compile_greedy_equals_eager_batched_and_padded(trained, compiled):
+def test_compile_greedy_equals_eager_batched_and_padded(trained, compiled_runtime):
     model, tokenizer = trained
+    compiled = compiled_runtime.runtime
     prompts = [tokenizer.encode("import sys\nfrom os import path\n"), tokenizer.encode("def ")]
     eager = Runtime.from_model(copy.deepcopy(model), device=compiled.backend.device)
     want = eager.generate_ids(prompts, max_new_tokens=40, temperature=0)
@@ -46,11 +41,11 @@ def test_compile_greedy_equals_eager_batched_and_padded(trained, compiled):
     assert all(len(set(row)) >= 5 for row in want)
 
 
-def test_no_compilation_over_100_requests_coming_and_going(trained, compiled, monkeypatch):
+def test_no_compilation_over_100_requests_coming_and_going(trained, compiled_runtime, monkeypatch):
     """100 requests (prompts 1..100 tokens, outputs 1..60), one added per engine step: batches of
     every size 1..8 at every span, prefills of 1..8 rows of 1..100 tokens beside them. Nothing is
     compiled (no recompile, no new graph), and every request gets eager's tokens."""
-    model = trained[0]
+    model, compiled = trained[0], compiled_runtime.runtime
     rng = random.Random(13)
     prompts = [[rng.randrange(model.config.vocab_size) for _ in range(rng.randint(1, PROMPT))] for _ in range(100)]
     outputs = [rng.randint(1, NEW) for _ in range(100)]
@@ -63,14 +58,10 @@ def test_no_compilation_over_100_requests_coming_and_going(trained, compiled, mo
     assert compiled.backend.notes == ()  # on CUDA: the decode steps ran as CUDA graphs, never skipped one
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_six_threads_at_once_on_a_fresh_runtime(trained, device):
-    """Each thread's `generate_ids` on a runtime that has compiled nothing yet: the engine serializes
-    the steps (and so the compiling); every thread gets eager's tokens for its prompt."""
-    model = trained[0]
-    prompts = [[(7 * i + j) % model.config.vocab_size for j in range(3 + 5 * i)] for i in range(6)]
-    eager = Runtime.from_model(copy.deepcopy(model), device=device)
-    want = [eager.generate_ids([p], max_new_tokens=20, temperature=0)[0] for p in prompts]
-    runtime = Runtime.from_model(copy.deepcopy(model), backend="compile", device=device)
-    got = at_once(lambda i: runtime.generate_ids([prompts[i]], max_new_tokens=20, temperature=0)[0], len(prompts))
-    assert got == want
+def test_six_threads_at_once_on_a_fresh_runtime(trained, compiled_runtime):
+    """Each thread's `generate_ids` on a runtime that had compiled nothing yet (how the session's
+    compiled runtime began): the engine serializes the steps (and so the compiling); every thread
+    got eager's tokens for its prompt."""
+    prompts, got = compiled_runtime.first_calls
+    eager = Runtime.from_model(copy.deepcopy(trained[0]), device=compiled_runtime.runtime.backend.device)
+    assert got == [eager.generate_ids([p], max_new_tokens=20, temperature=0)[0] for p in prompts]

@@ -3,6 +3,13 @@
 The reference for each request is the tutorial's `TransformerModel` re-running the whole
 sequence for every token (its own loop), for that request's prompt alone: whatever else shares
 the batch, whenever it joins or leaves, a request's greedy tokens must be exactly those.
+
+Two workloads: the full one (32 requests, prompts up to 100 tokens, outputs up to 80, joining a
+batch of 8 one per step) runs on eager, the reference backend, and on onnx; every other backend
+runs a small one that still has rows joining, waiting, leaving, moving down (compaction) and
+padded prefills (`test_small_workload_covers_what_batching_does` checks that it does), on top of
+its own parity tests (test_compile, test_aot, test_kernels). The Triton interpreter is the reason:
+the full workload took it 277 s.
 """
 
 from __future__ import annotations
@@ -14,45 +21,50 @@ import random
 import pytest
 import torch
 
-from conftest import at_once
+import tformer
+from conftest import at_once, reference_of
 from tformer.engine import Engine, SamplingParams
 from tformer.engine.front import AsyncEngine, Coalescer
 from tformer.engine.request import RequestOutput
 from tformer.errors import TformerError
-from tformer.reference import TransformerModel, generate_full_recompute
+from tformer.reference import generate_full_recompute
 from tformer.runtime import Runtime
 
-BATCH = 8
-REQUESTS = 32
+FULL = dict(requests=32, prompts=(1, 100), outputs=(1, 80), rows=8, max_len=192, threads=6, thread_tokens=8)
+SMALL = dict(requests=7, prompts=(1, 12), outputs=(1, 6), rows=3, max_len=32, threads=3, thread_tokens=4)
+
+
+def make_workload(model, requests: int, prompts: tuple[int, int], outputs: tuple[int, int], **_) -> tuple:
+    """`requests` seeded requests, the first at the shortest prompt and longest output, the second
+    the other way round, then random lengths in the ranges; and the tutorial model's greedy tokens
+    for each prompt alone: (prompts, outputs, expected)."""
+    reference = reference_of(model)
+    rng = random.Random(7)
+    lengths = [prompts[0], prompts[1]] + [rng.randint(*prompts) for _ in range(requests - 2)]
+    news = [outputs[1], outputs[0]] + [rng.randint(*outputs) for _ in range(requests - 2)]
+    ids = [[rng.randrange(model.config.vocab_size) for _ in range(n)] for n in lengths]
+    expected = [generate_full_recompute(reference, [p], n)[0] for p, n in zip(ids, news)]
+    return ids, news, expected
 
 
 @pytest.fixture(scope="module")
 def workload(trained):
-    """32 requests: prompt lengths 1..100 and output lengths 1..80 (seeded), and the tutorial
-    model's greedy tokens for each prompt alone."""
-    model, _ = trained
-    reference = TransformerModel(model.config.vocab_size, model.config.d_model, model.config.nhead,
-                                 model.config.d_ff, model.config.n_layers, 0.0)  # fmt: skip
-    reference.pos_encoder.pe = reference.pos_encoder.pe[: model.config.max_len]
-    reference.load_state_dict(model.state_dict())
-    reference.eval()
-    rng = random.Random(7)
-    lengths = [1, 100] + [rng.randint(1, 100) for _ in range(REQUESTS - 2)]
-    outputs = [80, 1] + [rng.randint(1, 80) for _ in range(REQUESTS - 2)]
-    prompts = [[rng.randrange(model.config.vocab_size) for _ in range(n)] for n in lengths]
-    expected = [generate_full_recompute(reference, [p], n)[0] for p, n in zip(prompts, outputs)]
-    return prompts, outputs, expected
+    return make_workload(trained[0], **FULL)
 
 
-def run_staggered(engine: Engine, prompts: list[list[int]], outputs: list[int]) -> dict[int, list[int]]:
-    """Add request i at engine step i (so requests join a running batch, and wait once all rows
-    are busy); step until every request is done. Tokens per request, in order."""
+@pytest.fixture(scope="module")
+def small_workload(trained):
+    return make_workload(trained[0], **SMALL)
+
+
+def run_staggered(engine: Engine, prompts: list[list[int]], outputs: list[int], per_step: int = 1) -> dict[int, list[int]]:
+    """Add `per_step` requests at each engine step (so requests join a running batch, and wait
+    once all rows are busy); step until every request is done. Tokens per request, in order."""
     tokens: dict[int, list[int]] = {}
     order: list[int] = []
     step = 0
     while len(order) < len(prompts) or engine.has_unfinished():
-        if len(order) < len(prompts):
-            i = len(order)
+        for i in range(len(order), min(len(order) + per_step, len(prompts))):
             order.append(engine.add_request(prompts[i], SamplingParams(max_new_tokens=outputs[i], temperature=0)))
         for out in engine.step():
             tokens.setdefault(out.request_id, []).append(out.token)
@@ -61,29 +73,75 @@ def run_staggered(engine: Engine, prompts: list[list[int]], outputs: list[int]) 
     return {i: tokens[rid] for i, rid in enumerate(order)}
 
 
-def check_backend(trained, workload, backend: str) -> None:
+def runtime_of(backend: str, trained, exports: dict, compiled) -> Runtime:
+    """The backend over the trained model, built once per session where that is costly: the
+    exports' backends from the session's export directories, compile from its compiled runtime."""
     model, _ = trained
+    if backend in exports:
+        return tformer.load(exports[backend](), device="cpu")
+    if backend == "compile":
+        return compiled("cpu").runtime
+    return Runtime.from_model(copy.deepcopy(model), backend=backend, device="cpu")
+
+
+def check_backend(runtime: Runtime, engine: Engine, workload, size: dict, per_step: int) -> None:
     prompts, outputs, expected = workload
-    runtime = Runtime.from_model(copy.deepcopy(model), backend=backend, device="cpu")
-    engine = Engine(runtime.backend, max_batch_size=BATCH, max_len=192)
-    got = run_staggered(engine, prompts, outputs)
+    name = runtime.backend.name
+    got = run_staggered(engine, prompts, outputs, per_step)
     wrong = [i for i in range(len(prompts)) if got[i] != expected[i]]
-    assert not wrong, f"{backend}: requests {wrong} differ from the tutorial model run alone (first: {wrong[0]})"
-    # Runtime's methods from six threads at once on the same backend: their requests share the batch.
-    # Greedy, so the first 8 tokens of each are those of the full request (8 keeps the interpreter short).
-    threaded = at_once(lambda i: runtime.generate_ids([prompts[i]], max_new_tokens=min(8, outputs[i]), temperature=0)[0], 6)
-    assert threaded == [expected[i][:8] for i in range(6)], f"{backend}: threads at once differ from the requests alone"
+    assert not wrong, f"{name}: requests {wrong} differ from the tutorial model run alone (first: {wrong[0]})"
+    # Runtime's methods from several threads at once on the same backend: their requests share the
+    # batch. Greedy, so the first tokens of each are those of the full request.
+    n, k = size["threads"], size["thread_tokens"]
+    threaded = at_once(lambda i: runtime.generate_ids([prompts[i]], max_new_tokens=min(k, outputs[i]), temperature=0)[0], n)
+    assert threaded == [expected[i][:k] for i in range(n)], f"{name}: threads at once differ from the requests alone"
 
 
-@pytest.mark.parametrize("backend", ["eager", "naive", "compile", "aot", "onnx", "triton"])
-def test_staggered_requests_equal_the_tutorial_model_alone(trained, workload, backend):
-    check_backend(trained, workload, backend)
+@pytest.fixture(scope="module")
+def exports(request) -> dict:
+    """The export backends' directories, built (once per session) only when a test asks."""
+    return {"onnx": lambda: request.getfixturevalue("onnx_export"), "aot": lambda: request.getfixturevalue("pt2_export")}
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnx"])
+def test_staggered_requests_equal_the_tutorial_model_alone(trained, workload, exports, compiled, backend):
+    runtime = runtime_of(backend, trained, exports, compiled)
+    check_backend(runtime, Engine(runtime.backend, FULL["rows"], FULL["max_len"]), workload, FULL, per_step=1)
+
+
+@pytest.mark.parametrize("backend", ["naive", "compile", "aot", "triton"])
+def test_small_staggered_workload_equals_the_tutorial_model_alone(trained, small_workload, exports, compiled, backend):
+    """Two requests join per step into 3 rows (8 for compile: the rows it was compiled for)."""
+    runtime = runtime_of(backend, trained, exports, compiled)
+    engine = runtime.engine if backend == "compile" else Engine(runtime.backend, SMALL["rows"], SMALL["max_len"])
+    check_backend(runtime, engine, small_workload, SMALL, per_step=2)
 
 
 def test_workload_is_varied(workload):
     prompts, outputs, expected = workload
     assert min(map(len, prompts)) == 1 and max(map(len, prompts)) == 100 and max(outputs) == 80
     assert len({t for row in expected for t in row}) >= 10  # greedy varies with context
+
+
+def test_small_workload_covers_what_batching_does(trained, small_workload):
+    """On the small workload's 3 rows, the engine's calls include requests joining a running batch
+    and waiting for a row, prefills of rows of different lengths (padded) beside decodes, rows
+    leaving mid-batch, and a row moved down into a freed one."""
+    prompts, outputs, _ = small_workload
+    engine = Engine(Runtime.from_model(copy.deepcopy(trained[0]), device="cpu").backend, SMALL["rows"], SMALL["max_len"])
+    runner, scheduler = engine.runner, engine.scheduler
+    prefills, decodes, moves, waiting = [], [], [], []
+    prefill, decode, move, schedule = runner.prefill, runner.decode, runner.move, scheduler.schedule
+    runner.prefill = lambda work: prefills.append([n for _, n in work]) or prefill(work)
+    runner.decode = lambda requests: decodes.append({r.id for r in requests}) or decode(requests)
+    runner.move = lambda request, row: (moved := move(request, row)) and moves.append(row) or moved
+    scheduler.schedule = lambda: (plan := schedule(), waiting.append(len(scheduler.waiting)))[0]
+    run_staggered(engine, prompts, outputs, per_step=2)
+    assert any(len(set(lengths)) > 1 for lengths in prefills), "no padded prefill of rows of different lengths"
+    assert max(waiting) >= 1, "no request ever waited for a row"
+    assert any(a - b for a, b in zip(decodes, decodes[1:])), "no request left a running batch"
+    assert any(b - a and a & b for a, b in zip(decodes, decodes[1:])), "no request joined a running batch"
+    assert moves, "no row was moved down into a freed one"
 
 
 def test_seeded_request_is_the_same_alone_and_in_a_busy_batch(trained):

@@ -1,5 +1,8 @@
-"""`tformer-bench gpu-pass`: its CPU dry run for real (every part's stand-in, the report they
-write), the time limit, a part run again, and bad input. On a GPU the dry run only prints."""
+"""`tformer-bench gpu-pass`: its orchestration on this CPU with fake steps (every part's steps run
+as subprocesses that print and write what the real ones would, in milliseconds: the records, the
+report, the summaries), the time limit, a part run again, and bad input; that every command the
+pass runs on a GPU parses; and that the CUDA test selection has cases in every file the pass
+counts on. The real steps run only on a GPU."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from click.testing import CliRunner
 
 from tformer.bench import gpupass
 from tformer.bench.cli import main as bench
-from tformer.bench.gpupass import GPU, PARTS, Step, run_step, steps
+from tformer.bench.gpupass import GPU, PARTS, RECORDS, Step, run_step, steps
 from tformer.bench.gpureport import Report
 from tformer.errors import TformerError
 from tformer.files import proc_stat_fields
@@ -23,14 +26,40 @@ from conftest import CUDA
 STEM = f"{datetime.date.today().isoformat()}-gpu-dry-run"
 CUDA_TEST_FILES = ("test_model.py", "test_generate.py", "test_compile.py", "test_onnx.py", "test_kernels.py")
 
+# A step's stand-in: prints what pytest or a benchmark would, and writes records where the step would.
+FAKE_STEP = """
+import json, sys
+part, records = sys.argv[1], (sys.argv[2:] or [None])[0]
+if part == "tests":
+    print("tests/test_model.py::test_logits[cuda] SKIPPED (no CUDA GPU here)")
+    print("========== 3 skipped, 40 deselected in 0.50s ==========")
+else:
+    rows = [{"backend": name, "status": "ok", "flagged": False} for name in ("eager", "naive")]
+    print(f"{part}: e2e tok/s of {len(rows)} rows   ")
+    json.dump({"meta": {"device": "cpu"}, "records": rows}, open(records, "w"))
+"""
+
+
+def fake_steps(part: str, sizes) -> list[Step]:
+    """The pass's own steps on a GPU; elsewhere (the dry run) each one's fake stand-in."""
+    real = REAL_STEPS(part, sizes)
+    if sizes is GPU:
+        return real
+    return [Step(part, s.title, ("-c", FAKE_STEP, part, *([RECORDS] if RECORDS in s.argv else []))) for s in real]
+
+
+REAL_STEPS = steps
+
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
-    """The whole pass, dry, on this CPU: (CliRunner result, report folder)."""
+    """The whole pass, dry, with fake steps: (CliRunner result, report folder)."""
     if CUDA:
         pytest.skip("on a GPU the dry run only prints (test_dry_run_on_a_gpu_only_prints)")
     out = tmp_path_factory.mktemp("benchmarks")
-    return CliRunner().invoke(bench, ["gpu-pass", "--dry-run", "--out", str(out)]), out
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gpupass, "steps", fake_steps)
+        return CliRunner().invoke(bench, ["gpu-pass", "--dry-run", "--out", str(out)]), out
 
 
 def test_dry_run_prints_the_gpu_steps_and_runs_their_stand_ins(dry_run):
@@ -55,21 +84,16 @@ def test_dry_run_report_json(dry_run):
     for part, entry in data["parts"].items():
         assert [s["status"] for s in entry["steps"]] == ["ok"] * len(steps(part, GPU)), part
         assert [s["stands_in_for"] for s in entry["steps"]] == [s.command for s in steps(part, GPU)]
-        assert all(s["returncode"] == 0 and s["seconds"] > 0 for s in entry["steps"])
+        assert all(s["returncode"] == 0 and s["seconds"] >= 0 for s in entry["steps"])
     (tests,) = data["parts"]["tests"]["steps"]
-    assert set(tests["counts"]) == {"skipped", "deselected"} and tests["counts"]["skipped"] >= 50
-    assert "no CUDA GPU here" in tests["stdout"] and tests["summary"].startswith(f"{tests['counts']['skipped']} skipped")
-    assert all(f"tests/{name}::" in tests["stdout"] for name in CUDA_TEST_FILES)
-    for part, dtype in (("bench-fp32", "float32"), ("bench-bf16", "bfloat16")):
+    assert tests["counts"] == {"skipped": 3, "deselected": 40} and tests["summary"] == "3 skipped, 40 deselected in 0.50s"
+    assert "test_logits[cuda] SKIPPED (no CUDA GPU here)" in tests["stdout"] and "records" not in tests
+    for part in ("bench-fp32", "bench-bf16", "kernels"):
         for step in data["parts"][part]["steps"]:
-            rows = step["records"]["records"]
-            assert {r["backend"] for r in rows} == {"eager", "naive"} and {r["dtype"] for r in rows} == {dtype}
-            assert all(r["status"] == "ok" and r["matches_eager"] for r in rows)
-            assert step["records"]["meta"]["device"] == "cpu" and step["counts"] == {"ok": 4}
-    prefill, decode = data["parts"]["kernels"]["steps"]
-    assert {r["kind"] for r in prefill["records"]["records"]} == {"prefill"}
-    assert {r["kind"] for r in decode["records"]["records"]} == {"decode"}
-    assert all(r["status"] == "ok" for s in (prefill, decode) for r in s["records"]["records"])
+            assert [r["backend"] for r in step["records"]["records"]] == ["eager", "naive"]
+            assert step["records"]["meta"]["device"] == "cpu" and step["counts"] == {"ok": 2}
+            assert step["summary"] == "2 rows: 2 ok"
+    assert [s["title"] for s in data["parts"]["kernels"]["steps"]] == ["prefill", "decode"]
 
 
 def test_dry_run_report_markdown(dry_run):
@@ -80,8 +104,34 @@ def test_dry_run_report_markdown(dry_run):
     for part, what in PARTS.items():
         assert f"\n## {part}: {what}\n" in md and f"| {part} | {what} | ok |" in md
     assert md.count("\nOn a GPU: `python -m tformer.bench.cli ") == 6 and "\nOn a GPU: `python -m pytest -v -m cuda" in md
-    assert "e2e tok/s" in md and "TFLOP/s" in md and "skipped, " in md
+    assert "**2 rows: 2 ok**" in md and "bench-bf16: e2e tok/s of 2 rows\n" in md and "**3 skipped, 40 deselected" in md
     assert not any(line != line.rstrip() for line in md.splitlines())
+
+
+def test_every_gpu_step_is_a_command_that_parses():
+    """What the fake steps stand in for: each benchmark step's options as the real command parses
+    them (an option renamed there would otherwise surface only on a GPU), and the tests step's
+    marker is the suite's own."""
+    for part in PARTS:
+        for step in steps(part, GPU):
+            if part == "tests":
+                assert step.argv[:5] == ("-m", "pytest", "-v", "-m", "cuda") and step.argv[-1] == "tests"
+                continue
+            assert step.argv[:2] == ("-m", "tformer.bench.cli")
+            name, *args = step.argv[2:]
+            context = bench.commands[name].make_context(name, list(args))
+            assert context.params["device"] == "cuda", step.command
+
+
+def test_the_cuda_selection_has_cases_in_every_file_the_pass_counts_on(request):
+    """`pytest -m cuda` (the tests part) selects each test file's `cuda` cases: found among this
+    session's own collected tests, which must hold those files (the whole suite, as .ci/run runs it)."""
+    collected = {item.path.name for item in request.session.items}
+    if not set(CUDA_TEST_FILES) <= collected:
+        pytest.skip("collects the CUDA cases from the whole suite's tests: run the suite, not this file alone")
+    marked = {item.path.name for item in request.session.items if item.get_closest_marker("cuda")}
+    assert set(CUDA_TEST_FILES) <= marked, set(CUDA_TEST_FILES) - marked
+    assert any(line.startswith("cuda:") for line in request.config.getini("markers"))
 
 
 def test_a_part_run_again_replaces_its_section_within_the_time_limit(dry_run, tmp_path, monkeypatch):

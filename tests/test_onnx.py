@@ -21,7 +21,7 @@ from tformer.export.onnx import input_names, output_names
 from tformer.exporter import export_model
 from tformer.runtime import Runtime
 
-from conftest import TINY, cuda_case
+from conftest import cuda_case, reference_of
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -30,24 +30,10 @@ DEVICES = ["cpu", cuda_case(None if "CUDAExecutionProvider" in ort.get_available
 
 
 @pytest.fixture(scope="module")
-def tutorial_export(tmp_path_factory):
-    """A checkpoint saved by the tutorial's own code, exported through the CLI."""
-    from conftest import make_reference_model
-
-    root = tmp_path_factory.mktemp("onnx")
-    ref = make_reference_model()
-    torch.save(ref.state_dict(), root / "model.pt")
-    result = CliRunner().invoke(export_cmd, [str(root / "model.pt"), "--nhead", "4"])
-    assert result.exit_code == 0, result.output
-    return ref, root / "model-onnx"
-
-
-@pytest.fixture(scope="module")
-def trained_export(tmp_path_factory, trained):
-    model, tokenizer = trained
-    out = tmp_path_factory.mktemp("trained") / "export"
-    export_model(model, out, "onnx", tokenizer)
-    return out
+def export(trained, onnx_export):
+    """The session's ONNX export of the trained model (made by `tformer-export`), and the tutorial's
+    own model with the same weights: (reference, export directory, config)."""
+    return reference_of(trained[0]), onnx_export, trained[0].config
 
 
 def stock_logits(ref, ids: torch.Tensor) -> np.ndarray:
@@ -55,18 +41,19 @@ def stock_logits(ref, ids: torch.Tensor) -> np.ndarray:
         return ref(ids.T, ref.generate_square_subsequent_mask(ids.shape[1])).transpose(0, 1).numpy()
 
 
-def test_tutorial_checkpoint_exports_and_validates(tutorial_export):
-    _, out = tutorial_export
+def test_checkpoint_exports_and_validates(export):
+    _, out, c = export
     # the export, plus the optimized-graph cache that validation's load wrote (not in `files`)
-    assert sorted(p.name for p in out.iterdir()) == ["model.cpu.opt.json", "model.cpu.opt.onnx", "model.onnx", "tformer.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model.cpu.opt.json", "model.cpu.opt.onnx", "model.onnx", "tformer.json", "tokenizer.json"]  # fmt: skip
     meta = json.loads((out / "tformer.json").read_text())
-    assert meta["format_version"] == 3 and list(meta["files"]) == ["model.onnx"]
-    assert [i["name"] for i in meta["inputs"]] == input_names(TINY.n_layers)
-    assert [o["name"] for o in meta["outputs"]] == output_names(TINY.n_layers)
+    assert meta["format_version"] == 3 and list(meta["files"]) == ["model.onnx", "tokenizer.json"]
+    assert [i["name"] for i in meta["inputs"]] == input_names(c.n_layers)
+    assert [o["name"] for o in meta["outputs"]] == output_names(c.n_layers)
     assert meta["inputs"][3] == {"name": "last_index", "dtype": "int64", "shape": ["batch"]}
-    assert meta["inputs"][4] == {"name": "past.0.key", "dtype": "float32", "shape": ["batch", 4, "past", 8]}
-    assert meta["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": ["batch", TINY.vocab_size]}
-    assert meta["outputs"][1] == {"name": "new.0.key", "dtype": "float32", "shape": ["batch", 4, "seq", 8]}
+    assert meta["inputs"][4] == {"name": "past.0.key", "dtype": "float32", "shape": ["batch", c.nhead, "past", c.head_dim]}
+    assert meta["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": ["batch", c.vocab_size]}
+    assert meta["outputs"][1] == {"name": "new.0.key", "dtype": "float32", "shape": ["batch", c.nhead, "seq", c.head_dim]}
     report = meta["validation"]
     assert report["checker"] == "ok" and report["greedy"]["identical"]
     assert {(r["batch"], r["seq"], r["past"]) for r in report["shapes"]} == {
@@ -92,38 +79,38 @@ def readme_contract(n_layers: int, dtype: str, sizes: dict[str, int]) -> dict[st
     return contract
 
 
-def test_readme_table_is_the_graphs_contract(tutorial_export):
+def test_readme_table_is_the_graphs_contract(export):
     """Apps in other languages code against the README's table alone: it must be exactly what
     tformer.json lists, and what the graph itself takes and returns."""
-    _, out = tutorial_export
+    _, out, c = export
     meta = json.loads((out / "tformer.json").read_text())
-    sizes = {"heads": TINY.nhead, "head_dim": TINY.head_dim, "vocab": TINY.vocab_size}
-    assert readme_contract(TINY.n_layers, "float32", sizes) == {"inputs": meta["inputs"], "outputs": meta["outputs"]}
+    sizes = {"heads": c.nhead, "head_dim": c.head_dim, "vocab": c.vocab_size}
+    assert readme_contract(c.n_layers, "float32", sizes) == {"inputs": meta["inputs"], "outputs": meta["outputs"]}
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == [i["name"] for i in meta["inputs"]]
     assert [o.name for o in session.get_outputs()] == [o["name"] for o in meta["outputs"]]
 
 
-def test_graph_serves_rows_of_different_lengths_in_one_call(tutorial_export):
+def test_graph_serves_rows_of_different_lengths_in_one_call(export):
     """The contract driven by hand, as an app would from the README's table: the caller keeps each
     row's keys and values; rows at different lengths (prefill chunks beside decodes, a row joining
     with no past, a row sitting a step out) share each call. Every row's logits equal the tutorial
     model's on that row's sequence alone, and holes (past slots beyond a row's length, padding)
     hold large garbage that must never be attended to."""
-    ref, out = tutorial_export
+    ref, out, c = export
     meta = json.loads((out / "tformer.json").read_text())
     past_names = [i["name"] for i in meta["inputs"][4:]]
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(5)
     plan = [(5, 9, 0), (1, 5, 2), (1, 0, 1), (1, 1, 3), (1, 1, 0)]  # new tokens of each row per call (0: not in it)
-    seqs = [rng.integers(0, TINY.vocab_size, sum(counts)) for counts in zip(*plan)]
-    cache = [[np.zeros((TINY.nhead, 0, TINY.head_dim), np.float32) for _ in past_names] for _ in seqs]
+    seqs = [rng.integers(0, c.vocab_size, sum(counts)) for counts in zip(*plan)]
+    cache = [[np.zeros((c.nhead, 0, c.head_dim), np.float32) for _ in past_names] for _ in seqs]
     for counts in plan:
         rows = [r for r, n in enumerate(counts) if n]
         B, T, P = len(rows), max(counts), max(cache[r][0].shape[1] for r in rows)
-        feeds = {"input_ids": rng.integers(0, TINY.vocab_size, (B, T)), "position_ids": np.zeros((B, T), np.int64),
+        feeds = {"input_ids": rng.integers(0, c.vocab_size, (B, T)), "position_ids": np.zeros((B, T), np.int64),
                  "attention_mask": np.zeros((B, P + T), np.int64), "last_index": np.zeros(B, np.int64),
-                 **{name: rng.normal(0, 1e3, (B, TINY.nhead, P, TINY.head_dim)).astype(np.float32)
+                 **{name: rng.normal(0, 1e3, (B, c.nhead, P, c.head_dim)).astype(np.float32)
                     for name in past_names}}  # fmt: skip
         for b, r in enumerate(rows):
             n, p = counts[r], cache[r][0].shape[1]
@@ -143,9 +130,9 @@ def test_graph_serves_rows_of_different_lengths_in_one_call(tutorial_export):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_onnx_backend_greedy_equals_eager_batched_padded_64_steps(trained, trained_export, device):
+def test_onnx_backend_greedy_equals_eager_batched_padded_64_steps(trained, onnx_export, device):
     model, tokenizer = trained
-    runtime = tformer.load(trained_export, device=device)
+    runtime = tformer.load(onnx_export, device=device)
     assert runtime.backend.name == "onnx" and runtime.tokenizer is not None  # tokenizer.json came along
     assert runtime.backend.device.type == device
     prompts = [tokenizer.encode(t) for t in ("x", "    def __init__(self, ", "import sys\nfrom os import path\n")]
@@ -183,9 +170,9 @@ def no_leftovers(directory) -> bool:
     return not [p for p in directory.iterdir() if p.name.startswith(".")]
 
 
-def test_bad_export_inputs(tmp_path, tutorial_export):
-    ref, existing = tutorial_export
-    torch.save(ref.state_dict(), tmp_path / "model.pt")
+def test_bad_export_inputs(tmp_path, reference_model, onnx_export):
+    existing = onnx_export
+    torch.save(reference_model.state_dict(), tmp_path / "model.pt")
     (tmp_path / "afile").write_text("x")
     cases = [
         ([str(tmp_path / "absent.pt"), "--nhead", "4"], "absent.pt: file not found"),
@@ -212,18 +199,23 @@ def test_failed_validation_names_the_shape_and_leaves_nothing(tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
-def test_export_directory_runs_only_on_onnx(tutorial_export):
+def test_export_directory_runs_only_on_onnx(onnx_export):
     with pytest.raises(TformerError, match="is an export for backend 'onnx', not 'eager'"):
-        tformer.load(tutorial_export[1], backend="eager")
+        tformer.load(onnx_export, backend="eager")
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_fp16_export_validates_at_its_own_tolerance(tmp_path, reference_model, device):
-    """Validated (logits against PyTorch in fp16, then greedy tokens) and run on `device`."""
+def test_fp16_export_at_a_chosen_opset_validates_at_its_own_tolerance(tmp_path, reference_model, device):
+    """Validated (logits against PyTorch in fp16, then greedy tokens) and run on `device`; the
+    opset asked for (17, not the default 18) is the graph's own."""
+    import onnx
+
     from conftest import tformer_copy
 
     meta = export_model(tformer_copy(reference_model), tmp_path / "fp16", "onnx", dtype=torch.float16,
-                        device=torch.device(device))  # fmt: skip
+                        device=torch.device(device), opset=17)  # fmt: skip
+    graph = onnx.load(str(tmp_path / "fp16" / "model.onnx"))
+    assert meta["opset"] == 17 == next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
     assert meta["dtype"] == "float16" and meta["inputs"][4]["dtype"] == "float16"
     assert meta["validation"]["device"] == device and meta["validation"]["greedy"]["identical"]
     assert all(r["ok"] and r["tolerance"] == exporter.TOLERANCE[torch.float16] for r in meta["validation"]["shapes"])
@@ -234,10 +226,10 @@ def test_fp16_export_validates_at_its_own_tolerance(tmp_path, reference_model, d
         tformer.load(tmp_path / "fp16", device="cpu", dtype="fp32")
 
 
-def test_info_describes_a_verified_export_directory(tutorial_export):
+def test_info_describes_a_verified_export_directory(onnx_export):
     from tformer.cli import cli
 
-    _, out = tutorial_export
+    out = onnx_export
     result = CliRunner().invoke(cli, ["info", str(out)])
     assert result.exit_code == 0, result.output
     assert f"directory   {out} (tformer-onnx export, format version 3)" in result.output
@@ -258,23 +250,14 @@ def test_unsupported_opsets_are_refused_up_front(tmp_path, reference_model, opse
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
 
 
-def test_a_supported_opset_is_the_graphs_own(tmp_path, reference_model):
-    import onnx
-
-    from conftest import tformer_copy
-
-    meta = export_model(tformer_copy(reference_model), tmp_path / "out", "onnx", opset=17)
-    graph = onnx.load(str(tmp_path / "out" / "model.onnx"))
-    assert meta["opset"] == 17 == next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
-
-
-def test_step_takes_non_contiguous_ids(tutorial_export):
+def test_step_takes_non_contiguous_ids(export):
     """IOBinding keeps only an address: a temporary contiguous copy of the ids must live until
     the run (a column slice of a batch is not contiguous)."""
     from tformer.backends import open_export
 
-    backend = open_export(tutorial_export[1], torch.device("cpu"))
-    ids = torch.randint(0, TINY.vocab_size, (2, 12))
+    _, out, c = export
+    backend = open_export(out, torch.device("cpu"))
+    ids = torch.randint(0, c.vocab_size, (2, 12))
     start, lengths, rows = torch.zeros(2, dtype=torch.long), torch.tensor([6, 4]), torch.tensor([1, 0])
     results = []
     for batch in (ids[:, 3:9], ids[:, 3:9].clone()):

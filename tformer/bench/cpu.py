@@ -21,12 +21,22 @@ _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100  # /proc's C
 
 
 def process_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of `pid` (all its threads) so far; None where /proc cannot say."""
+    """User + system CPU seconds of `pid` (all its threads) so far; None where /proc cannot say.
+    /proc/PID/stat counts in clock ticks (10 ms), which reads 0 for a process that served a short
+    run; the scheduler's nanoseconds of each live thread (/proc/PID/task/*/schedstat) resolve it.
+    The larger of the two: the ticks also count threads that have exited."""
     fields = proc_stat_fields(pid)
     try:
-        return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime: fields 14 and 15 of proc(5)
+        ticks = (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime: fields 14 and 15 of proc(5)
     except (TypeError, IndexError, ValueError):
         return None
+    nanoseconds = 0
+    for task in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        try:
+            nanoseconds += int(task.read_text().split()[0])  # time on a CPU
+        except (OSError, ValueError, IndexError):
+            continue
+    return max(ticks, nanoseconds / 1e9)
 
 
 def descendants(pid: int) -> list[int]:

@@ -60,6 +60,18 @@ Generation = Callable[[Callable[[], None]], None]
 Progress = Callable[[str], None]
 
 
+@dataclass(frozen=True)
+class Clock:
+    """Where timed runs read the time and pause: the machine's own by default. Tests pass a fake
+    one, so that what the benchmark computes from its timings never depends on the machine's speed."""
+
+    now: Callable[[], float] = time.perf_counter
+    sleep: Callable[[float], None] = time.sleep
+
+
+SYSTEM_CLOCK = Clock()
+
+
 @dataclass
 class Record:
     """One row: a backend at one batch size. Times in ms, throughput in tokens/s (all rows)."""
@@ -188,7 +200,7 @@ class Samples:
 
 def time_interleaved(
     runs: Sequence[Generation], batch_size: int, new_tokens: int, repeats: int, warmup: int, device: torch.device,
-    progress: Callable[[int, str], None] | None = None,
+    progress: Callable[[int, str], None] | None = None, clock: Clock = SYSTEM_CLOCK,
 ) -> list[dict]:
     """The figures of a Record for each of `runs`, generations at one batch size.
 
@@ -196,29 +208,29 @@ def time_interleaved(
     every generation once, starting with the (r mod n)-th, so that a noisy spell of the machine
     slows one round of every row rather than every repeat of one row. Each timed run starts after
     a pause (`SETTLE_S`), so that none pays for the threads its predecessor left spinning.
-    `progress(i, what)` is told what generation i is doing. Memory: the peak during each run
-    (reset before it), in this process.
+    `progress(i, what)` is told what generation i is doing; `clock` times the runs. Memory: the
+    peak during each run (reset before it), in this process.
     """
     note = progress or (lambda i, what: None)
     memory = PeakMemory(device)
     figures = []
     for i, run in enumerate(runs):
-        began = time.perf_counter()
+        began = clock.now()
         for w in range(warmup):
             note(i, f"warm-up {w + 1}/{warmup}")
             run(lambda: None)
         _sync(device)
-        figures.append(dict(warmup_s=time.perf_counter() - began))
+        figures.append(dict(warmup_s=clock.now() - began))
     samples = [Samples() for _ in runs]
     for r in range(repeats):
         for i in [(r + k) % len(runs) for k in range(len(runs))]:
             note(i, f"round {r + 1}/{repeats}")
             stamps: list[float] = []
             _sync(device)
-            time.sleep(SETTLE_S)
+            clock.sleep(SETTLE_S)
             memory.reset()
-            start = time.perf_counter()
-            runs[i](lambda: stamps.append(time.perf_counter()))
+            start = clock.now()
+            runs[i](lambda: stamps.append(clock.now()))
             if len(stamps) != new_tokens:
                 raise RuntimeError(f"the generation made {len(stamps)} steps, expected {new_tokens}")
             samples[i].add(start, stamps, batch_size, memory.peak_mib())
@@ -314,6 +326,7 @@ def run_benchmarks(
     progress: Progress | None = None,
     build: Callable[[str], Runtime] | None = None,
     warm_setup: bool = False,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> list[Record]:
     """Every backend at every batch size, side by side in one process, with ratios filled in.
 
@@ -325,7 +338,7 @@ def run_benchmarks(
     row's peak in a process of its own that sets up only that row (`run_alone`); with a custom
     one, which another process cannot rebuild, the peak during its runs in this process.
     `warm_setup` also records that process's setup time for compiling backends (`warm_setup_s`:
-    caches warm).
+    caches warm). `clock` times the runs (see `Clock`).
     """
     note = progress or (lambda _: None)
     with tempfile.TemporaryDirectory() as tmp:
@@ -339,7 +352,7 @@ def run_benchmarks(
             prompts = make_prompts(model.config.vocab_size, batch, prompt_len, seed)
             runs = [e.make_run(prompts, new_tokens) for e in entrants]
             figures = time_interleaved(runs, batch, new_tokens, repeats, warmup, device,
-                                       lambda i, what: note(f"batch {batch}  {what}  {entrants[i].name}"))  # fmt: skip
+                                       lambda i, what: note(f"batch {batch}  {what}  {entrants[i].name}"), clock)  # fmt: skip
             records += [e.record(batch, prompt_len, new_tokens, repeats, warmup, f) for e, f in zip(entrants, figures)]
         for e in entrants if checkpoint else ():
             note(f"{e.name}: peak memory in a process of its own")
