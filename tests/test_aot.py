@@ -1,11 +1,10 @@
-"""AOTInductor `.pt2` export: validated, same tokens as eager, loadable in a fresh process."""
+"""AOTInductor `.pt2` export: validated, same tokens as eager (and in a fresh process: test_export_integrity),
+refused where it cannot run."""
 
 from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -40,19 +39,6 @@ def test_aot_greedy_equals_eager_batched_and_padded(trained, package):
     eager = Runtime.from_model(model, device="cpu").generate_ids(prompts, max_new_tokens=40, temperature=0)
     assert runtime.generate_ids(prompts, max_new_tokens=40, temperature=0) == eager
     assert all(len(set(row)) >= 5 for row in eager)
-
-
-def test_package_round_trip_in_a_fresh_process(trained, package):
-    model, tokenizer = trained
-    code = (
-        "import sys, tformer\n"
-        f"rt = tformer.load({str(package)!r})\n"
-        f"print(rt.generate({PROMPTS!r}, max_new_tokens=30, temperature=0))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    expected = Runtime.from_model(model, tokenizer, device="cpu").generate(PROMPTS, max_new_tokens=30, temperature=0)
-    assert proc.stdout.strip() == repr(expected)
 
 
 def test_package_of_an_earlier_format_version_says_re_export(package, tmp_path):

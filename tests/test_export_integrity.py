@@ -34,6 +34,7 @@ from tformer.errors import TformerError
 from tformer.export.formats import format_named
 from tformer.export.integrity import verified_meta
 from tformer.exporter import export_model
+from tformer.runtime import Runtime
 
 from corrupt import KINDS, mutate
 
@@ -320,12 +321,19 @@ def cache_is_valid(directory: Path) -> bool:
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "pt2"])
-def test_untouched_export_loads_and_verifies(suites, fmt):
+def test_untouched_export_loads_in_a_fresh_process_with_eagers_tokens(suites, trained, fmt):
+    """The untouched export, loaded by the worker (a process that never saw the model), gives
+    eager's greedy tokens and text."""
     suite = suites[fmt]
     baseline = suite.outcomes["untouched"]
     assert baseline["outcome"] == "tokens", baseline
     ids, text = baseline["tokens"]
     assert len({t for row in ids for t in row}) >= 8 and text  # varied enough that a changed model would show
+    model, tokenizer = trained
+    eager = Runtime.from_model(copy.deepcopy(model), tokenizer, device="cpu")
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    assert ids == eager.generate_ids(prompts, max_new_tokens=12, temperature=0)
+    assert text == eager.generate("def ", max_new_tokens=8, temperature=0)
     assert verified_meta(suite.pristine) == json.loads((suite.pristine / "tformer.json").read_text())
 
 

@@ -234,7 +234,7 @@ def test_info_describes_a_verified_export_directory(onnx_export):
     assert result.exit_code == 0, result.output
     assert f"directory   {out} (tformer-onnx export, format version 3)" in result.output
     assert "ONNX opset 18" in result.output and "heads       4" in result.output
-    assert "verified    SHA-256 of model.onnx; model.onnx's embedded metadata matches tformer.json" in result.output
+    assert "verified    SHA-256 of model.onnx, tokenizer.json; model.onnx's embedded metadata matches tformer.json" in result.output
 
 
 @pytest.mark.parametrize("opset", [5, 16, 23, 99])
