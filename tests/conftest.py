@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,13 @@ def cuda_case(unavailable: str | None = None):
 
 
 DEVICES = ["cpu", cuda_case()]  # @pytest.mark.parametrize("device", DEVICES): the CPU always, CUDA where there is one
+
+
+def sigint_default() -> None:
+    """`preexec_fn` of a child process that a test interrupts with SIGINT. A shell that starts the
+    suite in the background (`cmd &`, nohup) makes it ignore SIGINT, its children inherit that,
+    and Python then installs no handler for SIGINT: the child would never see the test's Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def at_once(call: Callable[[int], Any], n: int) -> list[Any]:

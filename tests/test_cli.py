@@ -12,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from conftest import sigint_default
 from tformer.cli import cli
 
 
@@ -213,12 +214,16 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("def add(a, b):\n    return a + b\n" * 500)
     proc = subprocess.Popen([sys.executable, "-m", "tformer", "train", str(corpus), "-o", str(tmp_path / "x.safetensors"),
-                             "--steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    line = proc.stderr.readline()  # "corpus: ..." once the command runs
-    assert line.startswith("corpus:"), line
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+                             "--steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_default)  # fmt: skip
+    try:
+        line = proc.stderr.readline()  # "corpus: ..." once the command runs
+        assert line.startswith("corpus:"), line
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # never left training for 100000 steps
     assert proc.returncode == 130
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "Interrupted: nothing was left half-written."
     assert list(tmp_path.iterdir()) == [corpus]
