@@ -23,7 +23,6 @@ from pathlib import Path
 
 import click
 import pytest
-import yaml
 from click.testing import CliRunner
 
 import tformer
@@ -190,6 +189,8 @@ def run_throughput(command: str, s: Session) -> None:
 
 
 def run_ray_config(command: str, s: Session) -> None:
+    import yaml  # a dependency of Ray, as --print-config's own
+
     invoke(command, s.cwd)
     args = words(command)
     config = yaml.safe_load((s.cwd / args[-1]).read_text())
@@ -206,8 +207,10 @@ def run_curl(command: str, s: Session) -> None:
     done = subprocess.run(["bash", "-c", command.replace(f":{PORT}/", f":{port}/")], capture_output=True, text=True,
                           timeout=60, cwd=s.cwd)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    body = json.loads(words(command)[words(command).index("-d") + 1])
+    args = words(command)
+    body = json.loads(args[args.index("-d") + 1])
     answer = json.loads(done.stdout)
+    assert "error" not in answer, answer  # curl -s exits 0 on a 404 too
     assert answer["model"] == body["model"] == "tformer-demo", answer
     assert answer["choices"][0]["text"] == s.greedy(body["prompt"], body["max_tokens"]), answer
 
