@@ -63,9 +63,9 @@ def test_checkpoint_exports_and_validates(export):
 
 
 def readme_contract(n_layers: int, dtype: str, sizes: dict[str, int]) -> dict[str, list[dict]]:
-    """The README's table of the graph's inputs and outputs, read as an app developer would:
-    `{i}` expanded over the layers, "model dtype" and the named sizes filled in."""
-    text = (Path(__file__).parents[1] / "README.md").read_text()
+    """The table of the graph's inputs and outputs in docs/export.md, read as an app developer
+    would: `{i}` expanded over the layers, "model dtype" and the named sizes filled in."""
+    text = (Path(__file__).parents[1] / "docs" / "export.md").read_text()
     table = text[text.index("| name | dtype | shape | meaning |") :].split("\n\n")[0].splitlines()[2:]
     contract: dict[str, list[dict]] = {"inputs": [], "outputs": []}
     for line in table:
@@ -79,8 +79,8 @@ def readme_contract(n_layers: int, dtype: str, sizes: dict[str, int]) -> dict[st
     return contract
 
 
-def test_readme_table_is_the_graphs_contract(export):
-    """Apps in other languages code against the README's table alone: it must be exactly what
+def test_docs_table_is_the_graphs_contract(export):
+    """Apps in other languages code against docs/export.md's table alone: it must be exactly what
     tformer.json lists, and what the graph itself takes and returns."""
     _, out, c = export
     meta = json.loads((out / "tformer.json").read_text())
@@ -92,7 +92,7 @@ def test_readme_table_is_the_graphs_contract(export):
 
 
 def test_graph_serves_rows_of_different_lengths_in_one_call(export):
-    """The contract driven by hand, as an app would from the README's table: the caller keeps each
+    """The contract driven by hand, as an app would from docs/export.md's table: the caller keeps each
     row's keys and values; rows at different lengths (prefill chunks beside decodes, a row joining
     with no past, a row sitting a step out) share each call. Every row's logits equal the tutorial
     model's on that row's sequence alone, and holes (past slots beyond a row's length, padding)

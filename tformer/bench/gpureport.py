@@ -83,7 +83,7 @@ def render(data: dict, parts: Mapping[str, str]) -> str:
                   "is a tiny CPU stand-in (the CUDA test selection, all skipped; toy benchmarks), whose numbers mean",
                   "nothing. It proves the plumbing: subprocesses, time limit, records, this report.", ""]  # fmt: skip
     lines += [
-        "Written by `tformer-bench gpu-pass` (README, \"GPU pass\"). Commands ran from the checkout's root with the",
+        "Written by `tformer-bench gpu-pass` (docs/bench.md, \"GPU pass\"). Commands ran from the checkout's root with the",
         "checkout first on `PYTHONPATH`; `--json records.json` stands for a temporary file whose records are",
         "embedded in the JSON report beside this file. A part run again replaces its own section.", "",
         "| environment | |", "| --- | --- |", *(f"| {k} | {_cell(v)} |" for k, v in env.items()), "",

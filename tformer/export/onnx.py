@@ -2,7 +2,7 @@
 different lengths, so that one call serves a continuous batch.
 
 The graph's inputs and outputs are the public contract that apps in any language code against
-(also written to `tformer.json` and the README's table, which says exactly what each holds):
+(also written to `tformer.json` and the table in docs/export.md, which says exactly what each holds):
 
     input_ids        int64  [batch, seq]            new tokens, right-padded
     position_ids     int64  [batch, seq]            position of each new token in its own row
