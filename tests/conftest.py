@@ -129,12 +129,17 @@ def store(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def checkpoint(trained, tmp_path_factory) -> Path:
-    """The trained model and its tokenizer in tformer's own file, `m.safetensors`."""
-    from tformer.checkpoint import save_checkpoint
+    """The trained model as a tutorial user makes tformer's own file, `m.safetensors`: the weights
+    saved by `torch.save(model.state_dict())` (the tutorial's names) and the tokenizer, converted
+    (`tformer convert model.pt --nhead 4 --tokenizer tokenizer.json`)."""
+    from tformer.checkpoint import convert_checkpoint
 
-    path = tmp_path_factory.mktemp("checkpoint") / "m.safetensors"
-    save_checkpoint(path, *trained)
-    return path
+    model, tokenizer = trained
+    root = tmp_path_factory.mktemp("checkpoint")
+    torch.save(model.state_dict(), root / "model.pt")
+    convert_checkpoint(root / "model.pt", root / "m.safetensors", model.config.nhead, tokenizer)
+    (root / "model.pt").unlink()
+    return root / "m.safetensors"
 
 
 def _export(checkpoint: Path, fmt: str) -> Path:
