@@ -31,6 +31,12 @@ def model() -> TransformerLM:
     return TransformerLM(SMALL).eval()
 
 
+def in_process(model):
+    """`run_benchmarks`' default build, as a custom one: the rows' memory is then measured in this
+    process, not each in a process of its own (test_cli_json_... checks those)."""
+    return lambda name: Runtime.from_model(model, backend=name, device="cpu")
+
+
 def test_percentiles_on_known_samples():
     assert percentiles(range(1, 101)) == pytest.approx({"p50": 50.5, "p90": 90.1, "p99": 99.01})
     assert percentiles([4.0]) == {"p50": 4.0, "p90": 4.0, "p99": 4.0}
@@ -44,7 +50,7 @@ def test_unavailable_backends_are_skipped_with_the_reason(model, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     monkeypatch.setattr("tformer.kernels.launch.INTERPRET", False)  # as on a CPU without the interpreter
-    records = run_benchmarks(model, ["eager", "triton", "onnx", "hf"], **FAST)
+    records = run_benchmarks(model, ["eager", "triton", "onnx", "hf"], **FAST, build=in_process(model))
     by_name = {(r.backend, r.batch_size): r for r in records}
     assert by_name["triton", 1].status == "skipped" and "needs a CUDA GPU" in by_name["triton", 1].reason
     assert "TRITON_INTERPRET=1" in by_name["triton", 1].reason
@@ -57,7 +63,7 @@ def test_unavailable_backends_are_skipped_with_the_reason(model, monkeypatch):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs only where there is no GPU")
 def test_interpreted_triton_is_skipped_not_timed(model):
     pytest.importorskip("triton")
-    records = run_benchmarks(model, ["eager", "triton"], **FAST)
+    records = run_benchmarks(model, ["eager", "triton"], **FAST, build=in_process(model))
     triton_rows = [r for r in records if r.backend == "triton"]
     assert triton_rows and all(r.status == "skipped" and "interpreter" in r.reason for r in triton_rows)
 
