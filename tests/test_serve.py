@@ -20,8 +20,9 @@ import time
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from serve_support import long_model, metrics, start_cli, stop, wait_for, wait_up
+from tformer.bench.serve import free_port
 from tformer.checkpoint import save_checkpoint
 from tformer.runtime import Runtime
 from tformer.serve.server import serve_in_thread
@@ -46,17 +47,6 @@ def served(runtime):
 
 def client(url: str, **kw) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
-
-
-def metrics(url: str) -> dict[str, float]:
-    """Every sample of /metrics, parsed by prometheus_client's own parser: name{labels} -> value."""
-    text = httpx.get(f"{url}/metrics").text
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return samples
 
 
 def test_greedy_completions_equal_the_model_in_process(served):
@@ -120,26 +110,24 @@ def test_stream_interval_groups_tokens_into_fewer_chunks_with_the_same_text(runt
     assert "".join(e["choices"][0]["text"] for e in events) == want
 
 
-def wait_for(predicate, seconds: float = 20.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def test_a_client_that_disconnects_frees_its_row(served):
-    url, _ = served
-    aborted = metrics(url).get("tformer:requests_total{outcome=abort}", 0)
+def test_a_client_that_disconnects_frees_its_row(served, monkeypatch):
+    """The engine itself sees the disconnect: its abort counter rises by one and its row is free
+    while the request still had seconds of tokens to go (each step slowed to 50 ms: 200 tokens
+    take 10 s), which an engine that ignored aborts could only show after finishing it by length."""
+    url, rt = served
+    step = rt.backend.step
+    monkeypatch.setattr(rt.backend, "step", lambda *a: time.sleep(0.05) or step(*a))
+    before = metrics(url)
     body = {"model": NAME, "prompt": "def ", "max_tokens": 200, "temperature": 0, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response:
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data: "))  # generating
         assert metrics(url)["tformer:cache_rows_in_use"] == 1
     # closed after one chunk of 200: the engine aborts it and its row is free
-    assert wait_for(lambda: metrics(url)["tformer:cache_rows_in_use"] == 0)
-    assert metrics(url)["tformer:requests_total{outcome=abort}"] == aborted + 1
+    assert wait_for(lambda: metrics(url)["tformer:engine_aborts_total"] == before["tformer:engine_aborts_total"] + 1, 5)
+    after = metrics(url)
+    assert after["tformer:cache_rows_in_use"] == 0 and after["tformer:num_requests_running"] == 0
+    assert after["tformer:requests_total{outcome=abort}"] == before.get("tformer:requests_total{outcome=abort}", 0) + 1
 
 
 def test_overflow_is_503_with_retry_after(runtime, monkeypatch):
@@ -234,51 +222,47 @@ def test_metrics_health_and_models(served):
     for name in ("tformer:requests_total{outcome=length}", "tformer:prompt_tokens_total", "tformer:generation_tokens_total",
                  "tformer:time_to_first_token_seconds_count", "tformer:time_per_output_token_seconds_count",
                  "tformer:e2e_request_latency_seconds_count", "tformer:num_requests_running",
-                 "tformer:num_requests_waiting", "tformer:cache_rows_in_use", "tformer:cache_rows"):  # fmt: skip
+                 "tformer:num_requests_waiting", "tformer:cache_rows_in_use", "tformer:cache_rows",
+                 "tformer:engine_aborts_total"):  # fmt: skip
         assert name in m, name
     assert m["tformer:cache_rows"] == 4 and m["tformer:generation_tokens_total"] > 0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="module")
+def long_checkpoint(trained, tmp_path_factory):
+    """A checkpoint of the trained model with a 4096-token context (requests long enough to still
+    be running when a test acts), and its in-process Runtime: (path, runtime)."""
+    path = tmp_path_factory.mktemp("serve") / "tiny.safetensors"
+    return path, long_model(trained, path)
 
 
-def test_cli_serves_until_sigterm_then_exits_0(trained, tmp_path):
-    model, tokenizer = trained
-    save_checkpoint(tmp_path / "tiny.safetensors", model, tokenizer)
-    port = free_port()
-    env = {**os.environ, "TFORMER_API_KEY": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "tformer.cli", "serve", str(tmp_path / "tiny.safetensors"), "--port",
-                             str(port), "--max-batch-size", "2", "--max-len", "128", "--device", "cpu"],
-                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+def test_cli_serves_until_sigterm_then_exits_0(long_checkpoint, tmp_path):
+    path, rt = long_checkpoint
+    port, log = free_port(), tmp_path / "stderr"
+    proc = start_cli([str(path), "--port", str(port), "--max-batch-size", "2", "--device", "cpu"], log,
+                     TFORMER_API_KEY="")  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
-        assert wait_for(lambda: _up(url), 120), proc.stderr.read() if proc.poll() is not None else "no answer"
+        wait_up(url, proc, log)
         r = client(url).completions.create(model="tiny", prompt="def ", max_tokens=5, temperature=0)
-        assert r.choices[0].text == Runtime.from_model(model, tokenizer).generate("def ", max_new_tokens=5, temperature=0)[0]
-        # The CLI's engine runs in a process of its own: a disconnect reaches it as an abort too.
-        body = {"model": "tiny", "prompt": "def ", "max_tokens": 100, "stream": True, "ignore_eos": True}
+        assert r.choices[0].text == rt.generate("def ", max_new_tokens=5, temperature=0)[0]
+        # The CLI's engine runs in a process of its own: a disconnect reaches it as an abort too. Its
+        # abort counter rises (a request it finished by length would not count) and frees its row.
+        body = {"model": "tiny", "prompt": "def ", "max_tokens": 4000, "stream": True, "ignore_eos": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response:
             lines = response.iter_lines()
             next(line for line in lines if line.startswith("data: "))
-        assert wait_for(lambda: metrics(url)["tformer:cache_rows_in_use"] == 0)
-        assert metrics(url)["tformer:requests_total{outcome=abort}"] == 1
+            assert metrics(url)["tformer:cache_rows_in_use"] == 1
+        assert wait_for(lambda: metrics(url)["tformer:engine_aborts_total"] == 1)
+        m = metrics(url)
+        assert m["tformer:cache_rows_in_use"] == 0 and m["tformer:requests_total{outcome=abort}"] == 1
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-        err = proc.stderr.read()
+        err = log.read_text()
         assert f"http://127.0.0.1:{port}" in err and "cache" in err and err.strip().endswith("tformer serve: stopped")
         assert "Traceback" not in err
     finally:
-        proc.kill()
-
-
-def _up(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
+        stop(proc)
 
 
 def test_cli_refuses_a_port_in_use(trained, tmp_path):

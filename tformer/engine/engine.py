@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -31,6 +32,18 @@ from tformer.inputs import as_int
 DEFAULT_BATCH = 8
 CHUNK = 256  # prompt tokens of one request prefilled per step; also the spare slots of each row
 _REQUEST_IDS = itertools.count()  # unique across engines: an id never names another engine's request
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What the engine itself holds (`Engine.stats`): requests running and waiting, cache rows in
+    use, and requests it has aborted so far. A server reports these, not its own bookkeeping, so
+    that its metrics show what the engine did (a disconnect that never reached it shows)."""
+
+    running: int
+    waiting: int
+    rows_in_use: int
+    aborts: int
 
 
 class Engine:
@@ -50,6 +63,7 @@ class Engine:
         self.scheduler = Scheduler(self.max_batch_size, self.chunk, static)
         self._requests: dict[int, Request] = {}
         self._aborted: list[tuple[Request, RequestOutput]] = []  # delivered by the next step
+        self._aborts = 0  # requests ended by `abort` (not those already finished when it came)
         self._lock = threading.RLock()
 
     @property
@@ -114,7 +128,15 @@ class Engine:
             if request is None:
                 return False
             self._aborted.append(self._end(request, "abort"))
+            self._aborts += 1
             return True
+
+    def stats(self) -> EngineStats:
+        """Requests running and waiting, cache rows in use, aborts so far. Read without the step
+        lock (each number is one read), so that a metrics scrape never waits for a step."""
+        scheduler = self.scheduler
+        return EngineStats(len(scheduler.running), len(scheduler.waiting),
+                           self.max_batch_size - len(scheduler.free_rows), self._aborts)  # fmt: skip
 
     def fail_all(self, error: str) -> None:
         """End every request with reason "error" (its output says `error`): what a server does when

@@ -13,7 +13,7 @@ import asyncio
 import threading
 from collections.abc import Callable, Sequence
 
-from tformer.engine.engine import Engine
+from tformer.engine.engine import Engine, EngineStats
 from tformer.engine.request import RequestOutput
 from tformer.engine.sampling import SamplingParams
 from tformer.errors import TformerError, one_line
@@ -180,10 +180,9 @@ class AsyncEngine:
         """Whether the thread that steps the engine runs."""
         return self._thread.is_alive()
 
-    def stats(self) -> tuple[int, int, int]:
-        """Requests running, requests waiting, cache rows in use."""
-        scheduler = self.engine.scheduler
-        return len(scheduler.running), len(scheduler.waiting), self.engine.max_batch_size - len(scheduler.free_rows)
+    def stats(self) -> EngineStats:
+        """The engine's own counts (see `Engine.stats`)."""
+        return self.engine.stats()
 
     def shutdown(self) -> None:
         """Stop the background thread (requests still running are left as they are)."""

@@ -140,8 +140,9 @@ class Server:
             except TformerError as exc:
                 raise APIError(400, str(exc), "prompt", "context_length_exceeded" if "exceeds" in str(exc) else None)
         texts = job.texts or [tokenizer.decode(p) if tokenizer else "" for p in ids]
-        _, waiting, in_use = self.front.stats()
-        if waiting + len(ids) > self.max_waiting + served.max_batch_size - in_use:
+        # The requests this server has in flight (the fronts' listeners): known at once, where the engine
+        # process's stats come a step later; the engine's own counts are for /metrics.
+        if len(self.front.listeners) + len(ids) > self.max_waiting + served.max_batch_size:
             raise APIError(503, f"the server is at capacity ({self.max_waiting} requests waiting); retry shortly",
                            code="overloaded", kind="server_error")  # fmt: skip
         return ids, texts

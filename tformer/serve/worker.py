@@ -5,7 +5,7 @@ lock: each streamed chunk's ~100 us of Python (JSON, HTTP framing) is time the e
 waits for, so every step gets slower as clients multiply (docs/benchmarks/2026-11-25-serve-cpu-2core.md).
 Here the engine runs in a child process with its own interpreter; the HTTP process sends it
 requests and aborts over a pipe, and it answers with one message per engine step holding every
-output of that step. `EngineProcess` offers `AsyncEngine`'s `submit`, so the app does not care
+output of that step and the engine's stats (`Engine.stats`: what `/metrics` reports). `EngineProcess` offers `AsyncEngine`'s `submit`, so the app does not care
 which it has.
 """
 
@@ -22,6 +22,7 @@ import torch
 
 from tformer.config import ModelConfig
 from tformer.engine import RequestOutput, SamplingParams
+from tformer.engine.engine import EngineStats
 from tformer.engine.front import Coalescer, Listeners, Stream
 from tformer.errors import TformerError, one_line
 from tformer.runtime import Runtime, load
@@ -102,6 +103,7 @@ class EngineProcess:
         self.listeners = Listeners()
         self._send_lock = threading.Lock()  # a pipe end is not safe to write from two threads at once
         self._loop: asyncio.AbstractEventLoop | None = None  # the one event loop that reads the pipe
+        self._stats: tuple[int, int, int, int] = (0, 0, 0, 0)  # the engine's, from its latest message
 
     def submit(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams = SamplingParams(), eos_id: int | None = None,
@@ -120,11 +122,9 @@ class EngineProcess:
             self._send("add", [(i, list(prompt), params, eos_id, stop) for i, prompt in zip(ids, prompts)])
         return Stream(ids, queue, self.listeners, lambda request_id: self._send("abort", request_id))
 
-    def stats(self) -> tuple[int, int, int]:
-        """Requests running, waiting, cache rows in use: from the requests in flight (the child
-        admits them into free rows at its next step)."""
-        rows, in_flight = self.served.max_batch_size, len(self.listeners)
-        return min(in_flight, rows), max(0, in_flight - rows), min(in_flight, rows)
+    def stats(self) -> EngineStats:
+        """The child's engine's own counts, as of its latest step (sent with each step's outputs)."""
+        return EngineStats(*self._stats)
 
     @property
     def alive(self) -> bool:
@@ -161,7 +161,8 @@ class EngineProcess:
         """Hand every step's outputs waiting in the pipe to their streams."""
         try:
             while self._conn.poll(0):
-                self.listeners.hand_out(self._conn.recv())
+                outputs, self._stats = self._conn.recv()
+                self.listeners.hand_out(outputs)
         except (EOFError, OSError):  # the child is gone: nothing more will come
             self._loop.remove_reader(self._conn.fileno())
             self.listeners.hand_out([RequestOutput(i, None, "error", "the engine process exited")
@@ -180,6 +181,7 @@ def _child(conn, spec: WorkerSpec) -> None:
     engine, coalesce = runtime.engine, Coalescer(spec.stream_interval)
     ours: dict[int, int] = {}  # engine request id -> the parent's id
     theirs: dict[int, int] = {}  # the parent's id -> engine request id
+    reported = (0, 0, 0, 0)  # the engine's stats as last sent: (running, waiting, rows in use, aborts)
     while True:
         while conn.poll(0 if engine.has_unfinished() else None):
             kind, payload = conn.recv()
@@ -190,11 +192,11 @@ def _child(conn, spec: WorkerSpec) -> None:
                     try:
                         engine_id = engine.add_request(prompt, params, eos_id, stop)
                     except TformerError as exc:  # the parent checks first; a refusal is this request's error
-                        conn.send([RequestOutput(parent_id, None, "error", str(exc))])
+                        conn.send(([RequestOutput(parent_id, None, "error", str(exc))], reported))
                         continue
                     ours[engine_id], theirs[parent_id] = parent_id, engine_id
             elif kind == "abort" and (engine_id := theirs.pop(payload, None)) is not None:
-                engine.abort(engine_id)
+                engine.abort(engine_id)  # its output and the new stats go with the step that follows
         try:
             outputs = engine.step()
         except Exception as exc:  # noqa: BLE001 - a bug in a step: fail its requests, keep serving
@@ -209,5 +211,8 @@ def _child(conn, spec: WorkerSpec) -> None:
             if out.finished:
                 del ours[out.request_id]
                 theirs.pop(parent_id, None)
-        if sent:
-            conn.send(sent)
+        s = engine.stats()
+        stats = (s.running, s.waiting, s.rows_in_use, s.aborts)
+        if sent or stats != reported:  # one small tuple a step; a step that changed nothing sends nothing
+            conn.send((sent, stats))
+            reported = stats
