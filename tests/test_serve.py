@@ -15,13 +15,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from serve_support import long_model, metrics, start_cli, stop, wait_for, wait_up
+from serve_support import group_alive, long_model, metrics, start_cli, stop, stream, up, wait_for, wait_up
 from tformer.bench.serve import free_port
 from tformer.checkpoint import save_checkpoint
 from tformer.runtime import Runtime
@@ -236,18 +238,48 @@ def long_checkpoint(trained, tmp_path_factory):
     return path, long_model(trained, path)
 
 
-def test_cli_serves_until_sigterm_then_exits_0(long_checkpoint, tmp_path):
-    path, rt = long_checkpoint
+def start_server(path, tmp_path, *options: str) -> tuple[str, subprocess.Popen, Path]:
+    """`tformer serve` of `path` on a free port, in a process group of its own: (URL, process, its stderr's file)."""
     port, log = free_port(), tmp_path / "stderr"
-    proc = start_cli([str(path), "--port", str(port), "--max-batch-size", "2", "--device", "cpu"], log,
-                     TFORMER_API_KEY="")  # fmt: skip
+    proc = start_cli([str(path), "--port", str(port), "--device", "cpu", *options], log, TFORMER_API_KEY="")
+    url = f"http://127.0.0.1:{port}"
+    wait_up(url, proc, log)
+    return url, proc, log
+
+
+def signal_with_streams_in_flight(url: str, proc: subprocess.Popen, sig: int, group: bool, longs: int,
+                                  short: int = 0) -> tuple[list[dict], dict]:  # fmt: skip
+    """`longs` streams of 4000 tokens (seconds of work) and one of `short` tokens, all streaming,
+    when `sig` goes to the server's process (or its whole group, as Ctrl-C in a terminal does),
+    which then stops accepting at once; each stream read to its end: (the long ones' outcomes, the
+    short one's; see `stream`)."""
+    body = {"model": "tiny", "prompt": "def ", "temperature": 0, "ignore_eos": True}
+    outs, quick = [{} for _ in range(longs)], {}
+    threads = [threading.Thread(target=stream, args=(url, {**body, "max_tokens": 4000}, o)) for o in outs]
+    if short:
+        threads.append(threading.Thread(target=stream, args=(url, {**body, "max_tokens": short}, quick)))
+    for t in threads:
+        t.start()
+    assert wait_for(lambda: all("first" in o or "end" in o for o in [*outs, quick][: len(threads)]), 60), outs
+    (os.killpg if group else os.kill)(proc.pid, sig)
+    # It stops accepting at once: /health fails while the long streams still run (in the grace period).
+    assert wait_for(lambda: not up(url)) and not any("end" in o for o in outs), outs
+    for t in threads:
+        t.join(timeout=60)
+    return outs, quick
+
+
+def test_cli_serves_until_sigterm_then_exits_0(long_checkpoint, tmp_path):
+    """`tformer serve` in a process of its own: the in-process text; a disconnect reaches its
+    engine process as an abort; SIGTERM to the process with streams in flight: it stops accepting,
+    the stream that can finish within --grace gets every token (finish_reason length), the others
+    end with a final chunk (finish_reason abort) and [DONE], and it exits 0 with nothing left."""
+    path, rt = long_checkpoint
+    url, proc, log = start_server(path, tmp_path, "--max-batch-size", "8", "--grace", "3")
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_up(url, proc, log)
         r = client(url).completions.create(model="tiny", prompt="def ", max_tokens=5, temperature=0)
         assert r.choices[0].text == rt.generate("def ", max_new_tokens=5, temperature=0)[0]
-        # The CLI's engine runs in a process of its own: a disconnect reaches it as an abort too. Its
-        # abort counter rises (a request it finished by length would not count) and frees its row.
+        # The engine's abort counter rises (a request it finished by length would not count) and the row is free.
         body = {"model": "tiny", "prompt": "def ", "max_tokens": 4000, "stream": True, "ignore_eos": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response:
             lines = response.iter_lines()
@@ -256,11 +288,31 @@ def test_cli_serves_until_sigterm_then_exits_0(long_checkpoint, tmp_path):
         assert wait_for(lambda: metrics(url)["tformer:engine_aborts_total"] == 1)
         m = metrics(url)
         assert m["tformer:cache_rows_in_use"] == 0 and m["tformer:requests_total{outcome=abort}"] == 1
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+
+        outs, quick = signal_with_streams_in_flight(url, proc, signal.SIGTERM, group=False, longs=4, short=100)
+        assert proc.wait(timeout=3 + 5) == 0
+        assert (quick["end"], quick["finish"], quick["tokens"]) == ("done", "length", 100), quick
+        assert [(o["end"], o["finish"]) for o in outs] == [("done", "abort")] * 4, outs
         err = log.read_text()
-        assert f"http://127.0.0.1:{port}" in err and "cache" in err and err.strip().endswith("tformer serve: stopped")
-        assert "Traceback" not in err
+        assert f"http://127.0.0.1:{url.rsplit(':', 1)[1]}" in err and "cache" in err and "grace 3 s" in err
+        assert "SIGTERM" in err and err.strip().endswith("tformer serve: stopped") and "Traceback" not in err, err
+        assert group_alive(proc.pid) == []
+    finally:
+        stop(proc)
+
+
+def test_cli_ctrl_c_to_its_group_ends_every_stream_and_exits_130(long_checkpoint, tmp_path):
+    """SIGINT to the whole process group (Ctrl-C in a terminal): the engine process ignores it and
+    its parent stops it; after --grace every stream ends with a final chunk and [DONE]; exit 130."""
+    path, _ = long_checkpoint
+    url, proc, log = start_server(path, tmp_path, "--max-batch-size", "4", "--grace", "1")
+    try:
+        outs, _ = signal_with_streams_in_flight(url, proc, signal.SIGINT, group=True, longs=4)
+        assert proc.wait(timeout=1 + 5) == 130
+        assert [(o["end"], o["finish"]) for o in outs] == [("done", "abort")] * 4, outs
+        err = log.read_text()
+        assert "SIGINT" in err and err.strip().endswith("tformer serve: stopped") and "Traceback" not in err, err
+        assert group_alive(proc.pid) == []
     finally:
         stop(proc)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import re
+import signal
 import socket
 import sys
 import time
@@ -342,7 +343,9 @@ def convert_cmd(model, nhead, tokenizer, output) -> None:
               "[default: $TFORMER_API_KEY, else none].")
 @click.option("--model-name", help="The name clients pass as 'model' [default: MODEL's file name without its suffix].")
 @click.option("--grace", default=30.0, show_default=True, type=click.FloatRange(min=0),
-              help="Seconds in-flight requests may finish after SIGTERM or Ctrl-C.")
+              help="On SIGTERM or Ctrl-C (SIGINT): stop accepting, give requests in flight this many seconds to "
+                   "finish, then end the rest (a stream's last chunk says finish_reason 'abort', then [DONE]) and "
+                   "exit 0 (130 after SIGINT). A second signal ends them at once.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads of the engine's torch [default: torch's "
               "own, one per core: on a 2-core CPU leaving a core to the HTTP side measured slower (docs/benchmarks)].")
 @click.option("--stream-interval", default=1, show_default=True, type=click.IntRange(min=1),
@@ -366,7 +369,12 @@ def serve(model, backend, device, dtype, nhead, tokenizer, host, port, max_batch
           target_ongoing_requests, ray_address, num_gpus_per_replica, print_config) -> None:  # fmt: skip
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
     /v1/models), with /health, /metrics (Prometheus) and a playground page at /; with --ray, as
-    replicas on Ray Serve."""
+    replicas on Ray Serve.
+
+    SIGTERM or Ctrl-C (to the process or its whole group): stop accepting, let requests in flight
+    finish within --grace seconds, end the rest (streams with a last chunk whose finish_reason is
+    'abort', then [DONE]; other requests with their JSON, finish_reason 'abort'), exit 0 (130
+    after Ctrl-C)."""
     try:
         from tformer.serve.server import run
         from tformer.serve.worker import EngineProcess, WorkerSpec
@@ -394,9 +402,18 @@ def serve(model, backend, device, dtype, nhead, tokenizer, host, port, max_batch
     s = engine.served
     cache = f"cache {s.cache_bytes / 2**20:.1f} MiB" if s.cache_bytes is not None else "cache"
     click.echo(f"tformer serve: http://{host}:{port} | model '{name}' | {s.backend} on {s.device} | {cache} "
-               f"({s.max_batch_size} rows x {s.max_len} slots) | warm-up {s.warmup_s:.1f} s", err=True)  # fmt: skip
-    run(engine, host, port, grace, model_name=name, max_waiting=max_waiting, api_key=api_key)
+               f"({s.max_batch_size} rows x {s.max_len} slots) | warm-up {s.warmup_s:.1f} s | grace {grace:g} s",
+               err=True)  # fmt: skip
+    stopped_by = run(engine, host, port, grace, say=lambda line: click.echo(line, err=True), model_name=name,
+                     max_waiting=max_waiting, api_key=api_key)  # fmt: skip
+    _stopped(stopped_by)
+
+
+def _stopped(stopped_by: int | None) -> None:
+    """The last line, and the exit status: 130 after SIGINT (128 + 2, as shells report Ctrl-C), else 0."""
     click.echo("tformer serve: stopped", err=True)
+    if stopped_by == signal.SIGINT:
+        click.get_current_context().exit(130)
 
 
 def _serve_on_ray(spec, name: str, max_waiting: int, api_key: str | None, host: str, port: int, grace: float,

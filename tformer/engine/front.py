@@ -184,6 +184,13 @@ class AsyncEngine:
         """The engine's own counts (see `Engine.stats`)."""
         return self.engine.stats()
 
+    def abort_all(self) -> None:
+        """Abort every request in flight; each stream gets its final output ("abort") at the next
+        step (a server at the end of its grace period)."""
+        for request_id in self.listeners.ids():
+            self.engine.abort(request_id)
+        self._wake.set()
+
     def shutdown(self) -> None:
         """Stop the background thread (requests still running are left as they are)."""
         self._stopping = True

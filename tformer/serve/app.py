@@ -126,6 +126,9 @@ class Server:
 
     def prompts(self, job: Job) -> tuple[list[list[int]], list[str]]:
         """Each prompt's ids (checked against the engine's limits) and its text for `echo`."""
+        if self.draining:
+            raise APIError(503, "the server is shutting down; retry on another", code="shutting_down",
+                           kind="server_error")  # fmt: skip
         tokenizer = self.served.tokenizer
         if job.texts is not None and tokenizer is None:
             raise APIError(400, "this model has no tokenizer: send 'prompt' as token ids", "prompt")

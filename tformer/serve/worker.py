@@ -14,6 +14,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import multiprocessing
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +30,15 @@ from tformer.engine.front import Coalescer, Listeners, Stream
 from tformer.errors import TformerError, one_line
 from tformer.runtime import Runtime, load
 from tformer.tokenizer import Tokenizer
+
+
+# What stops a server: its engine process ignores them and is stopped by its parent, which may
+# still need it to finish or abort the requests in flight (a terminal's Ctrl-C and a service
+# manager's stop signal the whole process group, the engine process too).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# The engine process's program: the parent's sys.path first, then `_child` over the pipe on `fd`.
+CHILD = ("import sys; from multiprocessing.connection import Connection; conn = Connection({fd}); "
+         "sys.path[:] = conn.recv(); from tformer.serve.worker import _child; _child(conn)")
 
 
 @dataclass(frozen=True)
@@ -83,19 +95,26 @@ class EngineProcess:
     """An engine in a child process, driven like `AsyncEngine` (`submit`), from one event loop."""
 
     def __init__(self, spec: WorkerSpec, timeout: float = 600.0):
-        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads
-        self._conn, child = context.Pipe()
-        self._process = context.Process(target=_child, args=(child, spec), name="tformer-engine", daemon=True)
-        self._process.start()
+        self._conn, child = multiprocessing.Pipe()
+        # A fresh interpreter (no forked torch threads), started as a plain subprocess: multiprocessing's
+        # spawn would also start its resource tracker, a process left for init to reap after we exit.
+        self._process = _start_ignoring_stop_signals([sys.executable, "-c", CHILD.format(fd=child.fileno())],
+                                                     child.fileno())  # fmt: skip
         child.close()
-        if not self._conn.poll(timeout):
-            self._process.kill()
-            raise TformerError(f"the engine process did not start within {timeout:.0f} s")
         try:
+            self._conn.send(sys.path)  # where it imports tformer from, as multiprocessing's spawn does
+            self._conn.send(spec)
+            if not self._conn.poll(timeout):
+                raise TformerError(f"the engine process did not start within {timeout:.0f} s")
             kind, payload = self._conn.recv()
-        except EOFError:
-            raise TformerError(f"the engine process exited (code {self._process.exitcode}) while starting") from None
+        except (EOFError, BrokenPipeError):
+            self._kill()
+            raise TformerError(f"the engine process exited (code {self._process.returncode}) while starting") from None
+        except BaseException:  # Ctrl-C while it loads: it ignores that, so it goes now
+            self._kill()
+            raise
         if kind == "failed":
+            self._kill()
             raise TformerError(payload)
         config, tokenizer, rest = payload
         self.served = Served(ModelConfig.from_dict(config), Tokenizer.from_json(tokenizer) if tokenizer else None, **rest)
@@ -126,18 +145,30 @@ class EngineProcess:
         """The child's engine's own counts, as of its latest step (sent with each step's outputs)."""
         return EngineStats(*self._stats)
 
+    def abort_all(self) -> None:
+        """Abort every request in flight; each stream gets its final output ("abort") with the
+        engine's next step (a server at the end of its grace period)."""
+        self._send("abort_all", None)
+
     @property
     def alive(self) -> bool:
         """Whether the engine process still runs (a health check's question)."""
-        return self._process.is_alive()
+        return self._process.poll() is None
 
     def shutdown(self) -> None:
+        """Stop the engine process: it ends after its current step (killed if it has not within 5 s)."""
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self._conn.fileno())
         self._send("stop", None)
-        self._process.join(timeout=10)
-        if self._process.is_alive():
-            self._process.kill()
+        try:
+            self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._kill()
+
+    def _kill(self) -> None:
+        """Kill the engine process (it ignores SIGTERM: see `STOP_SIGNALS`) and reap it."""
+        self._process.kill()
+        self._process.wait()
 
     def _send(self, kind: str, payload) -> None:
         try:
@@ -169,8 +200,36 @@ class EngineProcess:
                                      for i in self.listeners.ids()])  # fmt: skip
 
 
-def _child(conn, spec: WorkerSpec) -> None:
-    """The child: build the engine, say so, then serve the pipe: requests in, one message per step out."""
+def _start_ignoring_stop_signals(command: list[str], fd: int) -> subprocess.Popen:
+    """Start `command` (passing it `fd`) with SIGINT and SIGTERM ignored from its first
+    instruction (an ignored signal stays ignored across exec, and Python then leaves SIGINT
+    alone): while it imports and loads, a Ctrl-C would otherwise end it with a traceback. Only the
+    main thread may change signal handlers; elsewhere (a Ray replica) the child ignores them from
+    `_child` on."""
+    start = lambda: subprocess.Popen(command, pass_fds=(fd,), stdin=subprocess.DEVNULL)  # noqa: E731
+    if threading.current_thread() is not threading.main_thread():
+        return start()
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    try:
+        return start()
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def _child(conn) -> None:
+    """The child: build the engine, say so, then serve the pipe: requests in, one message per step
+    out, until the parent says stop or is gone (the pipe's end: a parent killed leaves no engine
+    behind)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    try:
+        _serve_pipe(conn, conn.recv())
+    except (EOFError, OSError):  # the parent is gone
+        pass
+
+
+def _serve_pipe(conn, spec: WorkerSpec) -> None:
     try:
         runtime, served = build(spec)
     except Exception as exc:  # noqa: BLE001 - reported to the parent as one line
@@ -197,6 +256,10 @@ def _child(conn, spec: WorkerSpec) -> None:
                     ours[engine_id], theirs[parent_id] = parent_id, engine_id
             elif kind == "abort" and (engine_id := theirs.pop(payload, None)) is not None:
                 engine.abort(engine_id)  # its output and the new stats go with the step that follows
+            elif kind == "abort_all":
+                for engine_id in theirs.values():
+                    engine.abort(engine_id)
+                theirs.clear()
         try:
             outputs = engine.step()
         except Exception as exc:  # noqa: BLE001 - a bug in a step: fail its requests, keep serving
