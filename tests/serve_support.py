@@ -72,7 +72,10 @@ def start_cli(args: list[str], log: Path, **env: str) -> subprocess.Popen:
 
 
 def wait_up(url: str, proc: subprocess.Popen, log: Path, seconds: float = 120) -> None:
-    assert wait_for(lambda: up(url) or proc.poll() is not None, seconds) and proc.poll() is None, log.read_text()
+    """Until the server answers /health and has said it is up (its first line: `--ray` says it once
+    every replica is up, and takes signals as a running server only from then on)."""
+    ready = lambda: up(url) and "tformer serve: http" in log.read_text()  # noqa: E731
+    assert wait_for(lambda: ready() or proc.poll() is not None, seconds) and proc.poll() is None, log.read_text()
 
 
 def group_alive(pgid: int) -> list[int]:

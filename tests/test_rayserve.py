@@ -1,28 +1,28 @@
-"""`tformer serve --ray`: the same app on Ray Serve, on one local Ray instance shared by the tests
-of this module (CPU, 2 replicas of a small model). Texts are checked against the same model
-in-process (`Runtime.generate`); which replica answered comes from its `x-tformer-replica` header."""
+"""`tformer serve --ray`: the same app on Ray Serve. The module starts ONE `tformer serve --ray`
+(its own local Ray instance, 2 replicas of a small model, CPU) and its tests run against it; this
+process joins that instance to find replicas and to deploy a broken model beside it. Texts are
+checked against the same model in-process (`Runtime.generate`); which replica answered comes from
+its `x-tformer-replica` header. The last test stops the server with a signal to its process
+group, streams in flight, and checks that nothing of Ray is left."""
 
 from __future__ import annotations
 
 import asyncio
-import copy
-import dataclasses
-import json
 import os
+import re
 import signal
 import subprocess
-import sys
 import threading
-import time
+from dataclasses import dataclass
+from pathlib import Path
 
-import httpx
 import openai
 import pytest
+from click.testing import CliRunner
 
-from tformer.bench.serve import free_port
-from tformer.checkpoint import save_checkpoint
-from tformer.model import TransformerLM
-from tformer.runtime import Runtime
+# `tformer serve --ray`'s local instance has Ray's token authentication (Ray's default for a new local
+# instance); Ray reads RAY_AUTH_MODE once, when it is imported, so this comes first.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 try:
     import ray
@@ -34,39 +34,56 @@ except ImportError:
         raise
     pytest.skip("Ray Serve is not installed (pip install 'tformer[ray]'); .ci/run installs it", allow_module_level=True)
 
+from serve_support import group_alive, long_model, start_cli, stop, stream, up, wait_for, wait_up
+from tformer.bench.cpu import descendants
+from tformer.bench.serve import free_port
+from tformer.checkpoint import save_checkpoint
+from tformer.cli import cli
+from tformer.errors import TformerError
+from tformer.files import proc_stat_fields
+from tformer.runtime import Runtime, load
+
 NAME = "tiny"
 PROMPTS = ["def ", "import os\n", "class Foo", "return self.", "for i in", "with open(", "if x", "print("]
-LONG = 4000  # tokens of the requests a killed replica is serving: long enough to be killed mid-stream
+LONG = 8000  # tokens of the requests in flight when a test acts: long enough to be mid-stream (seconds of work)
+GRACE = 2
+
+
+@dataclass
+class RayServer:
+    url: str
+    runtime: Runtime  # the same model in-process
+    proc: subprocess.Popen  # `tformer serve --ray`, in a process group of its own
+    log: Path  # its stderr
+    logs: Path  # that instance's log directory
 
 
 @pytest.fixture(scope="module")
-def long_model(trained, tmp_path_factory):
-    """The trained model with a positional table long enough for LONG tokens (the table is
-    computed, not trained), saved for the replicas: (path, an in-process Runtime of it)."""
-    model, tokenizer = trained
-    longer = TransformerLM(dataclasses.replace(model.config, max_len=4096)).eval()
-    weights = {k: v for k, v in copy.deepcopy(model).state_dict().items() if k != "pos_encoder.pe"}
-    longer.load_state_dict(weights, strict=False)
-    path = tmp_path_factory.mktemp("ray") / "tiny.safetensors"
-    save_checkpoint(path, longer, tokenizer)
-    return path, Runtime.from_model(longer, tokenizer, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def ray_app(long_model):
-    """Two replicas (one engine thread, 4 rows each) behind Ray Serve's proxy on a free port."""
-    path, runtime = long_model
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+def served(trained, tmp_path_factory):
+    """`tformer serve --ray` of the trained model with an 8192-token context: two replicas (one
+    engine thread, 4 rows each) behind Ray Serve's proxy on a free port; this process joined to
+    its Ray instance."""
+    tmp = tmp_path_factory.mktemp("ray")
+    runtime = long_model(trained, tmp / "tiny.safetensors", max_len=8192)
+    port, log = free_port(), tmp / "stderr"
+    proc = start_cli([str(tmp / "tiny.safetensors"), "--ray", "--replicas", "2", "--max-batch-size", "4", "--threads", "1",
+                      "--max-waiting", "32", "--grace", str(GRACE), "--port", str(port)], log)  # fmt: skip
     try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        spec = rayserve.WorkerSpec(str(path), max_batch_size=4, max_len=4096, threads=1)
-        app = rayserve.application(spec, rayserve.AppOptions(NAME, max_waiting=32), rayserve.Scaling(replicas=2), grace=2)
-        serve.run(app, name=rayserve.APP_NAME, route_prefix="/")
-        yield f"http://127.0.0.1:{port}", runtime
+        wait_up(f"http://127.0.0.1:{port}", proc, log, 300)
+        address = re.search(r"local instance at (\S+)\)", log.read_text()).group(1)
+        context = ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        yield RayServer(f"http://127.0.0.1:{port}", runtime, proc, log,
+                        Path(context.address_info["session_dir"]) / "logs" / "serve")  # fmt: skip
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        ray.shutdown()  # before the instance goes: a driver whose Ray has gone waits a minute, then exits
+        ours = descendants(proc.pid)
+        stop(proc)
+        wait_for(lambda: not alive(ours), 30)  # its instance stops itself once its starter has gone
+
+
+def alive(pids: list[int]) -> list[int]:
+    """Those of `pids` still there (zombies too: nobody has reaped them)."""
+    return [pid for pid in pids if proc_stat_fields(pid) is not None]
 
 
 def replica_pids() -> dict[str, int]:
@@ -74,8 +91,8 @@ def replica_pids() -> dict[str, int]:
     Serve names its replica actors `...#<deployment>#<id>`; the actor tells its own pid."""
     pids = {}
     for actor in ray.util.list_named_actors(all_namespaces=True):
-        *_, deployment, replica = actor["name"].split("#") if "#" in actor["name"] else ("", "", "")
-        if deployment == rayserve.DEPLOYMENT:
+        *_, app, deployment, replica = actor["name"].split("#") if actor["name"].count("#") >= 2 else ("", "", "")
+        if deployment == rayserve.DEPLOYMENT and app.endswith(rayserve.APP_NAME):
             try:
                 handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
                 pids[replica] = ray.get(handle.__ray_call__.remote(lambda _: os.getpid()), timeout=10)
@@ -85,22 +102,20 @@ def replica_pids() -> dict[str, int]:
 
 
 def wait_for_replicas(n: int, seconds: float = 180) -> dict[str, int]:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    def running() -> dict[str, int] | None:
         status = serve.status().applications[rayserve.APP_NAME]
-        running = status.deployments[rayserve.DEPLOYMENT].replica_states.get("RUNNING", 0)
-        if status.status == "RUNNING" and running == n and len(pids := replica_pids()) == n:
-            return pids
-        time.sleep(0.5)
-    raise AssertionError(f"Ray Serve did not get back to {n} running replicas in {seconds} s")
+        count = status.deployments[rayserve.DEPLOYMENT].replica_states.get("RUNNING", 0)
+        return pids if status.status == "RUNNING" and count == n and len(pids := replica_pids()) == n else None
+
+    assert wait_for(running, seconds), f"Ray Serve did not get back to {n} running replicas in {seconds} s"
+    return running()
 
 
-def test_sixteen_clients_get_the_in_process_text_from_both_replicas(ray_app):
+def test_sixteen_clients_get_the_in_process_text_from_both_replicas(served):
     """16 concurrent requests through the official client, half streamed: each greedy text equals
     the in-process one, and the answers came from both replicas."""
-    url, runtime = ray_app
     prompts = [f"{PROMPTS[i % len(PROMPTS)]}{i}" for i in range(16)]
-    want = runtime.generate(prompts, max_new_tokens=24, temperature=0)
+    want = served.runtime.generate(prompts, max_new_tokens=24, temperature=0)
 
     async def one(c: openai.AsyncOpenAI, i: int) -> tuple[str, str]:
         if i % 2:
@@ -112,7 +127,7 @@ def test_sixteen_clients_get_the_in_process_text_from_both_replicas(ray_app):
             return text, response.headers["x-tformer-replica"]
 
     async def all_at_once() -> list[tuple[str, str]]:
-        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60) as c:
+        async with openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key="none", max_retries=0, timeout=60) as c:
             return await asyncio.gather(*(one(c, i) for i in range(16)))
 
     got = asyncio.run(all_at_once())
@@ -120,76 +135,81 @@ def test_sixteen_clients_get_the_in_process_text_from_both_replicas(ray_app):
     assert len({replica for _, replica in got}) == 2, got
 
 
-def stream(url: str, prompt: str, max_tokens: int, out: dict) -> None:
-    """One streamed completion, read to its end: `out` gets the replica, when its first chunk
-    came, the chunks' text and how it ended ("done", or the error). Bounded: 60 s of silence fails."""
-    body = {"model": NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True}
-    out["text"] = ""
-    try:
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
-            out["replica"] = response.headers.get("x-tformer-replica")
-            if response.status_code != 200:
-                out["end"] = f"HTTP {response.status_code}"
-                return
-            for line in response.iter_lines():
-                if line == "data: [DONE]":
-                    out["end"], out["ended"] = "done", time.monotonic()
-                    return
-                if line.startswith("data: "):
-                    event = json.loads(line[6:])
-                    if "error" in event:
-                        out["end"] = f"error event: {event['error']['message']}"
-                        return
-                    out.setdefault("first", time.monotonic())
-                    out["text"] += event["choices"][0]["text"]
-        out["end"] = "ended without [DONE]"
-    except httpx.HTTPError as exc:
-        out["end"] = f"{type(exc).__name__}: {exc}"
+def streams(url: str, bodies: list[dict]) -> tuple[list[dict], list[threading.Thread]]:
+    """One streamed completion per body, each read to its end on a thread of its own (see `stream`)."""
+    outs = [{} for _ in bodies]
+    threads = [threading.Thread(target=stream, args=(url, body, out), daemon=True) for body, out in zip(bodies, outs)]
+    for t in threads:
+        t.start()
+    return outs, threads
 
 
-def test_a_killed_replica_fails_its_requests_and_ray_brings_one_back(ray_app):
+def body(prompt: str, max_tokens: int) -> dict:
+    return {"model": NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+
+
+def test_a_killed_replica_fails_its_requests_and_ray_brings_one_back(served):
     """A replica's process killed mid-stream (its pid from Ray's state API): the requests it was
     serving end with an error, within the timeout, never a hang; those on the other replica
     finish; Ray starts a new replica, and requests after that succeed with the in-process text."""
-    url, runtime = ray_app
     pids = wait_for_replicas(2)
-    outs = [{} for _ in range(8)]
-    threads = [threading.Thread(target=stream, args=(url, f"{PROMPTS[i]}", LONG, outs[i]), daemon=True) for i in range(8)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 60
-    while not (streaming := [o for o in outs if "first" in o and "end" not in o]) and time.monotonic() < deadline:
-        time.sleep(0.005)
-    victim = streaming[0]["replica"]  # a replica in the middle of a stream
+    outs, threads = streams(served.url, [body(p, LONG) for p in PROMPTS])
+    assert wait_for(lambda: any("first" in o and "end" not in o for o in outs), 60), outs
+    victim = next(o for o in outs if "first" in o and "end" not in o)["replica"]  # a replica in mid-stream
     os.kill(pids[victim], signal.SIGKILL)
-    killed = time.monotonic()
     for t in threads:
         t.join(timeout=90)
     assert not any(t.is_alive() for t in threads), "a request hung after its replica was killed"
     on_victim = [o for o in outs if o.get("replica") == victim]
     assert any(o["end"] != "done" for o in on_victim), outs
-    assert all(o["ended"] < killed for o in on_victim if o["end"] == "done"), outs  # only those done before
     assert all(o["end"] == "done" for o in outs if o.get("replica") not in (victim, None)), outs
 
     fresh = wait_for_replicas(2)
     assert victim not in fresh
-    c = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
-    want = runtime.generate(PROMPTS[:4], max_new_tokens=16, temperature=0)
+    c = openai.OpenAI(base_url=f"{served.url}/v1", api_key="none", max_retries=0, timeout=60)
+    want = served.runtime.generate(PROMPTS[:4], max_new_tokens=16, temperature=0)
     got = [c.completions.create(model=NAME, prompt=p, max_tokens=16, temperature=0).choices[0].text for p in PROMPTS[:4]]
     assert got == want
 
 
-def test_print_config_is_a_serve_deploy_config(trained, tmp_path):
+def test_a_checkpoint_that_cannot_load_fails_the_deployment_with_its_own_error(served, trained, tmp_path):
+    """A corrupt checkpoint deployed beside the running application (what `tformer serve --ray`
+    deploys, through the same `deploy`): it fails with the load error itself, the one line that
+    loading it without Ray gives, as soon as the first replica fails (not after Ray's retries:
+    at most the first replica and one retry started), and no replica log holds a traceback from
+    `__del__` (a replica whose constructor failed)."""
+    model, tokenizer = trained
+    save_checkpoint(tmp_path / "bad.safetensors", model, tokenizer)
+    data = bytearray((tmp_path / "bad.safetensors").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / "bad.safetensors").write_bytes(bytes(data))
+    with pytest.raises(TformerError) as plain:
+        load(str(tmp_path / "bad.safetensors"))
+    spec = rayserve.WorkerSpec(str(tmp_path / "bad.safetensors"), threads=1)
+    # No CPU reserved: the two replicas above hold the instance's two.
+    app = rayserve.application(spec, rayserve.AppOptions(NAME), rayserve.Scaling(replicas=1, num_cpus=0), grace=1)
+    try:
+        with pytest.raises(TformerError) as deployed:
+            rayserve.deploy(app, "broken", "/broken")
+    finally:
+        serve.delete("broken")
+    assert str(deployed.value) == str(plain.value) and "SHA-256" in str(plain.value)
+    logs = list(served.logs.glob("replica_broken_*.log"))
+    assert 1 <= len(logs) <= 2, logs
+    assert not any("AttributeError" in log.read_text() for log in logs)
+
+
+def test_print_config_is_a_serve_deploy_config(trained, tmp_path, monkeypatch):
     """`--print-config` writes a config that Ray's own schema accepts, whose builder makes the app."""
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
     model, tokenizer = trained
     save_checkpoint(tmp_path / "m.safetensors", model, tokenizer)
-    r = subprocess.run([sys.executable, "-m", "tformer.cli", "serve", "m.safetensors", "--ray", "--print-config",
-                        "--min-replicas", "1", "--max-replicas", "3", "--port", "8123", "--threads", "2"],
-                       capture_output=True, text=True, timeout=120, cwd=tmp_path)  # fmt: skip
-    assert r.returncode == 0, r.stderr
+    monkeypatch.chdir(tmp_path)  # a relative path: the config names it absolute
+    r = CliRunner().invoke(cli, ["serve", "m.safetensors", "--ray", "--print-config", "--min-replicas", "1",
+                                 "--max-replicas", "3", "--port", "8123", "--threads", "2"])  # fmt: skip
+    assert r.exit_code == 0, r.output
     config = yaml.safe_load(r.stdout)
     ServeDeploySchema.parse_obj(config)  # raises on anything Ray's `serve deploy` would refuse
     (app,) = config["applications"]
@@ -211,6 +231,32 @@ def test_print_config_is_a_serve_deploy_config(trained, tmp_path):
 def test_cli_refuses_contradictory_ray_options(trained, tmp_path, args, message):
     model, tokenizer = trained
     save_checkpoint(tmp_path / "m.safetensors", model, tokenizer)
-    r = subprocess.run([sys.executable, "-m", "tformer.cli", "serve", str(tmp_path / "m.safetensors"), *args],
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert r.returncode == 2 and r.stderr.startswith("Error: ") and message in r.stderr and "Traceback" not in r.stderr
+    r = CliRunner().invoke(cli, ["serve", str(tmp_path / "m.safetensors"), *args])
+    assert r.exit_code == 2 and r.stderr.startswith("Error: ") and message in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_sigterm_to_the_group_drains_the_replicas_and_leaves_no_ray_process(served):
+    """Last (it stops the module's server): SIGTERM to the whole process group, as `systemctl stop`
+    and a container's stop send it, with streams in flight on both replicas. The server stops
+    taking requests; the stream that can finish within --grace gets every token; the others end
+    with a final chunk (finish_reason abort) and [DONE]; it exits 0 within 20 s with no
+    traceback, and no process of its group or of its Ray instance is left."""
+    ray.shutdown()  # this process leaves the instance before it goes
+    longs, threads = streams(served.url, [body(p, LONG) for p in PROMPTS[:6]])
+    assert wait_for(lambda: all("first" in o for o in longs), 60), longs
+    (short,), more = streams(served.url, [body("def ", 100)])
+    assert wait_for(lambda: "first" in short or "end" in short, 60), short
+    ours = descendants(served.proc.pid)  # its Ray instance's processes (gcs_server, raylet, workers), its engines
+    assert len(ours) > 5, ours
+    os.killpg(served.proc.pid, signal.SIGTERM)
+    assert wait_for(lambda: not up(served.url)) and not any("end" in o for o in longs), longs  # stops at once
+    assert served.proc.wait(timeout=20) == 0, served.log.read_text()
+    for t in threads + more:
+        t.join(timeout=10)
+    assert (short["end"], short["finish"], short["tokens"]) == ("done", "length", 100), short
+    assert [(o["end"], o["finish"]) for o in longs] == [("done", "abort")] * 6, longs
+    assert len({o["replica"] for o in longs}) == 2, longs
+    err = served.log.read_text()
+    assert "SIGTERM" in err and err.strip().endswith("tformer serve: stopped") and "Traceback" not in err, err
+    assert group_alive(served.proc.pid) == []
+    assert wait_for(lambda: not alive(ours), 10), [(pid, proc_stat_fields(pid)) for pid in alive(ours)]

@@ -6,6 +6,7 @@ Bad input ends in one line, `Error: <problem and fix>`, and exit code 2; never a
 from __future__ import annotations
 
 import errno
+import os
 import re
 import signal
 import socket
@@ -420,6 +421,8 @@ def _serve_on_ray(spec, name: str, max_waiting: int, api_key: str | None, host: 
                   replicas, min_replicas, max_replicas, target_ongoing_requests, ray_address, print_config,
                   num_gpus_per_replica) -> None:  # fmt: skip
     """`tformer serve --ray`: print the Ray Serve config, or deploy and serve until SIGTERM/Ctrl-C."""
+    if ray_address is None:  # our own local instance (rayserve.LocalRay), with token authentication as Ray's
+        os.environ.setdefault("RAY_AUTH_MODE", "token")  # default: set before Ray is imported, which reads it once
     try:
         from tformer.serve import rayserve
     except ImportError as exc:
@@ -445,12 +448,13 @@ def _serve_on_ray(spec, name: str, max_waiting: int, api_key: str | None, host: 
             raise CliError(f"{spec.model}: no such file or directory")
         _check_port(host, port)
 
-    def ready() -> None:
-        click.echo(f"tformer serve: http://{host}:{port} on Ray Serve ({ray_address or 'local instance'}) | model "
-                   f"'{name}' | {scaling.describe()}, {spec.threads} thread(s) each", err=True)  # fmt: skip
+    def ready(where: str) -> None:
+        click.echo(f"tformer serve: http://{host}:{port} on Ray Serve ({where}) | model "
+                   f"'{name}' | {scaling.describe()}, {spec.threads} thread(s) each | grace {grace:g} s",
+                   err=True)  # fmt: skip
 
-    rayserve.run(spec, options, scaling, host, port, ray_address, grace, ready)
-    click.echo("tformer serve: stopped", err=True)
+    _stopped(rayserve.run(spec, options, scaling, host, port, ray_address, grace, ready,
+                          say=lambda line: click.echo(line, err=True)))  # fmt: skip
 
 
 def _check_port(host: str, port: int) -> None:

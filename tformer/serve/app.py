@@ -14,7 +14,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,6 +123,19 @@ class Server:
         if self.draining:
             return "draining"
         return None if self.front.alive else "engine down"
+
+    async def drain(self, grace: float, hurry: Callable[[], bool] = lambda: False) -> int:
+        """A server's shutdown: take no more requests (503; `/health` says draining), give those
+        in flight `grace` seconds to finish (less if `hurry()` turns true), then abort the rest in
+        the engine, so that each ends with its final event (finish_reason "abort") rather than a
+        cut connection. Returns how many were aborted."""
+        self.draining = True
+        end = time.monotonic() + grace
+        while self.front.listeners and not hurry() and (left := end - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, 0.1))
+        aborted = len(self.front.listeners)
+        self.front.abort_all()
+        return aborted
 
     def prompts(self, job: Job) -> tuple[list[list[int]], list[str]]:
         """Each prompt's ids (checked against the engine's limits) and its text for `echo`."""

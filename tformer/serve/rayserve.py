@@ -8,28 +8,41 @@ replica whose process dies or whose health check (`check_health`: the engine pro
 the app not draining) fails, and scales the replica count between bounds by the requests in flight.
 Each completion says which replica answered (`x-tformer-replica`).
 
-Deployed two ways: `tformer serve MODEL --ray` (`run`: starts or joins a Ray cluster, deploys,
-serves until SIGTERM or Ctrl-C), or Ray's own tools with the config that `--print-config` writes
-(`config`), whose `import_path` is `app_builder`.
+Deployed two ways: `tformer serve MODEL --ray` (`run`: starts a local Ray instance of its own in
+a session of its own (`LocalRay`), or joins a cluster; deploys, failing at once with a replica's
+own load error; serves until SIGTERM or Ctrl-C, then has every replica drain as plain `tformer
+serve` does, and stops what it started), or Ray's own tools with the config that `--print-config`
+writes (`config`), whose `import_path` is `app_builder`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import signal
+import subprocess
+import sys
+import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import ray
 from ray import serve
 
-from tformer.errors import TformerError, one_line
+from tformer.errors import TformerError
+from tformer.files import proc_stat_fields
 from tformer.serve.app import create_app
 from tformer.serve.worker import EngineProcess, WorkerSpec
 
 APP_NAME = "tformer"
+DRAIN_BACKSTOP_S = 5.0  # after the grace period: how long Ray waits for a replica that has not drained
+# The program of `LocalRay`'s process: start Ray, say its address, stop it when stdin closes.
+HEAD = ("import sys, ray; context = ray.init(include_dashboard=False, logging_level='ERROR', log_to_driver=False); "
+        "print(context.address_info['gcs_address'], flush=True); sys.stdin.read(); ray.shutdown()")
 DEPLOYMENT = "TformerReplica"
 IMPORT_PATH = "tformer.serve.rayserve:app_builder"
 
@@ -76,6 +89,7 @@ class TformerReplica:
     """One replica: an engine process and the app over it."""
 
     def __init__(self, spec: WorkerSpec, options: AppOptions):
+        self.engine = None  # what `__del__` finds when loading fails
         self.engine = EngineProcess(spec)  # loads and warms up before the replica reports ready
         replica = serve.get_replica_context().replica_id.unique_id
         self.tformer_app = create_app(self.engine, options.model_name, options.max_waiting, options.api_key,
@@ -85,12 +99,20 @@ class TformerReplica:
         return self.tformer_app
 
     def check_health(self) -> None:
-        """Ray's health check: what `/health` answers (a dead engine fails it)."""
-        if (trouble := self.tformer_app.state.server.trouble()) is not None:
-            raise RuntimeError(trouble)
+        """Ray's health check: the engine process runs. Not `/health`'s "draining": Ray would
+        replace a draining replica, cutting the streams it is finishing."""
+        if not self.engine.alive:
+            raise RuntimeError("engine down")
+
+    async def drain(self, grace: float) -> int:
+        """This replica's part of a shutdown (`run` broadcasts it to every replica): no new
+        requests, `grace` seconds for those in flight, then the rest end with their final events
+        (see `Server.drain`); a second call with grace 0 ends them now. Returns how many it aborted."""
+        return await self.tformer_app.state.server.drain(grace)
 
     def __del__(self) -> None:
-        self.engine.shutdown()
+        if self.engine is not None:
+            self.engine.shutdown()
 
 
 def deployment_options(spec: WorkerSpec, options: AppOptions, scaling: Scaling, grace: float = 30.0) -> dict:
@@ -102,7 +124,10 @@ def deployment_options(spec: WorkerSpec, options: AppOptions, scaling: Scaling, 
         "ray_actor_options": {"num_cpus": scaling.num_cpus, "num_gpus": scaling.num_gpus},
         "health_check_period_s": 5.0,
         "health_check_timeout_s": 30.0,
-        "graceful_shutdown_timeout_s": grace,
+        # `run` has the replicas drain first (final events at the end of `grace`); Ray's own wait for them
+        # is a backstop, checked often so that a drained replica goes at once.
+        "graceful_shutdown_timeout_s": grace + DRAIN_BACKSTOP_S,
+        "graceful_shutdown_wait_loop_s": 0.25,
     }
     if scaling.autoscaling:
         low, high = scaling.bounds
@@ -143,25 +168,153 @@ def config(spec: WorkerSpec, options: AppOptions, scaling: Scaling, host: str, p
 
 
 def run(spec: WorkerSpec, options: AppOptions, scaling: Scaling, host: str, port: int, address: str | None = None,
-        grace: float = 30.0, ready=lambda: None) -> None:  # fmt: skip
-    """Start a local Ray instance (or join the cluster at `address`: "auto", "ray://HOST:10001"),
-    deploy, call `ready()` once every replica is up, serve until SIGTERM or Ctrl-C, then delete
-    the application (and stop the local instance)."""
-    ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # one line of our own says it is up
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        grace: float = 30.0, ready=lambda where: None, say=lambda line: None) -> int | None:  # fmt: skip
+    """Start a local Ray instance (`LocalRay`), or join the cluster at `address` ("auto",
+    "ray://HOST:10001"); deploy; call `ready(where)` once every replica is up (`where`: the
+    instance's address, or `address`); serve until SIGTERM or SIGINT; then shut down as plain
+    `tformer serve` does (`drain_on_signal`), delete the application (or stop the local
+    instance) and return the signal. A replica that cannot load the model fails the deployment
+    at once with its own error (`deploy`). `say(line)`: what it tells its operator."""
+    local = LocalRay() if address is None else None
     try:
+        ray.init(address=local.address if local else address, logging_level="ERROR", log_to_driver=False)
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # one line of our own says it is up
+        signals = Signals()  # after ray.init, which sets a SIGTERM handler of its own
         serve.start(http_options={"host": host, "port": port})
         try:
-            serve.run(application(spec, options, scaling, grace), name=APP_NAME, route_prefix="/")
-        except RuntimeError as exc:  # replicas that fail to start: Ray gives up after a few tries
-            raise TformerError(f"Ray Serve could not start the replicas ({one_line(exc).splitlines()[0]}); their "
-                               "errors are in the replica logs under /tmp/ray/session_latest/logs/serve/") from None
-        ready()
-        while not stop.wait(0.5):  # a timed wait: the signal handlers run in between
-            pass
-        serve.delete(APP_NAME)
+            deployed = deploy(application(spec, options, scaling, grace), APP_NAME, "/", signals)
+        except BaseException:
+            if local is None:  # a local instance goes whole below; on a cluster we joined, our application
+                serve.delete(APP_NAME)
+            raise
+        if deployed:
+            replicas = serve.get_deployment_handle(DEPLOYMENT, APP_NAME)
+            # A first broadcast readies its path (a router that learns the replicas, which took seconds under
+            # load): the drain at the signal then starts at once.
+            replicas.broadcast("check_health").results(timeout_s=60, return_exceptions=True)
+            ready(f"local instance at {local.address}" if local is not None else address)
+            drain_on_signal(replicas, grace, signals, say)
+        # Drained: what is left is Ray's own stop, which lets the last bytes of each answer through its proxy.
+        serve.shutdown() if local is not None else serve.delete(APP_NAME)
+        return signals.first
     finally:
-        ray.shutdown()  # a local instance ends with it
+        ray.shutdown()
+        if local is not None:
+            local.stop()
+
+
+class Signals:
+    """SIGTERM and SIGINT, recorded (in the main thread, between its timed waits) rather than
+    raised: `first` is the one that stops the server, a second one hurries it."""
+
+    def __init__(self):
+        self.received: list[int] = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda sig, _: self.received.append(sig))
+
+    @property
+    def first(self) -> int | None:
+        return self.received[0] if self.received else None
+
+
+def deploy(app: serve.Application, name: str, route_prefix: str, signals: Signals | None = None,
+           timeout: float = 600.0) -> bool:  # fmt: skip
+    """Deploy `app` and wait until it runs (True), or until a signal comes (False). A replica
+    whose constructor raises a `TformerError` (a model that cannot load) fails it at once, with
+    that error's own line: Ray would retry a constructor that can never succeed, then point at
+    its logs. The caller deletes the application when this raises."""
+    serve.run_many([serve.RunTarget(app, name, route_prefix)], wait_for_applications_running=False)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = serve.status().applications[name]
+        if status.status == "RUNNING":
+            return True
+        if signals is not None and signals.first is not None:
+            return False
+        messages = [status.message] + [d.message for d in status.deployments.values()]
+        if load_error := next((m for text in messages if (m := tformer_error(text))), None):
+            raise TformerError(load_error)
+        if status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise TformerError(f"Ray Serve could not start the replicas ({status.message.splitlines()[0]}); their "
+                               "errors are in the replica logs under /tmp/ray/session_latest/logs/serve/")  # fmt: skip
+        time.sleep(0.25)
+    raise TformerError(f"the replicas were not up within {timeout:.0f} s")
+
+
+def tformer_error(text: str) -> str | None:
+    """The message of a `TformerError` in a Ray error text (its traceback's last line for it)."""
+    lines = [line for line in text.splitlines() if line.startswith("tformer.errors.TformerError: ")]
+    return lines[-1].split(": ", 1)[1] if lines else None
+
+
+def drain_on_signal(handle, grace: float, signals: Signals, say) -> None:
+    """Wait for SIGTERM or SIGINT; then have every replica (`handle`: the deployment's) drain (no
+    new requests, `grace` seconds for those in flight, then final events for the rest; a second
+    signal ends them at once) and return once they have."""
+    while signals.first is None:
+        time.sleep(0.1)  # a timed wait: the handlers run in between
+    say(f"tformer serve: {signal.Signals(signals.first).name}: not accepting; requests in flight have {grace:g} s "
+        "(--grace) to finish")  # fmt: skip
+    done: list = []
+    waiting = threading.Thread(target=lambda: done.append(handle.broadcast("drain", grace).results(
+        timeout_s=grace + DRAIN_BACKSTOP_S, return_exceptions=True)), daemon=True)  # fmt: skip
+    waiting.start()
+    hurried = False
+    while waiting.is_alive():
+        if len(signals.received) > 1 and not hurried:
+            handle.broadcast("drain", 0.0)
+            hurried = True
+        waiting.join(0.1)
+    if aborted := sum(n for n in (done[0] if done else []) if isinstance(n, int)):
+        say(f"tformer serve: aborted {aborted} request(s) still in flight")
+
+
+class LocalRay:
+    """A Ray instance of our own on this machine, for `tformer serve --ray` without an address: a
+    small process (`HEAD`) starts it with `ray.init` and stops it with `ray.shutdown` when its
+    stdin closes (we are done, or gone: SIGKILLed, it still ends). It runs in a session of its
+    own, so that a signal to our process group (Ctrl-C, a service manager's stop) does not kill
+    Ray's gcs_server and raylet under a server that is still finishing its streams; `stop` ends it,
+    and whatever of its session is left, so that no Ray process of ours outlives us. Token
+    authentication, as Ray enables by default for a new local instance: our own `ray` import
+    must see RAY_AUTH_MODE=token (the CLI sets it before importing Ray), so that we can join it."""
+
+    def __init__(self, timeout: float = 120.0):
+        self._log = tempfile.TemporaryFile()
+        self.process = subprocess.Popen([sys.executable, "-c", HEAD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=self._log, start_new_session=True, text=True)  # fmt: skip
+        self.address = ""
+        reading = threading.Thread(target=lambda: setattr(self, "address", self.process.stdout.readline().strip()),
+                                   daemon=True)  # fmt: skip
+        reading.start()
+        try:
+            reading.join(timeout)
+        except BaseException:  # Ctrl-C while it starts
+            self.stop()
+            raise
+        if not self.address:
+            self.stop()
+            self._log.seek(0)
+            last = ([line for line in self._log.read().decode(errors="replace").splitlines() if line.strip()] or
+                    ["no output"])[-1]  # fmt: skip
+            raise TformerError(f"could not start a local Ray instance ({last})")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop the instance (its own `ray.shutdown`), then kill whatever of its session is left."""
+        try:
+            self.process.stdin.close()
+            self.process.wait(timeout)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        for pid in session_processes(self.process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.process.kill()
+        self.process.wait()
+
+
+def session_processes(sid: int) -> list[int]:
+    """The processes of session `sid` (from /proc; [] elsewhere)."""
+    if not os.path.isdir("/proc"):
+        return []
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and (f := proc_stat_fields(int(e))) and int(f[3]) == sid]

@@ -55,13 +55,8 @@ class _Server(uvicorn.Server):
             deadline.cancel()
 
     async def _end_of_grace(self) -> None:
-        end = time.monotonic() + self.grace
-        while not self._hurry and (left := end - time.monotonic()) > 0:
-            await asyncio.sleep(min(left, 0.1))
-        server = self.config.app.state.server
-        if in_flight := len(server.front.listeners):
-            self.say(f"tformer serve: aborting {in_flight} request(s) still in flight")
-        server.front.abort_all()
+        if aborted := await self.config.app.state.server.drain(self.grace, lambda: self._hurry):
+            self.say(f"tformer serve: aborted {aborted} request(s) still in flight")
 
 
 def run(source: Runtime | EngineProcess, host: str, port: int, grace: float = 30.0,
