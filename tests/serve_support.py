@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import http.client
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -120,3 +122,16 @@ def stream(url: str, body: dict, out: dict, timeout: float = 60) -> None:
         out["end"] = "ended without [DONE]"
     except httpx.HTTPError as exc:
         out["end"] = f"{type(exc).__name__}: {exc}"
+
+
+def raw_post(url: str, head: dict[str, str], body: bytes = b"") -> tuple[int, dict]:
+    """POST /v1/completions over a plain socket: these headers, then `body` (not necessarily all the
+    body they declare); the answer's status and JSON, read by its own Content-Length."""
+    host, port = url.removeprefix("http://").split(":")
+    lines = ["POST /v1/completions HTTP/1.1", f"Host: {host}", "Content-Type: application/json",
+             *(f"{k}: {v}" for k, v in head.items())]  # fmt: skip
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        answer = http.client.HTTPResponse(sock)
+        answer.begin()
+        return answer.status, json.loads(answer.read())

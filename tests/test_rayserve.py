@@ -34,7 +34,7 @@ except ImportError:
         raise
     pytest.skip("Ray Serve is not installed (pip install 'tformer[ray]'); .ci/run installs it", allow_module_level=True)
 
-from serve_support import group_alive, long_model, start_cli, stop, stream, up, wait_for, wait_up
+from serve_support import group_alive, long_model, raw_post, start_cli, stop, stream, up, wait_for, wait_up
 from tformer.bench.cpu import descendants
 from tformer.bench.serve import free_port
 from tformer.checkpoint import save_checkpoint
@@ -133,6 +133,16 @@ def test_sixteen_clients_get_the_in_process_text_from_both_replicas(served):
     got = asyncio.run(all_at_once())
     assert [text for text, _ in got] == want
     assert len({replica for _, replica in got}) == 2, got
+
+
+def test_a_body_over_the_limit_is_413_through_rays_proxy(served):
+    """The body limit is part of the app: through Ray Serve's proxy too, a body declared larger is
+    refused though the client sent one byte of it, and a chunked one once it passes the limit."""
+    status, answer = raw_post(served.url, {"Content-Length": str(10 * 10**6)}, b"{")
+    assert status == 413 and answer["error"]["code"] == "request_too_large", answer
+    chunk = b'{"model": "tiny", "prompt": "' + b"x" * 700_000  # twice: over the default limit (1.3 MB for 8192 tokens)
+    status, answer = raw_post(served.url, {"Transfer-Encoding": "chunked"}, b"%x\r\n%s\r\n" % (len(chunk), chunk) * 2)
+    assert status == 413 and answer["error"]["code"] == "request_too_large", answer
 
 
 def streams(url: str, bodies: list[dict]) -> tuple[list[dict], list[threading.Thread]]:

@@ -20,7 +20,8 @@ import httpx
 import openai
 import pytest
 
-from serve_support import group_alive, long_model, metrics, start_cli, stop, stream, up, wait_for, wait_up
+from serve_support import (group_alive, long_model, metrics, raw_post, start_cli, stop, stream, up, wait_for,
+                           wait_up)  # fmt: skip
 from tformer.bench.serve import free_port
 from tformer.checkpoint import save_checkpoint
 from tformer.runtime import Runtime
@@ -225,6 +226,91 @@ def test_metrics_health_and_models(served):
                  "tformer:engine_aborts_total"):  # fmt: skip
         assert name in m, name
     assert m["tformer:cache_rows"] == 4 and m["tformer:generation_tokens_total"] > 0
+
+
+def test_a_body_over_the_limit_is_413_before_it_is_read(runtime):
+    """--max-body-bytes: a body declared larger is refused at once, though the client sent one
+    byte of it (the server never read it); a chunked one as soon as it passes the limit; one
+    within the limit is served."""
+    sized = Runtime(runtime.backend, runtime.tokenizer, max_batch_size=2, max_len=128)
+    with serve_in_thread(sized, model_name=NAME, max_body_bytes=1000) as url:
+        status, answer = raw_post(url, {"Content-Length": "10000000"}, b"{")
+        assert status == 413 and answer["error"]["code"] == "request_too_large" and "1000 bytes" in answer["error"]["message"]
+        chunk = b'{"model": "tiny", "prompt": "' + b"x" * 600
+        status, answer = raw_post(url, {"Transfer-Encoding": "chunked"}, b"%x\r\n%s\r\n" % (len(chunk), chunk) * 2)
+        assert status == 413 and answer["error"]["code"] == "request_too_large"
+        ok = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "def ", "max_tokens": 1, "user": "u" * 900})
+        assert len(ok.request.content) in range(900, 1001)
+        assert ok.status_code == 200, ok.text
+
+
+def test_a_huge_text_prompt_is_refused_without_tokenizing_it(served, monkeypatch):
+    """A 1 MB text prompt cannot fit in 256 tokens: it is refused (400, context_length_exceeded,
+    with the limits) and the tokenizer never sees it."""
+    url, rt = served
+    seen = []
+    encode = rt.tokenizer.encode
+    monkeypatch.setattr(rt.tokenizer, "encode", lambda text: seen.append(len(text)) or encode(text))
+    r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "a" * 10**6, "max_tokens": 16}, timeout=30)
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["code"] == "context_length_exceeded" and error["param"] == "prompt"
+    assert "max_tokens=16" in error["message"] and "max_len of 256 tokens" in error["message"]
+    assert seen == []
+    ok = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "def ", "max_tokens": 2}, timeout=30)
+    assert ok.status_code == 200 and seen == [4]  # a prompt that can fit is tokenized
+
+
+def test_health_and_other_streams_go_on_while_a_prompt_is_tokenized(served, monkeypatch):
+    """Tokenizing runs off the event loop: while one request's tokenization is held (an encode
+    that waits on an event), /health answers and a stream of token ids runs to its end."""
+    url, rt = served
+    entered, release = threading.Event(), threading.Event()
+    encode = rt.tokenizer.encode
+
+    def held(text: str) -> list[int]:
+        if text == "hold me":
+            entered.set()
+            release.wait(60)
+        return encode(text)
+
+    monkeypatch.setattr(rt.tokenizer, "encode", held)
+    blocked = {}
+    waiting = threading.Thread(target=lambda: blocked.update(r=httpx.post(
+        f"{url}/v1/completions", json={"model": NAME, "prompt": "hold me", "max_tokens": 2}, timeout=60)))  # fmt: skip
+    waiting.start()
+    try:
+        assert entered.wait(30)
+        assert httpx.get(f"{url}/health", timeout=10).json() == {"status": "ok"}
+        out = {}
+        stream(url, {"model": NAME, "prompt": [1, 2, 3], "max_tokens": 4, "ignore_eos": True}, out, timeout=10)
+        assert (out["end"], out["tokens"]) == ("done", 4), out
+        assert "r" not in blocked  # still held
+    finally:
+        release.set()
+        waiting.join(60)
+    assert blocked["r"].status_code == 200
+
+
+def rss() -> int:
+    """This process's resident memory in bytes (Linux)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_big_requests_leave_no_memory_behind(served, runtime):
+    """A body declared at 10 MB (413) and, to a server that takes bodies of 5 MB, a 4 MB text
+    prompt (400, never tokenized: tokenizing it took over 200 MiB more), twice each: the servers'
+    memory (they run in this process) ends within 50 MiB of where it was."""
+    url, _ = served
+    sized = Runtime(runtime.backend, runtime.tokenizer, max_batch_size=2, max_len=256)
+    big = json.dumps({"model": NAME, "prompt": "a" * (4 * 10**6)}).encode()  # the client's, made once before
+    with serve_in_thread(sized, model_name=NAME, max_body_bytes=5 * 10**6) as roomy:
+        before = rss()
+        for _ in range(2):
+            assert raw_post(url, {"Content-Length": str(10 * 10**6)}, b'{"model": "tiny", "prompt": "')[0] == 413
+            status, answer = raw_post(roomy, {"Content-Length": str(len(big))}, big)
+            assert status == 400 and answer["error"]["code"] == "context_length_exceeded", answer
+        after = rss()
+    assert after - before < 50 * 2**20, f"{(after - before) / 2**20:.0f} MiB more"
 
 
 @pytest.fixture(scope="module")

@@ -340,6 +340,9 @@ def convert_cmd(model, nhead, tokenizer, output) -> None:
               "[default: the model's context].")
 @click.option("--max-waiting", default=64, show_default=True, type=click.IntRange(min=0),
               help="Requests that may wait for a row; beyond that, 503 with Retry-After.")
+@click.option("--max-body-bytes", type=click.IntRange(min=1), help="Largest request body taken; a larger one is "
+              "refused with 413 before it is read [default: 1 MiB, or what one prompt of --max-len tokens can take if "
+              "more: 6 bytes per byte of the tokenizer's longest token, at least 8, per token].")
 @click.option("--api-key", envvar="TFORMER_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/* "
               "[default: $TFORMER_API_KEY, else none].")
 @click.option("--model-name", help="The name clients pass as 'model' [default: MODEL's file name without its suffix].")
@@ -365,8 +368,8 @@ def convert_cmd(model, nhead, tokenizer, output) -> None:
               help="--ray: GPUs Ray reserves for each replica (fractions share one GPU).")
 @click.option("--print-config", is_flag=True, help="--ray: print the equivalent Ray Serve config file (YAML, for "
               "'serve deploy') and exit.")
-def serve(model, backend, device, dtype, nhead, tokenizer, host, port, max_batch_size, max_len, max_waiting, api_key,
-          model_name, grace, threads, stream_interval, on_ray, replicas, min_replicas, max_replicas,
+def serve(model, backend, device, dtype, nhead, tokenizer, host, port, max_batch_size, max_len, max_waiting,
+          max_body_bytes, api_key, model_name, grace, threads, stream_interval, on_ray, replicas, min_replicas, max_replicas,
           target_ongoing_requests, ray_address, num_gpus_per_replica, print_config) -> None:  # fmt: skip
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
     /v1/models), with /health, /metrics (Prometheus) and a playground page at /; with --ray, as
@@ -394,7 +397,8 @@ def serve(model, backend, device, dtype, nhead, tokenizer, host, port, max_batch
         model_path, tokenizer_path = (str(Path(p).resolve()) if p and Path(p).exists() else p for p in (model, tokenizer))
         spec = WorkerSpec(model_path, backend, device, dtype, nhead, tokenizer_path, max_batch_size, max_len,
                           threads or 1, stream_interval)  # fmt: skip
-        _serve_on_ray(spec, name, max_waiting, api_key, host, port, grace, **ray_only)
+        app_options = dict(model_name=name, max_waiting=max_waiting, api_key=api_key, max_body_bytes=max_body_bytes)
+        _serve_on_ray(spec, app_options, host, port, grace, **ray_only)
         return
     _check_port(host, port)
     # The engine runs in a process of its own (no interpreter lock shared with the HTTP side).
@@ -406,7 +410,7 @@ def serve(model, backend, device, dtype, nhead, tokenizer, host, port, max_batch
                f"({s.max_batch_size} rows x {s.max_len} slots) | warm-up {s.warmup_s:.1f} s | grace {grace:g} s",
                err=True)  # fmt: skip
     stopped_by = run(engine, host, port, grace, say=lambda line: click.echo(line, err=True), model_name=name,
-                     max_waiting=max_waiting, api_key=api_key)  # fmt: skip
+                     max_waiting=max_waiting, api_key=api_key, max_body_bytes=max_body_bytes)  # fmt: skip
     _stopped(stopped_by)
 
 
@@ -417,9 +421,8 @@ def _stopped(stopped_by: int | None) -> None:
         click.get_current_context().exit(130)
 
 
-def _serve_on_ray(spec, name: str, max_waiting: int, api_key: str | None, host: str, port: int, grace: float,
-                  replicas, min_replicas, max_replicas, target_ongoing_requests, ray_address, print_config,
-                  num_gpus_per_replica) -> None:  # fmt: skip
+def _serve_on_ray(spec, app_options: dict, host: str, port: int, grace: float, replicas, min_replicas, max_replicas,
+                  target_ongoing_requests, ray_address, print_config, num_gpus_per_replica) -> None:  # fmt: skip
     """`tformer serve --ray`: print the Ray Serve config, or deploy and serve until SIGTERM/Ctrl-C."""
     if ray_address is None:  # our own local instance (rayserve.LocalRay), with token authentication as Ray's
         os.environ.setdefault("RAY_AUTH_MODE", "token")  # default: set before Ray is imported, which reads it once
@@ -437,7 +440,7 @@ def _serve_on_ray(spec, name: str, max_waiting: int, api_key: str | None, host: 
         raise CliError("--target-ongoing-requests is for autoscaling: give --min-replicas and/or --max-replicas")
     scaling = rayserve.Scaling(replicas or 1, min_replicas, max_replicas, target_ongoing_requests, spec.threads,
                                num_gpus_per_replica)  # fmt: skip
-    options = rayserve.AppOptions(name, max_waiting, api_key)
+    options = rayserve.AppOptions(**app_options)
     if print_config:
         import yaml  # a dependency of Ray
 
@@ -450,7 +453,7 @@ def _serve_on_ray(spec, name: str, max_waiting: int, api_key: str | None, host: 
 
     def ready(where: str) -> None:
         click.echo(f"tformer serve: http://{host}:{port} on Ray Serve ({where}) | model "
-                   f"'{name}' | {scaling.describe()}, {spec.threads} thread(s) each | grace {grace:g} s",
+                   f"'{options.model_name}' | {scaling.describe()}, {spec.threads} thread(s) each | grace {grace:g} s",
                    err=True)  # fmt: skip
 
     _stopped(rayserve.run(spec, options, scaling, host, port, ray_address, grace, ready,

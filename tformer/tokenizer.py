@@ -7,6 +7,7 @@ is why the ONNX export ships it as is. tformer keeps the JSON inside its checkpo
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -75,6 +76,13 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
+
+    @functools.cached_property
+    def longest_token_bytes(self) -> int:
+        """The most UTF-8 bytes of text that one token stands for (its vocabulary string, whose
+        byte-level characters are each at least one byte): a text of more than n times this
+        takes more than n tokens, which a server checks before it tokenizes a long text."""
+        return max(1, max(len(token.encode()) for token in self._tok.get_vocab(with_added_tokens=True)))
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

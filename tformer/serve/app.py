@@ -32,6 +32,7 @@ from tformer.serve.worker import EngineProcess, Served
 from tformer.text import StopText
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
+LIMIT, FIX = "this server's max_len", "shorten the prompt or lower max_tokens"  # the words of a prompt too long
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "abort": "abort"}  # engine reason -> OpenAI's
 
 
@@ -48,7 +49,9 @@ class Event:
 @dataclass
 class Choice:
     """One prompt's completion in progress: its text so far (whole characters, cut at stop
-    strings, as `Runtime.generate` builds it), and what its metrics need."""
+    strings, as `Runtime.generate` builds it), and what its metrics need. The text is decoded
+    here, on the event loop, token by token: each token is a few bytes of work, bounded, unlike
+    a prompt's tokenizing, which `Server.prompts` sends to a worker thread."""
 
     index: int
     text: StopText | None  # None: no tokenizer, the client gets token ids only
@@ -137,31 +140,52 @@ class Server:
         self.front.abort_all()
         return aborted
 
-    def prompts(self, job: Job) -> tuple[list[list[int]], list[str]]:
-        """Each prompt's ids (checked against the engine's limits) and its text for `echo`."""
+    async def prompts(self, job: Job) -> tuple[list[list[int]], list[str]]:
+        """Each prompt's ids (checked against the engine's limits) and its text for `echo`.
+        Text is tokenized (and ids decoded for `echo`) on a worker thread, never on the event loop
+        that serves every other connection; a text with more bytes than its share of the context
+        could hold (`longest_token_bytes` a token) is refused before any tokenizing."""
         if self.draining:
             raise APIError(503, "the server is shutting down; retry on another", code="shutting_down",
                            kind="server_error")  # fmt: skip
-        tokenizer = self.served.tokenizer
+        tokenizer, served = self.served.tokenizer, self.served
         if job.texts is not None and tokenizer is None:
             raise APIError(400, "this model has no tokenizer: send 'prompt' as token ids", "prompt")
         if job.stop and tokenizer is None:
             raise APIError(400, "'stop' strings need a tokenizer, and this model has none", "stop")
-        ids = [tokenizer.encode(t) for t in job.texts] if job.texts is not None else job.ids
-        served = self.served
+        if job.texts is not None:
+            for i, text in enumerate(job.texts):
+                self._check_text_length(i, text, job.params.max_new_tokens)
+            ids = await asyncio.to_thread(lambda: [tokenizer.encode(t) for t in job.texts])
+        else:
+            ids = job.ids
         for i, prompt in enumerate(ids):
             try:
                 check_prompt(prompt, job.params.max_new_tokens, served.config.vocab_size, served.max_len, f"prompt {i}",
-                             "this server's max_len", "shorten the prompt or lower max_tokens")  # fmt: skip
+                             LIMIT, FIX)  # fmt: skip
             except TformerError as exc:
                 raise APIError(400, str(exc), "prompt", "context_length_exceeded" if "exceeds" in str(exc) else None)
-        texts = job.texts or [tokenizer.decode(p) if tokenizer else "" for p in ids]
+        if job.texts is not None or not job.echo or tokenizer is None:
+            texts = job.texts or [""] * len(ids)
+        else:
+            texts = await asyncio.to_thread(lambda: [tokenizer.decode(p) for p in ids])
         # The requests this server has in flight (the fronts' listeners): known at once, where the engine
         # process's stats come a step later; the engine's own counts are for /metrics.
         if len(self.front.listeners) + len(ids) > self.max_waiting + served.max_batch_size:
             raise APIError(503, f"the server is at capacity ({self.max_waiting} requests waiting); retry shortly",
                            code="overloaded", kind="server_error")  # fmt: skip
         return ids, texts
+
+    def _check_text_length(self, i: int, text: str, max_new_tokens: int) -> None:
+        """Refuse a text that must take more tokens than the context leaves it: more UTF-8 bytes
+        than `longest_token_bytes` times that many. Its length in characters is a lower bound of
+        its bytes: a huge text is refused without even encoding it."""
+        per_token, max_len = self.served.tokenizer.longest_token_bytes, self.served.max_len
+        most = max(max_len - max_new_tokens, 0) * per_token
+        if len(text) > most or len(text.encode()) > most:
+            raise APIError(400, f"prompt {i} is over {most} bytes of text, more than the {most // per_token} tokens "
+                                f"that max_tokens={max_new_tokens} leaves of {LIMIT} of {max_len} tokens can hold (a "
+                                f"token is at most {per_token} bytes): {FIX}", "prompt", "context_length_exceeded")
 
     async def events(self, job: Job, ids: list[list[int]]) -> AsyncIterator[list[Event]]:
         """Every choice's events as the engine makes them: a list per engine step, one event for
@@ -201,13 +225,54 @@ class Server:
                 m.tpot.observe((now - choice.first) / (choice.count - 1))
 
 
+def default_body_limit(served: Served) -> int:
+    """`--max-body-bytes`' default: 1 MiB (nginx's default), or what one prompt of the whole
+    context can take if that is more: 6 bytes (JSON's longest escape of a byte, `\\u00XX`) per
+    byte of the longest token, and at least 8 (a token id and its separator), per token of max_len."""
+    per_token = max(8, 6 * served.tokenizer.longest_token_bytes) if served.tokenizer is not None else 8
+    return max(2**20, served.max_len * per_token)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is refused with 413 before it is read:
+    at its first read by its Content-Length, a chunked one at the read that passes the limit. The
+    refusal is an `APIError` raised from `receive`, which the app answers with its error object;
+    being part of the app, it holds under Ray Serve's proxy as under uvicorn."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = next((value for name, value in scope["headers"] if name == b"content-length"), b"")
+        seen = int(declared) if declared.isdigit() else 0
+        too_large = APIError(413, f"the request body is over this server's limit of {self.limit} bytes "
+                                  "(--max-body-bytes): send a shorter prompt", code="request_too_large")  # fmt: skip
+
+        async def limited() -> dict:
+            nonlocal seen
+            if seen > self.limit:
+                raise too_large
+            message = await receive()
+            if not declared and message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise too_large
+            return message
+
+        await self.app(scope, limited, send)
+
+
 def create_app(source: Runtime | EngineProcess, model_name: str = "tformer", max_waiting: int = 64,
-               api_key: str | None = None, stream_interval: int = 1, replica: str | None = None) -> FastAPI:  # fmt: skip
+               api_key: str | None = None, stream_interval: int = 1, replica: str | None = None,
+               max_body_bytes: int | None = None) -> FastAPI:  # fmt: skip
     """The app for `source`: a `Runtime` (its engine, sized already by `Runtime(..., max_batch_size,
     max_len)`, steps on a thread of this process) or an `EngineProcess` (`tformer serve`).
     `api_key`: every `/v1/*` call must send `Authorization: Bearer <api_key>`. `stream_interval`:
     tokens per streamed chunk for a `Runtime` (an `EngineProcess` has its own, in its spec).
-    `replica`: this server's name among several, sent as `x-tformer-replica` with each completion."""
+    `replica`: this server's name among several, sent as `x-tformer-replica` with each completion.
+    `max_body_bytes`: the largest request body taken (413 beyond; default: `default_body_limit`)."""
     if isinstance(source, Runtime):
         front, served = AsyncEngine(source.engine, stream_interval), Served.of(source)
     else:
@@ -215,6 +280,7 @@ def create_app(source: Runtime | EngineProcess, model_name: str = "tformer", max
     server = Server(front, served, model_name, max_waiting, replica)
     app = FastAPI(title="tformer", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
+    app.add_middleware(BodyLimit, limit=max_body_bytes or default_body_limit(served))
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -271,7 +337,7 @@ async def _json(request: Request) -> object:
 
 
 async def _answer(server: Server, job: Job, kind: str, chat: bool) -> Response:
-    ids, texts = server.prompts(job)
+    ids, texts = await server.prompts(job)
     totals = Totals(prompt_tokens=sum(map(len, ids)))
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": server.model_name}  # fmt: skip

@@ -82,6 +82,7 @@ class AppOptions:
     model_name: str = "tformer"
     max_waiting: int = 64
     api_key: str | None = None
+    max_body_bytes: int | None = None  # None: `default_body_limit`
 
 
 @serve.ingress()
@@ -93,7 +94,7 @@ class TformerReplica:
         self.engine = EngineProcess(spec)  # loads and warms up before the replica reports ready
         replica = serve.get_replica_context().replica_id.unique_id
         self.tformer_app = create_app(self.engine, options.model_name, options.max_waiting, options.api_key,
-                                      replica=replica)  # fmt: skip
+                                      replica=replica, max_body_bytes=options.max_body_bytes)  # fmt: skip
 
     def __serve_build_asgi_app__(self):
         return self.tformer_app
