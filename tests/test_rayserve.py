@@ -45,7 +45,7 @@ from tformer.runtime import Runtime, load
 
 NAME = "tiny"
 PROMPTS = ["def ", "import os\n", "class Foo", "return self.", "for i in", "with open(", "if x", "print("]
-LONG = 8000  # tokens of the requests in flight when a test acts: long enough to be mid-stream (seconds of work)
+LONG = 8000  # tokens of the requests in flight at the end of --grace: tens of seconds of work
 GRACE = 2
 
 
@@ -163,7 +163,7 @@ def test_a_killed_replica_fails_its_requests_and_ray_brings_one_back(served):
     serving end with an error, within the timeout, never a hang; those on the other replica
     finish; Ray starts a new replica, and requests after that succeed with the in-process text."""
     pids = wait_for_replicas(2)
-    outs, threads = streams(served.url, [body(p, LONG) for p in PROMPTS])
+    outs, threads = streams(served.url, [body(p, 1500) for p in PROMPTS])  # seconds each: killed mid-stream
     assert wait_for(lambda: any("first" in o and "end" not in o for o in outs), 60), outs
     victim = next(o for o in outs if "first" in o and "end" not in o)["replica"]  # a replica in mid-stream
     os.kill(pids[victim], signal.SIGKILL)
