@@ -56,11 +56,16 @@ def metrics(url: str) -> dict[str, float]:
     return samples
 
 
-def up(url: str) -> bool:
+def health(url: str) -> int | str:
+    """GET /health's status code, or what went wrong (a server gone refuses the connection)."""
     try:
-        return httpx.get(f"{url}/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
+        return httpx.get(f"{url}/health", timeout=1).status_code
+    except httpx.HTTPError as exc:
+        return type(exc).__name__
+
+
+def up(url: str) -> bool:
+    return health(url) == 200
 
 
 def start_cli(args: list[str], log: Path, **env: str) -> subprocess.Popen:

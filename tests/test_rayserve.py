@@ -34,7 +34,7 @@ except ImportError:
         raise
     pytest.skip("Ray Serve is not installed (pip install 'tformer[ray]'); .ci/run installs it", allow_module_level=True)
 
-from serve_support import group_alive, long_model, raw_post, start_cli, stop, stream, up, wait_for, wait_up
+from serve_support import group_alive, health, long_model, raw_post, start_cli, stop, stream, wait_for, wait_up
 from tformer.bench.cpu import descendants
 from tformer.bench.serve import free_port
 from tformer.checkpoint import save_checkpoint
@@ -46,7 +46,7 @@ from tformer.runtime import Runtime, load
 NAME = "tiny"
 PROMPTS = ["def ", "import os\n", "class Foo", "return self.", "for i in", "with open(", "if x", "print("]
 LONG = 8000  # tokens of the requests in flight at the end of --grace: tens of seconds of work
-GRACE = 2
+GRACE = 3
 
 
 @dataclass
@@ -163,7 +163,7 @@ def test_a_killed_replica_fails_its_requests_and_ray_brings_one_back(served):
     serving end with an error, within the timeout, never a hang; those on the other replica
     finish; Ray starts a new replica, and requests after that succeed with the in-process text."""
     pids = wait_for_replicas(2)
-    outs, threads = streams(served.url, [body(p, 1500) for p in PROMPTS])  # seconds each: killed mid-stream
+    outs, threads = streams(served.url, [body(p, 4000) for p in PROMPTS])  # seconds each: killed mid-stream
     assert wait_for(lambda: any("first" in o and "end" not in o for o in outs), 60), outs
     victim = next(o for o in outs if "first" in o and "end" not in o)["replica"]  # a replica in mid-stream
     os.kill(pids[victim], signal.SIGKILL)
@@ -259,7 +259,11 @@ def test_sigterm_to_the_group_drains_the_replicas_and_leaves_no_ray_process(serv
     ours = descendants(served.proc.pid)  # its Ray instance's processes (gcs_server, raylet, workers), its engines
     assert len(ours) > 5, ours
     os.killpg(served.proc.pid, signal.SIGTERM)
-    assert wait_for(lambda: not up(served.url)) and not any("end" in o for o in longs), longs  # stops at once
+    # It stops taking requests and says so while it finishes the streams (through Ray's proxy, which a
+    # busy CPU can make slower than --grace: the answer, not its time, is what is checked).
+    answers = []
+    assert wait_for(lambda: answers.append(health(served.url)) or answers[-1] != 200)
+    assert answers[-1] == 503, answers
     assert served.proc.wait(timeout=20) == 0, served.log.read_text()
     for t in threads + more:
         t.join(timeout=10)
