@@ -256,18 +256,22 @@ def drain_on_signal(handle, grace: float, signals: Signals, say) -> None:
         time.sleep(0.1)  # a timed wait: the handlers run in between
     say(f"tformer serve: {signal.Signals(signals.first).name}: not accepting; requests in flight have {grace:g} s "
         "(--grace) to finish")  # fmt: skip
-    done: list = []
-    waiting = threading.Thread(target=lambda: done.append(handle.broadcast("drain", grace).results(
-        timeout_s=grace + DRAIN_BACKSTOP_S, return_exceptions=True)), daemon=True)  # fmt: skip
+    aborted: list[int] = []
+
+    def drain(seconds: float) -> None:  # a broadcast runs when its results are asked for
+        results = handle.broadcast("drain", seconds).results(timeout_s=seconds + DRAIN_BACKSTOP_S, return_exceptions=True)
+        aborted.extend(n for n in results if isinstance(n, int))
+
+    waiting = threading.Thread(target=drain, args=(grace,), daemon=True)
     waiting.start()
     hurried = False
     while waiting.is_alive():
-        if len(signals.received) > 1 and not hurried:
-            handle.broadcast("drain", 0.0)
+        if len(signals.received) > 1 and not hurried:  # a second signal: end them now
+            threading.Thread(target=drain, args=(0.0,), daemon=True).start()
             hurried = True
         waiting.join(0.1)
-    if aborted := sum(n for n in (done[0] if done else []) if isinstance(n, int)):
-        say(f"tformer serve: aborted {aborted} request(s) still in flight")
+    if sum(aborted):
+        say(f"tformer serve: aborted {sum(aborted)} request(s) still in flight")
 
 
 class LocalRay:
