@@ -87,7 +87,8 @@ def wait_up(url: str, proc: subprocess.Popen, log: Path, seconds: float = 120) -
 
 def group_alive(pgid: int) -> list[int]:
     """The processes still in process group `pgid` (zombies count: nobody reaped them)."""
-    return [int(e) for e in os.listdir("/proc") if e.isdigit() and (f := proc_stat_fields(int(e))) and int(f[2]) == pgid]
+    pids = (int(e) for e in os.listdir("/proc") if e.isdigit())
+    return [pid for pid in pids if (fields := proc_stat_fields(pid)) and int(fields[2]) == pgid]
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -112,7 +113,8 @@ def stream(url: str, body: dict, out: dict, timeout: float = 60) -> None:
                 return
             for line in response.iter_lines():
                 if line == "data: [DONE]":
-                    out["end"], out["ended"] = ("done" if out["finish"] else "[DONE] without a final chunk"), time.monotonic()
+                    out["end"] = "done" if out["finish"] else "[DONE] without a final chunk"
+                    out["ended"] = time.monotonic()
                     return
                 if line.startswith("data: "):
                     event = json.loads(line[6:])

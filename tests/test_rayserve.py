@@ -66,8 +66,8 @@ def served(trained, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ray")
     runtime = long_model(trained, tmp / "tiny.safetensors", max_len=8192)
     port, log = free_port(), tmp / "stderr"
-    proc = start_cli([str(tmp / "tiny.safetensors"), "--ray", "--replicas", "2", "--max-batch-size", "4", "--threads", "1",
-                      "--max-waiting", "32", "--grace", str(GRACE), "--port", str(port)], log)  # fmt: skip
+    proc = start_cli([str(tmp / "tiny.safetensors"), "--ray", "--replicas", "2", "--max-batch-size", "4", "--threads",
+                      "1", "--max-waiting", "32", "--grace", str(GRACE), "--port", str(port)], log)  # fmt: skip
     try:
         wait_up(f"http://127.0.0.1:{port}", proc, log, 300)
         address = re.search(r"local instance at (\S+)\)", log.read_text()).group(1)

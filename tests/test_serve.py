@@ -235,11 +235,13 @@ def test_a_body_over_the_limit_is_413_before_it_is_read(runtime):
     sized = Runtime(runtime.backend, runtime.tokenizer, max_batch_size=2, max_len=128)
     with serve_in_thread(sized, model_name=NAME, max_body_bytes=1000) as url:
         status, answer = raw_post(url, {"Content-Length": "10000000"}, b"{")
-        assert status == 413 and answer["error"]["code"] == "request_too_large" and "1000 bytes" in answer["error"]["message"]
+        assert status == 413 and answer["error"]["code"] == "request_too_large"
+        assert "limit of 1000 bytes" in answer["error"]["message"]
         chunk = b'{"model": "tiny", "prompt": "' + b"x" * 600
         status, answer = raw_post(url, {"Transfer-Encoding": "chunked"}, b"%x\r\n%s\r\n" % (len(chunk), chunk) * 2)
         assert status == 413 and answer["error"]["code"] == "request_too_large"
-        ok = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "def ", "max_tokens": 1, "user": "u" * 900})
+        ok = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "def ", "max_tokens": 1,
+                                                        "user": "u" * 900})  # fmt: skip
         assert len(ok.request.content) in range(900, 1001)
         assert ok.status_code == 200, ok.text
 

@@ -369,8 +369,8 @@ def convert_cmd(model, nhead, tokenizer, output) -> None:
 @click.option("--print-config", is_flag=True, help="--ray: print the equivalent Ray Serve config file (YAML, for "
               "'serve deploy') and exit.")
 def serve(model, backend, device, dtype, nhead, tokenizer, host, port, max_batch_size, max_len, max_waiting,
-          max_body_bytes, api_key, model_name, grace, threads, stream_interval, on_ray, replicas, min_replicas, max_replicas,
-          target_ongoing_requests, ray_address, num_gpus_per_replica, print_config) -> None:  # fmt: skip
+          max_body_bytes, api_key, model_name, grace, threads, stream_interval, on_ray, replicas, min_replicas,
+          max_replicas, target_ongoing_requests, ray_address, num_gpus_per_replica, print_config) -> None:  # fmt: skip
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
     /v1/models), with /health, /metrics (Prometheus) and a playground page at /; with --ray, as
     replicas on Ray Serve.

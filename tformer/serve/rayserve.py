@@ -4,8 +4,8 @@ Each replica is a Ray actor that starts its own engine process (`EngineProcess`,
 serve` does) and serves `create_app` over it through `@serve.ingress`: the routes, errors, metrics
 and streaming are the ones plain `tformer serve` runs under uvicorn, not a fork of them. Ray
 Serve's proxy routes each HTTP request to a replica and streams its answer back; Ray restarts a
-replica whose process dies or whose health check (`check_health`: the engine process is alive and
-the app not draining) fails, and scales the replica count between bounds by the requests in flight.
+replica whose process dies or whose health check (`check_health`: the engine process is alive)
+fails, and scales the replica count between bounds by the requests in flight.
 Each completion says which replica answered (`x-tformer-replica`).
 
 Deployed two ways: `tformer serve MODEL --ray` (`run`: starts a local Ray instance of its own in
@@ -39,12 +39,12 @@ from tformer.serve.app import create_app
 from tformer.serve.worker import EngineProcess, WorkerSpec
 
 APP_NAME = "tformer"
+DEPLOYMENT = "TformerReplica"
+IMPORT_PATH = "tformer.serve.rayserve:app_builder"
 DRAIN_BACKSTOP_S = 5.0  # after the grace period: how long Ray waits for a replica that has not drained
 # The program of `LocalRay`'s process: start Ray, say its address, stop it when stdin closes.
 HEAD = ("import sys, ray; context = ray.init(include_dashboard=False, logging_level='ERROR', log_to_driver=False); "
         "print(context.address_info['gcs_address'], flush=True); sys.stdin.read(); ray.shutdown()")
-DEPLOYMENT = "TformerReplica"
-IMPORT_PATH = "tformer.serve.rayserve:app_builder"
 
 
 @dataclass(frozen=True)
@@ -259,7 +259,8 @@ def drain_on_signal(handle, grace: float, signals: Signals, say) -> None:
     aborted: list[int] = []
 
     def drain(seconds: float) -> None:  # a broadcast runs when its results are asked for
-        results = handle.broadcast("drain", seconds).results(timeout_s=seconds + DRAIN_BACKSTOP_S, return_exceptions=True)
+        response = handle.broadcast("drain", seconds)
+        results = response.results(timeout_s=seconds + DRAIN_BACKSTOP_S, return_exceptions=True)
         aborted.extend(n for n in results if isinstance(n, int))
 
     waiting = threading.Thread(target=drain, args=(grace,), daemon=True)

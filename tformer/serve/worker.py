@@ -5,8 +5,10 @@ lock: each streamed chunk's ~100 us of Python (JSON, HTTP framing) is time the e
 waits for, so every step gets slower as clients multiply (docs/benchmarks/2026-11-25-serve-cpu-2core.md).
 Here the engine runs in a child process with its own interpreter; the HTTP process sends it
 requests and aborts over a pipe, and it answers with one message per engine step holding every
-output of that step and the engine's stats (`Engine.stats`: what `/metrics` reports). `EngineProcess` offers `AsyncEngine`'s `submit`, so the app does not care
-which it has.
+output of that step and the engine's stats (`Engine.stats`: what `/metrics` reports).
+`EngineProcess` offers `AsyncEngine`'s `submit`, so the app does not care which it has. The child
+ignores SIGINT and SIGTERM (a terminal or a service manager signals the whole group; the parent
+decides when the engine stops) and ends on the pipe's EOF, so a parent killed leaves no engine.
 """
 
 from __future__ import annotations
