@@ -358,7 +358,8 @@ def test_cli_serves_until_sigterm_then_exits_0(long_checkpoint, tmp_path):
     """`tformer serve` in a process of its own: the in-process text; a disconnect reaches its
     engine process as an abort; SIGTERM to the process with streams in flight: it stops accepting,
     the stream that can finish within --grace gets every token (finish_reason length), the others
-    end with a final chunk (finish_reason abort) and [DONE], and it exits 0 with nothing left."""
+    end with a final chunk (finish_reason abort) and [DONE], a request not streamed gets its JSON
+    (finish_reason abort), and it exits 0 with nothing left."""
     path, rt = long_checkpoint
     url, proc, log = start_server(path, tmp_path, "--max-batch-size", "8", "--grace", "3")
     try:
@@ -374,8 +375,15 @@ def test_cli_serves_until_sigterm_then_exits_0(long_checkpoint, tmp_path):
         m = metrics(url)
         assert m["tformer:cache_rows_in_use"] == 0 and m["tformer:requests_total{outcome=abort}"] == 1
 
+        whole = {}  # a request not streamed, in flight too: its JSON, finish_reason abort
+        body = {"model": "tiny", "prompt": "def ", "max_tokens": 4000, "ignore_eos": True}
+        plain = threading.Thread(target=lambda: whole.update(r=httpx.post(f"{url}/v1/completions", json=body, timeout=60)))
+        plain.start()
         outs, quick = signal_with_streams_in_flight(url, proc, signal.SIGTERM, group=False, longs=4, short=100)
         assert proc.wait(timeout=3 + 5) == 0
+        plain.join(10)
+        choice = whole["r"].json()["choices"][0]
+        assert whole["r"].status_code == 200 and choice["finish_reason"] == "abort" and choice["token_ids"], choice
         assert (quick["end"], quick["finish"], quick["tokens"]) == ("done", "length", 100), quick
         assert [(o["end"], o["finish"]) for o in outs] == [("done", "abort")] * 4, outs
         err = log.read_text()
