@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import sigint_default
 from tformer.checkpoint import save_checkpoint
 from tformer.files import proc_stat_fields
 from tformer.model import TransformerLM
@@ -71,11 +72,12 @@ def up(url: str) -> bool:
 def start_cli(args: list[str], log: Path, **env: str) -> subprocess.Popen:
     """`tformer serve ARGS` in a session (and process group) of its own, its stderr into `log`:
     a test can signal the whole group (`os.killpg(proc.pid, ...)`), as a terminal or a service
-    manager does, and check that nothing of the group is left."""
+    manager does, and check that nothing of the group is left. SIGINT as in a terminal, also when
+    the suite itself runs in the background (see `sigint_default`)."""
     with open(log, "w") as err:
         return subprocess.Popen([sys.executable, "-m", "tformer.cli", "serve", *args], stdout=subprocess.DEVNULL,
                                 stderr=err, stdin=subprocess.DEVNULL, env={**os.environ, **env},
-                                start_new_session=True)  # fmt: skip
+                                start_new_session=True, preexec_fn=sigint_default)  # fmt: skip
 
 
 def wait_up(url: str, proc: subprocess.Popen, log: Path, seconds: float = 120) -> None:
