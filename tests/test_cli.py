@@ -83,11 +83,17 @@ def test_bad_input_is_one_line_with_exit_code_2(tmp_path, reference_model, args,
     assert not (tmp_path / "x.safetensors").exists()
 
 
-def test_console_script_reports_errors_without_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "tformer", "info", str(tmp_path / "nope.pt")],
-                          capture_output=True, text=True)  # fmt: skip
-    assert proc.returncode == 2
-    assert proc.stderr.strip() == f"Error: {tmp_path / 'nope.pt'}: file not found" and proc.stdout == ""
+def test_console_script_reports_errors_without_traceback(tmp_path, monkeypatch, capsys):
+    """`python -m tformer info MISSING` (the module's __main__, as the console script runs `main`):
+    one line on stderr, nothing on stdout, exit code 2."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["tformer", "info", str(tmp_path / "nope.pt")])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_module("tformer", run_name="__main__")
+    out, err = capsys.readouterr()
+    assert info.value.code == 2
+    assert err.strip() == f"Error: {tmp_path / 'nope.pt'}: file not found" and out == ""
 
 
 def test_tformer_export_console_script_reports_errors_in_one_line(tmp_path, monkeypatch, capsys):

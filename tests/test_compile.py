@@ -43,7 +43,7 @@ def test_compile_greedy_equals_eager_batched_and_padded(trained, compiled_runtim
 
 def test_no_compilation_over_100_requests_coming_and_going(trained, compiled_runtime, monkeypatch):
     """100 requests (prompts 1..100 tokens, outputs 1..60), one added per engine step: batches of
-    every size 1..8 at every span, prefills of 1..8 rows of 1..100 tokens beside them. Nothing is
+    every size 1..4 at every span, prefills of 1..4 rows of 1..100 tokens beside them. Nothing is
     compiled (no recompile, no new graph), and every request gets eager's tokens."""
     model, compiled = trained[0], compiled_runtime.runtime
     rng = random.Random(13)

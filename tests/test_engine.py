@@ -112,7 +112,7 @@ def test_staggered_requests_equal_the_tutorial_model_alone(trained, workload, ex
 
 @pytest.mark.parametrize("backend", ["naive", "compile", "aot", "triton"])
 def test_small_staggered_workload_equals_the_tutorial_model_alone(trained, small_workload, exports, compiled, backend):
-    """Two requests join per step into 3 rows (8 for compile: the rows it was compiled for)."""
+    """Two requests join per step into 3 rows (4 for compile: the rows it was compiled for)."""
     runtime = runtime_of(backend, trained, exports, compiled)
     engine = runtime.engine if backend == "compile" else Engine(runtime.backend, SMALL["rows"], SMALL["max_len"])
     check_backend(runtime, engine, small_workload, SMALL, per_step=2)
@@ -136,7 +136,7 @@ def test_small_workload_covers_what_batching_does(trained, small_workload):
     runner.prefill = lambda work: prefills.append([n for _, n in work]) or prefill(work)
     runner.decode = lambda requests: decodes.append({r.id for r in requests}) or decode(requests)
     runner.move = lambda request, row: (moved := move(request, row)) and moves.append(row) or moved
-    scheduler.schedule = lambda: (plan := schedule(), waiting.append(len(scheduler.waiting)))[0]
+    scheduler.schedule = lambda: (schedule(), waiting.append(len(scheduler.waiting)))[0]  # after admission
     run_staggered(engine, prompts, outputs, per_step=2)
     assert any(len(set(lengths)) > 1 for lengths in prefills), "no padded prefill of rows of different lengths"
     assert max(waiting) >= 1, "no request ever waited for a row"

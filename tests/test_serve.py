@@ -19,11 +19,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from click.testing import CliRunner
 
 from serve_support import (group_alive, long_model, metrics, raw_post, start_cli, stop, stream, up, wait_for,
                            wait_up)  # fmt: skip
 from tformer.bench.serve import free_port
 from tformer.checkpoint import save_checkpoint
+from tformer.cli import cli
 from tformer.runtime import Runtime
 from tformer.serve.server import serve_in_thread
 
@@ -417,9 +419,8 @@ def test_cli_refuses_a_port_in_use(trained, tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        r = subprocess.run([sys.executable, "-m", "tformer.cli", "serve", str(tmp_path / "tiny.safetensors"), "--port",
-                            str(port)], capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert r.returncode == 2 and r.stderr.startswith("Error: cannot listen on 127.0.0.1:") and "--port" in r.stderr
+        r = CliRunner().invoke(cli, ["serve", str(tmp_path / "tiny.safetensors"), "--port", str(port)])
+    assert r.exit_code == 2 and r.stderr.startswith("Error: cannot listen on 127.0.0.1:") and "--port" in r.stderr
 
 
 def test_ray_without_ray_installed_is_one_line(trained, tmp_path):
