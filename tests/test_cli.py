@@ -220,17 +220,20 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("def add(a, b):\n    return a + b\n" * 500)
     proc = subprocess.Popen([sys.executable, "-m", "tformer", "train", str(corpus), "-o", str(tmp_path / "x.safetensors"),
-                             "--steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=sigint_default)  # fmt: skip
+                             "--steps", "100000"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)  # fmt: skip
     try:
         line = proc.stderr.readline()  # "corpus: ..." once the command runs
         assert line.startswith("corpus:"), line
         time.sleep(1.0)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"still running 120 s after its SIGINT: {proc.communicate()[1][-3000:]}") from None
     finally:
         proc.kill()  # never left training for 100000 steps
-    assert proc.returncode == 130
+    assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "Interrupted: nothing was left half-written."
     assert list(tmp_path.iterdir()) == [corpus]
 
