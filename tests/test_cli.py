@@ -233,7 +233,9 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path):
         raise AssertionError(f"still running 120 s after its SIGINT: {proc.communicate()[1][-3000:]}") from None
     finally:
         proc.kill()  # never left training for 100000 steps
-    assert proc.returncode == 130, err[-3000:]
+    # Exit status 130 as a shell reports it: exit(130), or the end by SIGINT itself that Python
+    # chose under heavy load (seen once in a hundred runs, after the line was printed).
+    assert proc.returncode in (130, -signal.SIGINT), err[-3000:]
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "Interrupted: nothing was left half-written."
     assert list(tmp_path.iterdir()) == [corpus]
 
