@@ -130,7 +130,6 @@ def trained(tmp_path_factory):
     return model.eval(), tokenizer
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the groups
 def pytest_collection_modifyitems(config, items) -> None:
     """Where the tests are spread over worker processes (pytest-xdist: pyproject's addopts), each
     costly artifact's tests go to one worker, which builds it once: the exports' and the compiled
