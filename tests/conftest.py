@@ -107,39 +107,14 @@ def reference_model() -> TransformerModel:
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory):
+def trained():
     """(model, tokenizer) trained for a few seconds on a slice of the standard library: its greedy
-    output varies with context, unlike random weights, which collapse onto one token. With the
-    tests spread over worker processes, the first worker to need it trains it and the others read
-    the same weights from its file."""
-    from filelock import FileLock  # torch's own dependency
-
-    from tformer.checkpoint import load_model, save_checkpoint
-
+    output varies with context, unlike random weights, which collapse onto one token."""
     texts = read_corpus(default_corpus()[:12])
     config = ModelConfig(vocab_size=320, d_model=48, nhead=4, d_ff=96, n_layers=2, max_len=512, dropout=0.0)
     steps = TrainConfig(steps=120, batch_size=16, seq_len=48, lr=3e-3, eval_every=60, eval_batches=2)
-    if "PYTEST_XDIST_WORKER" not in os.environ:  # one process
-        model, tokenizer, _ = train(texts, config, steps, progress=False)
-        return model, tokenizer
-    shared = tmp_path_factory.getbasetemp().parent / "trained.safetensors"  # this run's, beside every worker's
-    with FileLock(f"{shared}.lock"):
-        if not shared.exists():
-            save_checkpoint(shared, *train(texts, config, steps, progress=False)[:2])
-    model, tokenizer = load_model(shared)
-    return model.eval(), tokenizer
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """Where the tests are spread over worker processes (pytest-xdist: pyproject's addopts), each
-    costly artifact's tests go to one worker, which builds it once: the exports' and the compiled
-    runtime's; every other test goes with its file, whose module fixtures are then built once too.
-    A test may name its group itself (`pytest.mark.xdist_group`)."""
-    costly = {"onnx_export": "exports", "pt2_export": "exports", "compiled": "compiled"}
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            group = next((g for name, g in costly.items() if name in item.fixturenames), item.path.name)
-            item.add_marker(pytest.mark.xdist_group(group))
+    model, tokenizer, _ = train(texts, config, steps, progress=False)
+    return model, tokenizer
 
 
 @pytest.fixture(scope="session", autouse=True)

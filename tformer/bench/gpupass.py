@@ -101,9 +101,7 @@ def steps(part: str, sizes: Sizes) -> list[Step]:
     """The steps of `part` (a key of PARTS) at `sizes`."""
     bench = ("-m", "tformer.bench.cli")
     if part == "tests":
-        # One process (-n 0, where the suite's own default spreads it over two): CUDA cases in turn on the one GPU.
-        pytest = ("-m", "pytest", "-v", "-m", "cuda", "-n", "0", "-rfEs", "--durations=10", "--disable-warnings",
-                  "-p", "no:cacheprovider")  # fmt: skip
+        pytest = ("-m", "pytest", "-v", "-m", "cuda", "-rfEs", "--durations=10", "--disable-warnings", "-p", "no:cacheprovider")
         return [Step(part, "pytest -m cuda", (*pytest, "tests"), sizes.env)]
     if part == "kernels":
         return [Step(part, kind, (*bench, "kernels", "--kinds", kind, "--device", sizes.device, *sizes.kernels, "--json", RECORDS),
