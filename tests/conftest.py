@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import copy
 import os
+import shlex
 import signal
+import subprocess
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,28 +147,67 @@ def checkpoint(trained, tmp_path_factory) -> Path:
     return root / "m.safetensors"
 
 
-def _export(checkpoint: Path, fmt: str) -> Path:
-    """`tformer-export m.safetensors --format FMT`, beside the checkpoint: validated, with the tokenizer."""
-    from click.testing import CliRunner
+class Exporting:
+    """`tformer export` of the session's checkpoint to .pt2, then to ONNX (validated, tokenizer
+    inside), in one background process started as the session's first test begins: a minute of
+    tracing and compiling that overlaps the tests that do not need them, which run first (see
+    `pytest_collection_modifyitems`; one pytest process keeps less than one of two cores busy)."""
 
-    from tformer.cli import export_cmd
+    FORMATS = ("pt2", "onnx")
 
-    result = CliRunner().invoke(export_cmd, [str(checkpoint), "--format", fmt])
-    assert result.exit_code == 0, result.output
-    return checkpoint.with_name(f"{checkpoint.stem}-{fmt}")
+    def __init__(self, checkpoint: Path):
+        self.checkpoint, self.log = checkpoint, checkpoint.with_name("exports.log")
+        command = " && ".join(shlex.join([sys.executable, "-m", "tformer", "export", str(checkpoint), "--format", fmt])
+                              for fmt in self.FORMATS)  # fmt: skip
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(["sh", "-c", command], stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT)  # fmt: skip
+
+    def wait(self, fmt: str) -> Path:
+        """The export directory of `fmt`, once every export is written."""
+        assert self.proc.wait(timeout=1200) == 0, self.log.read_text()[-3000:]
+        return self.checkpoint.with_name(f"{self.checkpoint.stem}-{fmt}")
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def uses_exports(item: pytest.Item) -> bool:
+    """Whether a test needs the session's exports (a fixture, or `pytest.mark.exports` where it asks
+    for them at run time)."""
+    return bool({"onnx_export", "pt2_export"} & set(item.fixturenames)) or item.get_closest_marker("exports") is not None
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The files with tests of the session's exports run last (whole, so that their module fixtures
+    are built once): meanwhile `Exporting` makes them."""
+    late = {item.path for item in items if uses_exports(item)}
+    items.sort(key=lambda item: item.path in late)  # stable: each part keeps its order
+
+
+@pytest.fixture(scope="session", autouse=True)
+def exporting(request, store) -> Iterator[Exporting | None]:
+    """The session's exports, started at its first test if any of its tests needs them."""
+    if not any(uses_exports(item) for item in request.session.items):
+        yield None
+        return
+    job = Exporting(request.getfixturevalue("checkpoint"))
+    yield job
+    job.stop()  # a session cut short (-x): no export left running
 
 
 @pytest.fixture(scope="session")
-def onnx_export(checkpoint) -> Path:
+def onnx_export(exporting) -> Path:
     """The session's ONNX export of the trained model (its load during validation wrote the
     optimized-graph cache beside model.onnx)."""
-    return _export(checkpoint, "onnx")
+    return exporting.wait("onnx")
 
 
 @pytest.fixture(scope="session")
-def pt2_export(checkpoint) -> Path:
+def pt2_export(exporting) -> Path:
     """The session's AOTInductor package of the trained model."""
-    return _export(checkpoint, "pt2")
+    return exporting.wait("pt2")
 
 
 # The compiled runtime's bounds: 4 cache rows (decode buckets 1, 2, 4: a step of 3 rows is padded

@@ -104,13 +104,16 @@ def exports(request) -> dict:
     return {"onnx": lambda: request.getfixturevalue("onnx_export"), "aot": lambda: request.getfixturevalue("pt2_export")}
 
 
-@pytest.mark.parametrize("backend", ["eager", "onnx"])
+EXPORTS = pytest.mark.exports  # see conftest.uses_exports
+
+
+@pytest.mark.parametrize("backend", ["eager", pytest.param("onnx", marks=EXPORTS)])
 def test_staggered_requests_equal_the_tutorial_model_alone(trained, workload, exports, compiled, backend):
     runtime = runtime_of(backend, trained, exports, compiled)
     check_backend(runtime, Engine(runtime.backend, FULL["rows"], FULL["max_len"]), workload, FULL, per_step=1)
 
 
-@pytest.mark.parametrize("backend", ["naive", "compile", "aot", "triton"])
+@pytest.mark.parametrize("backend", ["naive", "compile", pytest.param("aot", marks=EXPORTS), "triton"])
 def test_small_staggered_workload_equals_the_tutorial_model_alone(trained, small_workload, exports, compiled, backend):
     """Two requests join per step into 3 rows (4 for compile: the rows it was compiled for)."""
     runtime = runtime_of(backend, trained, exports, compiled)
