@@ -148,25 +148,28 @@ def checkpoint(trained, tmp_path_factory) -> Path:
 
 
 class Exporting:
-    """`tformer export` of the session's checkpoint to .pt2, then to ONNX (validated, tokenizer
-    inside), in one background process started as the session's first test begins: a minute of
-    tracing and compiling that overlaps the tests that do not need them, which run first (see
-    `pytest_collection_modifyitems`; one pytest process keeps less than one of two cores busy)."""
+    """`tformer export` of the session's checkpoint to .pt2 and to ONNX (validated, tokenizer
+    inside), and of another model of the same shapes to ONNX (not validated), in one background
+    process started as the session's first test begins: a minute of tracing and compiling that
+    overlaps the tests that do not need them, which run first (see `pytest_collection_modifyitems`;
+    one pytest process keeps less than one of two cores busy)."""
 
-    FORMATS = ("pt2", "onnx")
-
-    def __init__(self, checkpoint: Path):
+    def __init__(self, checkpoint: Path, other: Path):
         self.checkpoint, self.log = checkpoint, checkpoint.with_name("exports.log")
-        command = " && ".join(shlex.join([sys.executable, "-m", "tformer", "export", str(checkpoint), "--format", fmt])
-                              for fmt in self.FORMATS)  # fmt: skip
+        runs = [[str(checkpoint), "--format", "pt2"], [str(checkpoint), "--format", "onnx"],
+                [str(other), "--no-validate", "-o", str(self.directory("other-onnx"))]]  # fmt: skip
+        command = " && ".join(shlex.join([sys.executable, "-m", "tformer", "export", *run]) for run in runs)
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(["sh", "-c", command], stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT)  # fmt: skip
 
-    def wait(self, fmt: str) -> Path:
-        """The export directory of `fmt`, once every export is written."""
+    def directory(self, name: str) -> Path:
+        return self.checkpoint.with_name(f"{self.checkpoint.stem}-{name}")
+
+    def wait(self, name: str) -> Path:
+        """Export directory `name` ("pt2", "onnx", "other-onnx"), once every export is written."""
         assert self.proc.wait(timeout=1200) == 0, self.log.read_text()[-3000:]
-        return self.checkpoint.with_name(f"{self.checkpoint.stem}-{fmt}")
+        return self.directory(name)
 
     def stop(self) -> None:
         self.proc.kill()
@@ -176,7 +179,8 @@ class Exporting:
 def uses_exports(item: pytest.Item) -> bool:
     """Whether a test needs the session's exports (a fixture, or `pytest.mark.exports` where it asks
     for them at run time)."""
-    return bool({"onnx_export", "pt2_export"} & set(item.fixturenames)) or item.get_closest_marker("exports") is not None
+    exports = {"onnx_export", "pt2_export", "other_onnx_export"}
+    return bool(exports & set(item.fixturenames)) or item.get_closest_marker("exports") is not None
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -192,7 +196,15 @@ def exporting(request, store) -> Iterator[Exporting | None]:
     if not any(uses_exports(item) for item in request.session.items):
         yield None
         return
-    job = Exporting(request.getfixturevalue("checkpoint"))
+    from tformer.checkpoint import save_checkpoint
+
+    checkpoint = request.getfixturevalue("checkpoint")
+    model, tokenizer = request.getfixturevalue("trained")
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.decoder.bias.add_(torch.randn(other.decoder.bias.shape, generator=torch.Generator().manual_seed(0)))
+    save_checkpoint(checkpoint.with_name("other.safetensors"), other, tokenizer)
+    job = Exporting(checkpoint, checkpoint.with_name("other.safetensors"))
     yield job
     job.stop()  # a session cut short (-x): no export left running
 
@@ -208,6 +220,13 @@ def onnx_export(exporting) -> Path:
 def pt2_export(exporting) -> Path:
     """The session's AOTInductor package of the trained model."""
     return exporting.wait("pt2")
+
+
+@pytest.fixture(scope="session")
+def other_onnx_export(exporting) -> Path:
+    """An ONNX export (not validated) of another model of the trained one's shapes: its decoder's
+    bias moved, so that its tokens differ."""
+    return exporting.wait("other-onnx")
 
 
 # The compiled runtime's bounds: 4 cache rows (decode buckets 1, 2, 4: a step of 3 rows is padded
