@@ -73,8 +73,8 @@ class WrongBackend(EagerBackend):
 
     name = "wrong"
 
-    def step(self, input_ids, start, lengths, rows, cache):
-        last = input_ids[torch.arange(len(input_ids)), lengths - start - 1]  # (B,) each row's last new token
+    def step(self, batch, cache):
+        last = batch.input_ids[torch.arange(batch.size), batch.lengths - batch.start - 1]  # (B,) each row's last new token
         return torch.nn.functional.one_hot((last + 1) % self.config.vocab_size, self.config.vocab_size).float()
 
 
@@ -113,7 +113,7 @@ RECORD_FIELDS = {
     "backend", "batch_size", "prompt_len", "new_tokens", "status", "reason", "device", "device_name", "dtype",
     "implementation", "notes", "versions", "repeats", "warmup", "setup_s", "warmup_s", "warm_setup_s", "ttft_ms", "itl_ms", "decode_tok_s",
     "e2e_tok_s", "e2e_samples", "peak_mem_mib", "mem_source", "cache_mib", "mem_base_mib", "matches_eager", "vs_naive", "vs_eager",
-    "noisy", "flagged",
+    "vs_floor", "noisy", "flagged",
 }  # fmt: skip
 
 
@@ -128,7 +128,7 @@ def test_cli_json_csv_and_plot_schema_and_each_rows_memory_in_a_process_of_its_o
         here = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
     out = {ext: tmp_path / f"bench.{ext}" for ext in ("json", "csv", "png")}
     result = CliRunner().invoke(bench, [
-        str(tmp_path / "m.safetensors"), "--backends", "eager,naive,triton", "--batch-sizes", "1,2", "--prompt-len", "4",
+        str(tmp_path / "m.safetensors"), "--backends", "floor,eager,naive,triton", "--batch-sizes", "1,2", "--prompt-len", "4",
         "--new-tokens", "5", "--repeats", "2", "--device", "cpu",
         "--json", str(out["json"]), "--csv", str(out["csv"]), "--plot", str(out["png"]),
     ])  # fmt: skip
@@ -136,14 +136,15 @@ def test_cli_json_csv_and_plot_schema_and_each_rows_memory_in_a_process_of_its_o
     assert "e2e tok/s" in result.output and "skipped triton" in result.output
     data = json.loads(out["json"].read_text())
     assert data["meta"]["batch_sizes"] == [1, 2] and data["meta"]["config"]["d_model"] == 32
-    assert len(data["records"]) == 6
+    assert len(data["records"]) == 8
     for record in data["records"]:
         assert set(record) == RECORD_FIELDS
         assert set(record["versions"]) == {"torch", "triton", "onnxruntime", "transformers"}
         if record["status"] == "ok":
             assert set(record["ttft_ms"]) == set(record["e2e_tok_s"]) == {"median", "min", "max"}
             assert set(record["itl_ms"]) == {"p50", "p90", "p99"}
-            assert record["vs_naive"] > 0 and record["vs_eager"] > 0 and record["matches_eager"] is True
+            assert record["vs_naive"] > 0 and record["vs_eager"] > 0 and record["vs_floor"] > 0
+            assert record["matches_eager"] is True  # the floor's bare loop too
             assert len(record["e2e_samples"]) == 2 and record["e2e_tok_s"]["max"] == max(record["e2e_samples"])
             assert "process that set up this row alone" in record["mem_source"]
             assert 0 < record["mem_base_mib"] < record["peak_mem_mib"] < here - 256, (record, here)
@@ -152,7 +153,7 @@ def test_cli_json_csv_and_plot_schema_and_each_rows_memory_in_a_process_of_its_o
     eager1 = next(r for r in data["records"] if r["backend"] == "eager" and r["batch_size"] == 1)
     assert eager1["vs_eager"] == pytest.approx(1.0)
     rows = list(csv.DictReader(out["csv"].open()))
-    assert len(rows) == 6 and "itl_ms.p99" in rows[0] and "versions.torch" in rows[0]
+    assert len(rows) == 8 and "itl_ms.p99" in rows[0] and "versions.torch" in rows[0]
     assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -186,11 +187,11 @@ class Paced(EagerBackend):
         super().__init__(model, torch.device("cpu"), torch.float32)
         self.name, self.delay, self.machine = name, delay, machine
 
-    def step(self, input_ids, start, lengths, rows, cache):
-        if bool((start == 0).any()):  # a row's first chunk: a generation begins
+    def step(self, batch, cache):
+        if 0 in batch.host_start:  # a row's first chunk: a generation begins
             self.machine.log.append((self.name, self.machine.noisy))
         self.machine.clock.sleep(self.delay + (self.machine.extra if self.machine.noisy else 0.0))
-        return super().step(input_ids, start, lengths, rows, cache)
+        return super().step(batch, cache)
 
 
 class Machine:
@@ -268,6 +269,26 @@ def test_skip_reasons_print_their_brackets(model, monkeypatch):
     text = console.export_text()
     assert "skipped hf: transformers is not installed (pip install 'tformer[hf]')" in text
     assert "skipped onnx: onnxruntime is not installed (pip install 'tformer[onnx]')" in text
+
+
+def test_engine_cli_gives_the_host_cost_of_a_step_over_the_null_backend_and_a_real_one(tmp_path, model):
+    """`tformer-bench engine`: the null backend's step is the engine alone (no backend time
+    reported); a real backend's step splits into its call and the host's share."""
+    save_checkpoint(tmp_path / "m.safetensors", model)
+    out = tmp_path / "engine.json"
+    result = CliRunner().invoke(bench, ["engine", str(tmp_path / "m.safetensors"), "--backends", "null,eager",
+                                        "--batch-sizes", "1,4", "--steps", "6", "--repeats", "2", "--device", "cpu",
+                                        "--json", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "host us" in result.output and "steps/s" in result.output
+    records = {(r["backend"], r["batch_size"]): r for r in json.loads(out.read_text())["records"]}
+    assert set(records) == {("null", 1), ("null", 4), ("eager", 1), ("eager", 4)}
+    for (name, _), r in records.items():
+        assert r["steps"] == 6 and 0 < r["host_us"]["median"] <= r["step_us"]["median"]
+        assert r["steps_per_s"] == pytest.approx(1e6 / r["step_us"]["median"])
+        assert (r["backend_us"] is None) == (name == "null")
+        if name == "eager":
+            assert 0 < r["backend_us"]["median"] < r["step_us"]["median"]
 
 
 def test_throughput_cli_runs_both_batching_modes_side_by_side(tmp_path, model):

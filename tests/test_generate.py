@@ -79,17 +79,39 @@ def test_degenerate_sampling_equals_greedy(trained, sampling):
 
 
 def test_top_k_and_top_p_keep_only_the_allowed_tokens():
+    """2000 rows of one distribution in one batched pass, each with its own seeded generator, then
+    all on the global one: top-k and top-p keep exactly the allowed tokens, and the free draw's
+    shares match the probabilities."""
     probs = torch.tensor([[0.5, 0.3, 0.1, 0.06, 0.04]])
     logits = probs.log().expand(2000, 5)
-    g = torch.Generator().manual_seed(0)
-    by_k = sample(logits, SamplingParams(temperature=1.0, top_k=2), g)
-    assert set(by_k.tolist()) == {0, 1}
-    by_p = sample(logits, SamplingParams(temperature=1.0, top_k=None, top_p=0.85), g)
-    assert set(by_p.tolist()) == {0, 1, 2}  # 0.5 + 0.3 < 0.85: the third token is needed
-    free = sample(logits, SamplingParams(temperature=1.0, top_k=None), g)
-    assert set(free.tolist()) == {0, 1, 2, 3, 4}
-    share = (free == 0).float().mean().item()
-    assert abs(share - 0.5) < 0.05
+    torch.manual_seed(0)
+    for seeded in (True, False):
+
+        def draw(**sampling):
+            params = [SamplingParams(temperature=1.0, **sampling)] * len(logits)
+            generators = [torch.Generator().manual_seed(i) if seeded else None for i in range(len(logits))]
+            return torch.tensor(sample(logits, params, generators))
+
+        assert set(draw(top_k=2).tolist()) == {0, 1}
+        assert set(draw(top_k=None, top_p=0.85).tolist()) == {0, 1, 2}  # 0.5 + 0.3 < 0.85: the third token is needed
+        free = draw(top_k=None)
+        assert set(free.tolist()) == {0, 1, 2, 3, 4}
+        shares = torch.bincount(free, minlength=5).double() / len(free)
+        assert (shares - probs[0].double()).abs().max() < 0.04, (seeded, shares)
+
+
+def test_a_seeded_row_draws_the_same_tokens_in_any_batch_and_greedy_rows_take_the_argmax():
+    logits = torch.randn(4, 50)
+    seeded = SamplingParams(temperature=1.0, top_k=None)
+    others = [SamplingParams(temperature=0.7, top_k=5), SamplingParams(temperature=1.3, top_p=0.9), SamplingParams(temperature=0)]
+    alone_g, mixed_g = torch.Generator().manual_seed(77), torch.Generator().manual_seed(77)
+    drawn = set()
+    for _ in range(20):
+        alone = sample(logits[2:3], [seeded], [alone_g])
+        mixed = sample(logits, [others[0], others[1], seeded, others[2]], [None, torch.Generator().manual_seed(3), mixed_g, None])
+        assert mixed[2] == alone[0] and mixed[3] == int(logits[3].argmax())
+        drawn.add(alone[0])
+    assert len(drawn) > 3  # its generator moves on
 
 
 class ScriptedBackend:
@@ -107,9 +129,9 @@ class ScriptedBackend:
     def allocate_cache(self, rows, slots):
         return [0] * rows  # calls seen per row
 
-    def step(self, input_ids, start, lengths, rows, cache):
-        logits = torch.zeros(input_ids.shape[0], self.config.vocab_size)
-        for b, row in enumerate(rows.tolist()):
+    def step(self, batch, cache):
+        logits = torch.zeros(batch.size, self.config.vocab_size)
+        for b, row in enumerate(batch.host_rows):
             script = self.scripts[row]
             logits[b, script[min(cache[row], len(script) - 1)]] = 1.0
             cache[row] += 1

@@ -267,17 +267,18 @@ def test_unsupported_opsets_are_refused_up_front(tmp_path, reference_model, opse
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
 
 
-def test_step_takes_non_contiguous_ids(export):
-    """IOBinding keeps only an address: a temporary contiguous copy of the ids must live until
-    the run (a column slice of a batch is not contiguous)."""
+def test_step_takes_a_batch_of_non_contiguous_ids(export):
+    """IOBinding keeps only an address: what it binds must be contiguous and live until the run.
+    A `Batch` copies the ids into its own buffer (a column slice of a batch is not contiguous)."""
     from tformer.backends import open_export
+    from tformer.backends.batch import Batch
 
     _, out, c = export
     backend = open_export(out, torch.device("cpu"))
     ids = torch.randint(0, c.vocab_size, (2, 12))
-    start, lengths, rows = torch.zeros(2, dtype=torch.long), torch.tensor([6, 4]), torch.tensor([1, 0])
     results = []
-    for batch in (ids[:, 3:9], ids[:, 3:9].clone()):
-        cache = backend.allocate_cache(2, 6)
-        results.append(backend.step(batch, start, lengths, rows, cache))
+    for columns in (ids[:, 3:9], ids[:, 3:9].clone()):
+        batch = Batch.of(columns, [0, 0], [6, 4], [1, 0])
+        assert all(t.is_contiguous() for t in (batch.input_ids, batch.start, batch.lengths, batch.rows))
+        results.append(backend.step(batch, backend.allocate_cache(2, 6)))
     assert not ids[:, 3:9].is_contiguous() and torch.equal(results[0], results[1])

@@ -201,10 +201,10 @@ def test_an_engine_failure_fails_only_its_request(runtime, monkeypatch):
     sized = Runtime(runtime.backend, runtime.tokenizer, max_batch_size=2, max_len=128)
     step = sized.backend.step
 
-    def failing(input_ids, *args):
-        if bool((input_ids == 7).any()):
+    def failing(batch, cache):
+        if bool((batch.input_ids == 7).any()):
             raise RuntimeError("simulated kernel failure")
-        return step(input_ids, *args)
+        return step(batch, cache)
 
     monkeypatch.setattr(sized.backend, "step", failing)
     with serve_in_thread(sized, model_name=NAME) as url:

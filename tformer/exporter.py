@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from tformer.backends import backend_class, check_device, open_export
+from tformer.backends.batch import Batch
 from tformer.errors import TformerError
 from tformer.export.formats import Case, format_for, format_named
 from tformer.export.integrity import verified_meta
@@ -90,7 +91,7 @@ def _compare(case: Case, exported, eager, tolerance: float, log: Log) -> dict:
     g = torch.Generator().manual_seed(case.batch * 100 + total)
     ids = torch.randint(0, vocab, (case.batch, total), generator=g)
     device = exported.device
-    rows = torch.arange(case.batch - 1, -1, -1, device=device)
+    rows = list(range(case.batch - 1, -1, -1))
     caches = [b.allocate_cache(case.batch, total + width) for b in (exported, eager)]
     done = [0] * case.batch  # tokens of each row in the cache
     diff = 0.0
@@ -100,11 +101,11 @@ def _compare(case: Case, exported, eager, tolerance: float, log: Log) -> dict:
             cols = torch.zeros(case.batch, size, dtype=torch.long)  # right-padded with id 0
             for b, n in enumerate(count):
                 cols[b, :n] = ids[b, done[b] : done[b] + n]
-            start = torch.tensor(done, device=device)
-            lengths = start + torch.tensor(count, device=device)
-            got, want = (b.step(cols.to(device), start, lengths, rows, c) for b, c in zip((exported, eager), caches))
+            lengths = [d + n for d, n in zip(done, count)]
+            batch = Batch.of(cols.to(device), done, lengths, rows)
+            got, want = (b.step(batch, c) for b, c in zip((exported, eager), caches))
             diff = max(diff, float((got.double() - want.double()).abs().max()))
-            done = lengths.tolist()
+            done = lengths
     log(f"  {case.text}: max |export - torch| = {diff:.2e}  (tolerance {tolerance:g})")
     if diff > tolerance:
         raise TformerError(f"validation failed at {case.text}: max abs difference {diff:.3g} > tolerance {tolerance:g}")

@@ -114,11 +114,6 @@ class CacheView:
         return self.cache.k[layer][rows, :, : self.span], self.cache.v[layer][rows, :, : self.span]
 
 
-def row_block(rows: list[int]) -> slice | None:
-    """`rows` as a slice when they are consecutive (a `CacheView` block: views, not copies)."""
-    return slice(rows[0], rows[0] + len(rows)) if rows == list(range(rows[0], rows[0] + len(rows))) else None
-
-
 # A function that computes attention in place of SDPA (the triton backend's kernels): given q
 # `(B, H, T, Dh)` and the k, v that the cache's `update` returned, the output `(B, H, T, Dh)`.
 # The masking it applies is its own business (the backend knows the rows' start and length).

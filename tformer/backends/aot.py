@@ -1,4 +1,4 @@
-"""AOTInductor: a `.pt2` package of the step (backend contract v2), run without tracing or compiling.
+"""AOTInductor: a `.pt2` package of the step (the tensors of a `Batch`), run without tracing or compiling.
 
 The package (see `tformer.export.pt2`) takes the engine's cache of rows as inputs and updates it
 in place, so this backend is the eager one minus Python: `KVCache` buffers, one call per step.
@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from tformer.backends.base import Traits
+from tformer.backends.batch import Batch
 from tformer.backends.exported import ExportBackend
 from tformer.errors import TformerError, one_line
 from tformer.export.integrity import FIX, check_embedded
@@ -35,9 +36,6 @@ class AotBackend(ExportBackend):
     def allocate_cache(self, rows: int, slots: int) -> KVCache:
         return KVCache.allocate(self.config, rows, slots, self.device, self.dtype)
 
-    def step(
-        self, input_ids: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, cache: KVCache
-    ) -> torch.Tensor:
-        # The compiled code assumes contiguous inputs: a (B, 1) slice of a bigger tensor is not.
-        inputs = (t.contiguous() for t in (input_ids, start, lengths, rows))
-        return self.runner(*inputs, tuple(cache.k), tuple(cache.v))
+    def step(self, batch: Batch, cache: KVCache) -> torch.Tensor:
+        # A Batch's tensors are contiguous, as the compiled code assumes.
+        return self.runner(batch.input_ids, batch.start, batch.lengths, batch.rows, tuple(cache.k), tuple(cache.v))

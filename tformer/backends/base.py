@@ -1,4 +1,4 @@
-"""The backend interface (contract v2): a backend is only a decode step over cache rows.
+"""The backend interface (contract v3): a backend is only a decode step over cache rows.
 
 Everything else (requests, scheduling, sampling, stopping, streaming) lives once, in
 `tformer.engine`. A backend allocates a cache of rows once and runs steps over it; a new backend
@@ -8,6 +8,10 @@ Each request being served owns one cache row. Its token at position `p` sits in 
 row: no left padding, no position shared between rows. A step feeds some rows new tokens (a
 prefill: a prompt or a chunk of one; a decode: one token each) and returns, per row, the logits
 of its last new token.
+
+v3 (after v2's tensors-only step): a step comes as one `Batch`, its numbers on the host and on
+the device, built once by the engine. A backend takes its decisions from the host side and
+never reads a device tensor back during a step.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
+from tformer.backends.batch import Batch
 from tformer.config import ModelConfig
 from tformer.model import KVCache
 
@@ -54,25 +59,18 @@ class Backend(Protocol):
         """
         ...
 
-    def step(
-        self, input_ids: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, cache: Any
-    ) -> torch.Tensor:
-        """Run the new tokens of B batch rows, write their keys and values into their cache rows,
-        and return the logits of each row's last new token, `(B, V)` in the backend's dtype.
+    def step(self, batch: Batch, cache: Any) -> torch.Tensor:
+        """Run the new tokens of `batch`'s B rows (see `Batch` for every shape and meaning), write
+        their keys and values into their cache rows, and return the logits of each row's last new
+        token, `(B, V)` in the backend's dtype, on its device.
 
-        All tensors are int64 on `device`:
-        input_ids: `(B, T)`; row b's new tokens in columns `0..n_b-1`, `n_b = lengths[b] - start[b]`
-            (1 <= n_b <= T); columns `n_b..T-1` are padding (any id).
-        start: `(B,)` position of row b's first new token, which is also its cache row's length
-            before the step (slots `0..start[b]-1` hold its earlier tokens).
-        lengths: `(B,)` row b's length after the step.
-        rows: `(B,)` distinct cache rows, in `0..cache rows-1`: batch row b reads and writes cache
-            row `rows[b]` only.
         Column t of row b is the token at position `start[b] + t`; it goes to slot `start[b] + t`
-        and attends to slots `0..start[b] + t` of its row. The engine keeps room for padding
-        columns (`start[b] + T <= slots`): a backend may write their keys and values (into slots
-        no real token has reached yet) or skip them; their outputs are never read. Slots at or
-        beyond a row's length hold garbage from earlier requests and must never be attended to.
+        of cache row `rows[b]` and attends to slots `0..start[b] + t` of that row. The engine keeps
+        room for padding columns (`start[b] + T <= slots`): a backend may write their keys and
+        values (into slots no real token has reached yet) or skip them; their outputs are never
+        read. Slots at or beyond a row's length hold garbage from earlier requests and must never
+        be attended to. Decisions on the host (spans, blocks, graphs) come from `batch`'s host
+        lists: no `.tolist()`, `.item()` or `int()` of a device tensor during a step.
         """
         ...
 

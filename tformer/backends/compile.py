@@ -37,6 +37,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from tformer.backends.base import BackendBase, Traits
+from tformer.backends.batch import Batch
 from tformer.model import KVCache, TransformerLM, column_major_weights
 
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]
@@ -98,14 +99,13 @@ class CompileBackend(BackendBase):
             self._graph(size, cache)
         self._graph(None, cache)
 
-    def step(
-        self, input_ids: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, cache: KVCache
-    ) -> torch.Tensor:
-        B, T = input_ids.shape
-        size = next(b for b in buckets(cache.rows - 1) if b >= B) if T == 1 else None
+    def step(self, batch: Batch, cache: KVCache) -> torch.Tensor:
+        B = batch.size
+        size = next(b for b in buckets(cache.rows - 1) if b >= B) if batch.decode else None
         graph = self._graph(size, cache)
+        span = max(batch.past + batch.width, 2)  # the attended slots: every row's, padding columns included
         with torch.inference_mode():  # what the graphs were compiled under (they guard on it)
-            inputs = self._inputs(cache, size or max(B, 2), input_ids, start, lengths, rows)
+            inputs = self._inputs(cache, size or max(B, 2), batch.input_ids, batch.start, batch.lengths, batch.rows, span)
             if not (self._cuda and size):
                 return graph(*inputs)[:B]
             skips = counters["inductor"]["cudagraph_skips"]
@@ -116,12 +116,12 @@ class CompileBackend(BackendBase):
 
     def _inputs(
         self, cache: KVCache, size: int, input_ids: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor,
-        rows: torch.Tensor, span: int | None = None,
+        rows: torch.Tensor, span: int,
     ) -> Inputs:  # fmt: skip
         """The compiled functions' inputs: the batch padded to `size` rows pointing at the scratch
         row (start 0, length 1, id 0), all fresh contiguous tensors (a sliced view has other
         strides, which the guards reject); the cache's buffers on CUDA, on the CPU views of their
-        first `span` slots (default `max(start) + T`, at least 2: dynamo specializes a size of 1)."""
+        first `span` slots (at least 2: dynamo specializes a size of 1)."""
         pad = size - len(rows)
 
         def padded(t: torch.Tensor, value: int) -> torch.Tensor:
@@ -131,7 +131,6 @@ class CompileBackend(BackendBase):
         inputs = (padded(input_ids, 0), start, padded(lengths, 1), padded(rows, cache.rows - 1))
         if self._cuda:
             return (*inputs, cache.k, cache.v)
-        span = max(int(start.max()) + input_ids.shape[1], 2) if span is None else span
         return (*inputs, [t[:, :, :span] for t in cache.k], [t[:, :, :span] for t in cache.v])
 
     def _graph(self, size: int | None, cache: KVCache) -> Callable[..., torch.Tensor]:

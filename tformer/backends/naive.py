@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from tformer.backends.base import BackendBase
+from tformer.backends.batch import Batch
 from tformer.model import TransformerLM
 from tformer.reference import TransformerModel
 
@@ -36,13 +37,10 @@ class NaiveBackend(BackendBase):
         cache[dst] = cache[src][:length]
         return True
 
-    def step(
-        self, input_ids: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor,
-        cache: list[torch.Tensor],
-    ) -> torch.Tensor:  # fmt: skip
+    def step(self, batch: Batch, cache: list[torch.Tensor]) -> torch.Tensor:
         logits = []
-        for b, (row, first, length) in enumerate(zip(rows.tolist(), start.tolist(), lengths.tolist())):
-            cache[row] = torch.cat([cache[row][:first], input_ids[b, : length - first]])  # the row's tokens
+        for b, (row, first, length) in enumerate(zip(batch.host_rows, batch.host_start, batch.host_lengths)):
+            cache[row] = torch.cat([cache[row][:first], batch.input_ids[b, : length - first]])  # the row's tokens
             seq = cache[row][:, None]  # (T, 1) seq-first
             mask = self.model.generate_square_subsequent_mask(seq.shape[0]).to(self.device)
             logits.append(self.model(seq, mask)[-1, 0])  # (V,): the last token's

@@ -24,10 +24,11 @@ import numpy as np
 import torch
 
 from tformer.backends.base import Traits
+from tformer.backends.batch import Batch
 from tformer.backends.exported import ExportBackend
 from tformer.errors import TformerError, one_line
 from tformer.files import atomic_path, file_sha256
-from tformer.model import CacheView, KVCache, row_block
+from tformer.model import CacheView, KVCache
 
 T = TypeVar("T")
 
@@ -171,17 +172,15 @@ class OnnxBackend(ExportBackend):
         cache.kv.move_row(src, dst, length)
         return True
 
-    def step(
-        self, input_ids: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, cache: OnnxCache
-    ) -> torch.Tensor:
+    def step(self, batch: Batch, cache: OnnxCache) -> torch.Tensor:
         c = self.config
-        B, T = input_ids.shape
-        P = int(start.max())  # the longest past: shorter ones are masked beyond their length
+        B, T = batch.size, batch.width
+        start, lengths, rows = batch.start, batch.lengths, batch.rows
+        P = batch.past  # the longest past: shorter ones are masked beyond their length
         cols = torch.arange(T, device=self.device)
         slots = start[:, None] + cols  # (B, T) where each new column goes
-        # A binding keeps only an address: every bound tensor must stay referenced until the run
-        # (a temporary `.contiguous()` copy would be freed and read after).
-        ids = input_ids.contiguous()  # (B, T)
+        # A binding keeps only an address: every bound tensor must stay referenced until the run.
+        ids = batch.input_ids  # (B, T), contiguous
         positions = slots.clamp(max=c.max_len - 1)  # (B, T): a padding column may run past the context
         past_valid = torch.arange(P, device=self.device) < start[:, None]  # (B, P)
         mask = torch.cat([past_valid, cols < (lengths - start)[:, None]], dim=1).long()  # (B, P + T)
@@ -205,7 +204,7 @@ class OnnxBackend(ExportBackend):
         self.session.run_with_iobinding(binding)
         # Into each row's slots, as the eager model writes its cache (padding columns too: the
         # contract leaves room for them).
-        view = CacheView(cache.kv, rows, slots, P + T, row_block(rows.tolist()))
+        view = CacheView(cache.kv, rows, slots, P + T, batch.block)
         for i in range(c.n_layers):
             view.update(i, new[2 * i], new[2 * i + 1])
         return logits

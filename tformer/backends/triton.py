@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from tformer.backends.base import BackendBase
+from tformer.backends.batch import Batch
 from tformer.model import KVCache, TransformerLM
 
 # The cache view's `block`: the rows every layer's cache update returns (as a view, not a copy):
@@ -49,10 +50,9 @@ class TritonBackend(BackendBase):
     def allocate_cache(self, rows: int, slots: int) -> KVCache:
         return KVCache.allocate(self.config, rows, slots, self.device, self.dtype)
 
-    def step(
-        self, input_ids: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, cache: KVCache
-    ) -> torch.Tensor:
-        if input_ids.shape[1] == 1:  # row b's one new token sits at slot start[b] = lengths[b] - 1
+    def step(self, batch: Batch, cache: KVCache) -> torch.Tensor:
+        start, lengths, rows = batch.start, batch.lengths, batch.rows
+        if batch.decode:  # row b's one new token sits at slot start[b] = lengths[b] - 1
 
             def attend(q, k, v):  # q (B, H, 1, Dh); k, v the whole cache (R, H, S, Dh)
                 return self.kernels.decode_attention(q, k, v, lengths, rows)
@@ -61,4 +61,4 @@ class TritonBackend(BackendBase):
             def attend(q, k, v):  # q (B, H, T, Dh): column t of row b at position start[b] + t
                 return self.kernels.prefill_attention(q, k, v, start, rows)
 
-        return self.model.step(input_ids, start, lengths, rows, cache, block=EVERY_ROW, attend=attend)
+        return self.model.step(batch.input_ids, start, lengths, rows, cache, block=EVERY_ROW, attend=attend)

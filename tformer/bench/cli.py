@@ -276,6 +276,57 @@ def throughput(model, nhead, backends, count, prompt_len, output_len, batch_size
         write_csv(csv_path, records)
 
 
+@main.command("engine", cls=Command, context_settings=CONTEXT)
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@click.option("--nhead", type=click.IntRange(min=1), help="Head count; required for a tutorial state_dict (.pt).")
+@click.option("--backends", default="null,eager", show_default=True,
+              help="Comma-separated: null (no model work: the engine alone) and tformer backends.")  # fmt: skip
+@click.option("--batch-sizes", default="1,16,64", show_default=True, help="Comma-separated rows decoding together.")
+@click.option("--steps", default=128, show_default=True, type=click.IntRange(min=1), help="Decode steps timed per round.")
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Timed rounds, each running every row once in a rotated order.")  # fmt: skip
+@click.option("--device", help="cpu or cuda [default: cuda if available].")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch [default: torch's choice].")
+@click.option("--seed", default=0, show_default=True, help="Seed of the weights without MODEL.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every record as JSON.")
+def engine(model, nhead, backends, batch_sizes, steps, repeats, device, threads, seed, json_path) -> None:
+    """The engine's host cost: steps/s over a backend that does no model work (`null`), and for
+    each real backend the host time of a decode step beyond its backend call.
+
+    Reports per backend and batch size the time of a decode step, the backend call within it and
+    their difference, in microseconds (median, min-max over interleaved rounds), and steps/s.
+    """
+    from tformer.bench.hostpath import NullBackend, run_host_path
+    from tformer.bench.report import print_host_table
+
+    names = _name_list(backends, ("null", *BACKENDS), "backend(s)")
+    sizes = _int_list(batch_sizes)
+    if threads:
+        torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    lm, what = _model(model, nhead, seed)
+    c = lm.config
+    if steps + 8 > c.max_len:
+        raise CliError(f"--steps {steps} does not fit the context of {c.max_len} tokens")
+    title = f"{what}: d_model {c.d_model}, {c.n_layers} layers | {dev.type}, torch {torch.__version__}"
+    began = time.perf_counter()
+    with _progress() as note:
+        built = {}
+        for name in names:
+            note(f"{name}: setting up")
+            try:
+                built[name] = NullBackend(c, max(sizes), dev) if name == "null" else Runtime.from_model(lm, backend=name, device=dev).backend
+            except TformerError as exc:
+                raise CliError(f"{name}: {exc}") from None
+        records = run_host_path(built, sizes, steps, repeats, note)
+    print_host_table(records, title)
+    meta = dict(model=what, config=c.__dict__, backends=names, batch_sizes=sizes, steps=steps, repeats=repeats,
+                device=dev.type, threads=torch.get_num_threads(), versions=versions(), platform=platform.platform(),
+                seconds=round(time.perf_counter() - began, 1), command=_command_line())  # fmt: skip
+    if json_path:
+        write_json(json_path, records, meta)
+
+
 @main.command("serve", cls=Command, context_settings=CONTEXT)
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("--url", help="Base URL of a running OpenAI-compatible server, e.g. http://127.0.0.1:8000 (instead of MODEL).")

@@ -37,6 +37,7 @@ import torch
 
 from tformer.backends import BACKENDS, BASELINE, REFERENCE
 from tformer.bench.hf import hf_generation
+from tformer.bench.floor import floor_generation
 from tformer.bench.memory import PeakMemory
 from tformer.bench.stats import Spread, percentiles
 from tformer.checkpoint import save_checkpoint
@@ -46,7 +47,8 @@ from tformer.model import TransformerLM
 from tformer.runtime import Runtime
 
 HF_ROW = "hf"  # the peer row: HF transformers' generate, not a tformer backend
-ALL_BACKENDS = (*BACKENDS, HF_ROW)  # the default rows: every backend, then the peer
+FLOOR_ROW = "floor"  # a bare decode loop of the same model: what the engine around it costs
+ALL_BACKENDS = (FLOOR_ROW, *BACKENDS, HF_ROW)  # the default rows: the floor, every backend, then the peer
 CHECK_PROMPTS, CHECK_PROMPT_LEN, CHECK_NEW_TOKENS = 2, 8, 16
 # A pause before each timed run, so that thread pools a run leaves spinning have gone to sleep
 # before the next one starts: onnxruntime's workers spin for ~35 ms of CPU after a run (its default,
@@ -107,6 +109,7 @@ class Record:
     matches_eager: bool | None = None  # greedy tokens vs eager; None: not comparable (other weights)
     vs_naive: float | None = None  # e2e tokens/s ratios at the same batch size
     vs_eager: float | None = None
+    vs_floor: float | None = None
     noisy: str = ""  # why its speed cannot be ranked against the next row's at this batch size ("": it can)
 
     @property
@@ -387,6 +390,9 @@ def _set_up(
             if name == HF_ROW:
                 entrants.append(hf_entrant(model.config, prompt_len + new_tokens, device, dtype))
                 continue
+            if name == FLOOR_ROW:
+                entrants.append(floor_entrant(model, reference, seed))
+                continue
             runtime = reference if name == REFERENCE else build(name)
         except TformerError as exc:
             skipped += _skipped(name, batch_sizes, prompt_len, new_tokens, str(exc))
@@ -406,6 +412,18 @@ def hf_entrant(config: ModelConfig, max_positions: int, device: torch.device, dt
     make_run, implementation, version = hf_generation(config, max_positions, device, dtype)
     reason = f"transformers {version} GPT2LMHeadModel.generate, same sizes, random weights (tokens not comparable)"
     return Entrant(HF_ROW, make_run, device, dtype, implementation, lambda: (), time.perf_counter() - began, None, reason)
+
+
+def floor_entrant(model: TransformerLM, reference: Runtime, seed: int = 0) -> Entrant:
+    """The floor row over `model` on the reference's device and dtype, checked for eager's tokens."""
+    began = time.perf_counter()
+    device, dtype = reference.backend.device, reference.backend.dtype
+    make_run, implementation = floor_generation(model, device, dtype)
+    prompts = make_prompts(model.config.vocab_size, CHECK_PROMPTS, CHECK_PROMPT_LEN, seed + 1)
+    ours = make_run(prompts, CHECK_NEW_TOKENS)(lambda: None)
+    same = ours == check_generation(reference, seed)
+    reason = "" if same else "greedy tokens differ from eager"
+    return Entrant(FLOOR_ROW, make_run, device, dtype, implementation, lambda: (), time.perf_counter() - began, same, reason)
 
 
 def run_alone(
@@ -438,9 +456,10 @@ def _fill_ratios(records: list[Record]) -> None:
     for r in records:
         if r.e2e_tok_s is None:
             continue
-        naive, eager = e2e(BASELINE, r.batch_size), e2e(REFERENCE, r.batch_size)
+        naive, eager, floor = (e2e(name, r.batch_size) for name in (BASELINE, REFERENCE, FLOOR_ROW))
         r.vs_naive = r.e2e_tok_s.median / naive if naive else None
         r.vs_eager = r.e2e_tok_s.median / eager if eager else None
+        r.vs_floor = r.e2e_tok_s.median / floor if floor else None
 
 
 def mark_noisy(records: list[Record]) -> None:

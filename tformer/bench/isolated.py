@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from tformer.bench.harness import HF_ROW, Entrant, check_generation, hf_entrant, make_prompts
+from tformer.bench.harness import FLOOR_ROW, HF_ROW, Entrant, check_generation, floor_entrant, hf_entrant, make_prompts
 from tformer.bench.memory import PeakMemory
 from tformer.checkpoint import load_model
 from tformer.runtime import Runtime, resolve_dtype
@@ -35,6 +35,8 @@ def measure(spec: dict) -> dict:
     began = time.perf_counter()
     if spec["backend"] == HF_ROW:
         entrant = hf_entrant(model.config, spec["prompt_len"] + spec["new_tokens"], device, dtype)
+    elif spec["backend"] == FLOOR_ROW:
+        entrant = floor_entrant(model, Runtime.from_model(model, device=device, dtype=dtype), spec["seed"])
     else:
         runtime = Runtime.from_model(model, backend=spec["backend"], device=device, dtype=dtype)
         check_generation(runtime, spec["seed"])

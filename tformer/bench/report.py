@@ -34,7 +34,7 @@ def print_table(records: Sequence[Record], title: str, console: Console | None =
     console = console or Console(width=max(Console().width, 170))
     table = Table(title=title, title_justify="left")
     headers = ("backend", "batch", "TTFT ms", "ITL p50 ms", "ITL p90 ms", "ITL p99 ms", "decode tok/s",
-               "e2e tok/s (min-max)", "x naive", "x eager", "peak MiB", "warm-up s", "check")  # fmt: skip
+               "e2e tok/s (min-max)", "x naive", "x eager", "x floor", "peak MiB", "warm-up s", "check")  # fmt: skip
     for h in headers:
         table.add_column(h, justify="left" if h in ("backend", "check") else "right")
     timed = [r for r in records if r.status != "skipped"]
@@ -46,7 +46,7 @@ def print_table(records: Sequence[Record], title: str, console: Console | None =
             *(_num(r.itl_ms[p]) if r.itl_ms else "-" for p in ("p50", "p90", "p99")),
             _num(r.decode_tok_s.median) if r.decode_tok_s else "-",
             f"{_num(r.e2e_tok_s.median)} ({_num(r.e2e_tok_s.min)}-{_num(r.e2e_tok_s.max)})" + ("~" if r.noisy else ""),
-            _ratio(r.vs_naive) + mark, _ratio(r.vs_eager) + mark, _num(r.peak_mem_mib),
+            _ratio(r.vs_naive) + mark, _ratio(r.vs_eager) + mark, _ratio(r.vs_floor) + mark, _num(r.peak_mem_mib),
             _num((r.setup_s or 0) + (r.warmup_s or 0)), check, style="red" if r.flagged else None,
         )  # fmt: skip
     console.print(table)
@@ -138,6 +138,23 @@ def print_throughput_table(records: Sequence[ThroughputRecord], title: str, cons
     for reason, rows in _group([r for r in records if r.status == "skipped"], lambda r: r.reason,
                                lambda r: f"{r.backend} {r.mode}").items():  # fmt: skip
         console.print(f"skipped {', '.join(rows)}: {escape(reason)}")
+
+
+def print_host_table(records: Sequence, title: str, console: Console | None = None) -> None:
+    """`tformer-bench engine`: per backend and batch size, a decode step's time, the backend call
+    within it and the difference (the engine's host work), in microseconds, and steps/s."""
+    console = console or Console(width=max(Console().width, 150))
+    table = Table(title=title, title_justify="left")
+    for h in ("backend", "batch", "step us (min-max)", "backend call us", "host us (min-max)", "steps/s"):
+        table.add_column(h, justify="left" if h == "backend" else "right")
+    for r in records:
+        spread = lambda s: f"{_num(s.median)} ({_num(s.min)}-{_num(s.max)})"  # noqa: E731
+        table.add_row(escape(r.backend), str(r.batch_size), spread(r.step_us), _num(r.backend_us.median) if r.backend_us else "-",
+                      spread(r.host_us), _num(r.steps_per_s))  # fmt: skip
+    console.print(table)
+    if records:
+        console.print(f"{records[0].steps} decode steps per round; medians (min-max) over interleaved rounds; the null "
+                      "backend does no model work (its step is the engine alone)")  # fmt: skip
 
 
 def print_serve_table(records: Sequence[ServeRecord], title: str, against: Sequence[dict] = (),

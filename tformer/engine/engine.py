@@ -22,10 +22,11 @@ from dataclasses import dataclass
 import torch
 
 from tformer.backends.base import Backend
-from tformer.engine.request import Request, RequestOutput, check_prompt
+from tformer.engine.request import Request, RequestOutput, State, check_prompt
 from tformer.engine.runner import ModelRunner
-from tformer.engine.sampling import SamplingParams, sample_rows
+from tformer.engine.sampling import SamplingParams, sample
 from tformer.engine.scheduler import Scheduler
+from tformer.engine.static import StaticScheduler
 from tformer.errors import TformerError, one_line
 from tformer.inputs import as_int
 
@@ -60,7 +61,7 @@ class Engine:
         self.chunk = min(CHUNK, self.max_len)
         self.backend = backend
         self.runner = ModelRunner(backend, self.max_batch_size, self.max_len, self.chunk)
-        self.scheduler = Scheduler(self.max_batch_size, self.chunk, static)
+        self.scheduler = (StaticScheduler if static else Scheduler)(self.max_batch_size, self.chunk)
         self._requests: dict[int, Request] = {}
         self._aborted: list[tuple[Request, RequestOutput]] = []  # delivered by the next step
         self._aborts = 0  # requests ended by `abort` (not those already finished when it came)
@@ -112,8 +113,7 @@ class Engine:
         stops = tuple(tuple(int(t) for t in s) for s in stop)
         if any(not s for s in stops):
             raise TformerError("stop token sequences must not be empty")
-        device = self.backend.device
-        generator = None if params.seed is None else torch.Generator(device).manual_seed(params.seed)
+        generator = None if params.seed is None else torch.Generator(self.backend.device).manual_seed(params.seed)
         with self._lock:
             request = Request(next(_REQUEST_IDS), prompt, params, eos_id, stops, on_output, generator)
             self._requests[request.id] = request
@@ -160,15 +160,14 @@ class Engine:
             if plan.prefill and (logits := self._call(self.runner.prefill, plan.prefill, prefill, finished)) is not None:
                 for request, n in plan.prefill:
                     request.prefilled += n
-                done = [(b, r) for b, (r, _) in enumerate(plan.prefill) if not r.prefilling]
-                finished += self._sample(logits, done)
+                finished += self._sample(logits, prefill)
             if plan.decode:
                 # In row order: with every row busy that is rows 0..B-1, which a backend reads as one
                 # view of the cache instead of gathering a copy of each row (see EagerBackend.step).
                 # Padding rows (static batching) step too; their logits are unused.
                 batch = sorted(plan.decode + plan.padding, key=lambda r: r.row)
                 if (logits := self._call(self.runner.decode, batch, plan.decode, finished)) is not None:
-                    finished += self._sample(logits, [(b, r) for b, r in enumerate(batch) if r.finish_reason is None])
+                    finished += self._sample(logits, batch)
             self.scheduler.compact(self.runner.move)
             for request, output in finished:
                 if output.finished:
@@ -191,14 +190,16 @@ class Engine:
         self.scheduler.finish(request, reason)
         return request, RequestOutput(request.id, None, reason, error)
 
-    def _sample(self, logits: torch.Tensor, rows: list[tuple[int, Request]]) -> list[tuple[Request, RequestOutput]]:
-        if not rows:
-            return []
-        index = [b for b, _ in rows]
-        picked = logits if index == list(range(len(logits))) else logits[torch.tensor(index, device=logits.device)]
-        tokens = sample_rows(picked, [r.params for _, r in rows], [r.generator for _, r in rows])
+    def _sample(self, logits: torch.Tensor, batch: list[Request]) -> list[tuple[Request, RequestOutput]]:
+        """Sample every row of `logits` (one per request of `batch`) in one pass, and record the
+        tokens of the requests that decode: one still prefilling its prompt, or a padding row
+        (static batching: finished), draws a token that is dropped, which costs less than picking
+        rows out first."""
+        tokens = sample(logits, [r.params for r in batch], [r.generator for r in batch])
         outputs = []
-        for (_, request), token in zip(rows, tokens):
+        for request, token in zip(batch, tokens):
+            if request.state is not State.RUNNING or request.prefilling:
+                continue
             reason = request.finish_after(token)
             if reason is not None:
                 self.scheduler.finish(request, reason)

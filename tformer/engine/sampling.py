@@ -1,9 +1,9 @@
-"""How each request picks its next token: its own temperature, top-k, top-p and seed, applied per
-row of one batched step.
+"""How each request picks its next token: its own temperature, top-k, top-p and seed, applied to
+every row of a step in one batched pass on the device (`sample`).
 
-Greedy rows (temperature 0) take the argmax, all at once. A sampled row draws from its own
-distribution with its own generator when it has a seed, so a seeded request gives the same tokens
-alone and in any busy batch: no other request's draws come between its own.
+A step of greedy rows only (temperature 0) is one argmax. A seeded request draws from its own
+generator, the same number of draws per token whatever shares its batch, so it gives the same
+tokens alone and in any busy batch: no other request's draws come between its own.
 """
 
 from __future__ import annotations
@@ -50,30 +50,39 @@ class SamplingParams:
             set_(self, "seed", as_int("seed", self.seed, minimum=0, maximum=2**64 - 1))
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token `(B,)` int64 from last-position logits `(B, V)`."""
-    if params.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / params.temperature
-    if params.top_k is not None and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p is not None and params.top_p < 1:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        drop = probs.cumsum(dim=-1) - probs > params.top_p  # mass before a token already covers top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def sample_rows(
+def sample(
     logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
 ) -> list[int]:
-    """The next token of each row of `logits` `(B, V)`, row b by `params[b]` with `generators[b]`
-    (None: torch's global generator)."""
-    tokens = logits.argmax(dim=-1).tolist()  # (B,): the greedy rows' answer, and a placeholder
-    for b, (p, g) in enumerate(zip(params, generators)):
-        if p.temperature != 0:
-            tokens[b] = int(sample(logits[b : b + 1], p, g))
-    return tokens
+    """The next token of each row of `logits` `(B, V)`, row b by `params[b]`, drawing from
+    `generators[b]` (a seeded request's own; None: torch's global generator).
+
+    One batched pass on the logits' device, whatever the mix of rows: each row's top-k candidates
+    (all V for a row without top-k), scaled by its temperature, cut to its top-p, then the
+    exponential race (`argmax(p / E)`, E ~ Exp(1) per candidate, picks candidate i with
+    probability p_i). A seeded row draws its k noises from its own generator, so it draws the
+    same tokens alone and in any batch; the other rows draw theirs from the global generator in
+    one call. One device-to-host copy of the chosen ids. Greedy rows (temperature 0) take the
+    argmax; a step of greedy rows only is nothing else.
+    """
+    if all(p.temperature == 0 for p in params):
+        return logits.argmax(dim=-1).tolist()
+    V, device = logits.shape[-1], logits.device
+    top_k = [min(p.top_k or V, V) for p in params]
+    widest = max(top_k)
+    values, order = logits.float().topk(widest, dim=-1)  # (B, K), most likely first
+    values /= torch.tensor([p.temperature or 1.0 for p in params], device=device)[:, None]
+    if min(top_k) < widest:
+        values.masked_fill_(torch.arange(widest, device=device) >= torch.tensor(top_k, device=device)[:, None], float("-inf"))
+    probs = values.softmax(dim=-1)
+    if any(p.top_p is not None and p.top_p < 1 for p in params):
+        top_p = torch.tensor([p.top_p or 1.0 for p in params], device=device)[:, None]
+        probs.masked_fill_(probs.cumsum(dim=-1) - probs > top_p, 0.0)  # the mass before it already covers top_p
+    noise = torch.empty_like(probs).exponential_()
+    for b, g in enumerate(generators):
+        if g is not None:
+            noise[b, : top_k[b]].exponential_(generator=g)  # k draws: the row's own, whatever the batch
+    picked = order.gather(-1, (probs / noise).argmax(dim=-1, keepdim=True)).squeeze(-1)  # (B,)
+    if any(p.temperature == 0 for p in params):
+        greedy = torch.tensor([p.temperature == 0 for p in params], device=device)
+        picked = torch.where(greedy, logits.argmax(dim=-1), picked)
+    return picked.tolist()

@@ -10,11 +10,9 @@ backend reads as one block of the cache. Every step has up to two backend calls:
   within a budget of `chunk * 4` tokens a step so that decoding rows are never held up long;
 - a decode of every request whose prompt is in, one token each.
 
-A finished or aborted request gives its row back at once, for the next waiting one. With
-`static=True` the scheduler batches statically instead, as HF `generate` and tformer's old loop
-did: it admits only into an empty batch, and a request that finishes keeps its row in the decode
-steps (its tokens discarded) until every request of the batch is done. That is the baseline that
-continuous batching is measured against (`tformer-bench throughput`).
+A finished or aborted request gives its row back at once, for the next waiting one. The
+static-batching baseline is another policy, `StaticScheduler` (tformer.engine.static), kept out
+of this one.
 """
 
 from __future__ import annotations
@@ -38,13 +36,11 @@ class Plan:
 
 
 class Scheduler:
-    def __init__(self, max_batch_size: int, chunk: int, static: bool = False):
+    def __init__(self, max_batch_size: int, chunk: int):
         self.chunk = chunk
-        self.static = static
         self.free_rows = list(range(max_batch_size))  # a heap: the lowest free row first
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admitted, in admission order
-        self.held: list[Request] = []  # static: finished, their rows stepping until the batch is done
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -54,26 +50,27 @@ class Scheduler:
 
     def schedule(self) -> Plan:
         """Admit waiting requests into free rows, then plan this step's prefill and decode."""
-        admitting = not (self.static and self.running)
-        while admitting and self.waiting and self.free_rows:
-            request = self.waiting.popleft()
-            request.row, request.state = heapq.heappop(self.free_rows), State.RUNNING
-            self.running.append(request)
+        self.admit()
         budget, prefill = self.chunk * 4, []
         for request in self.running:
             if request.prefilling and budget > 0:
                 n = min(len(request.prompt) - request.prefilled, self.chunk, budget)
                 prefill.append((request, n))
                 budget -= n
-        decode = [r for r in self.running if not r.prefilling]
-        return Plan(prefill, decode, list(self.held) if decode else [])
+        return Plan(prefill, [r for r in self.running if not r.prefilling], [])
+
+    def admit(self) -> None:
+        while self.waiting and self.free_rows:
+            request = self.waiting.popleft()
+            request.row, request.state = heapq.heappop(self.free_rows), State.RUNNING
+            self.running.append(request)
 
     def compact(self, move: Callable[[Request, int], bool]) -> None:
         """Keep the busy rows together: while no request waits (one would take the lowest free row
         anyway) and a free row lies below the highest busy one, move that row's request down, if
         `move(request, row)` (which copies its cache row) can. Rows freed in the middle of a batch
         would otherwise split every later step's rows into pieces, which backends gather."""
-        if self.static or self.waiting:
+        if self.waiting:
             return
         while self.free_rows and self.running:
             request = max(self.running, key=lambda r: r.row)
@@ -89,16 +86,10 @@ class Scheduler:
             self.waiting.remove(request)
         elif request.state is State.RUNNING:
             self.running.remove(request)
-            if self.static and request.output:  # a padding row until the batch is done
-                self.held.append(request)
-            else:
-                self._free(request)
-            if not self.running:  # the static batch is done
-                for held in self.held:
-                    self._free(held)
-                self.held.clear()
+            self.release(request)
         request.state, request.finish_reason = State.FINISHED, reason
 
-    def _free(self, request: Request) -> None:
+    def release(self, request: Request) -> None:
+        """Give a finished request's row back."""
         heapq.heappush(self.free_rows, request.row)
         request.row = None

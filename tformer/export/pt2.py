@@ -1,5 +1,5 @@
-"""The `.pt2` format's own part of an export: the step of backend contract v2 compiled ahead of
-time by AOTInductor into a package.
+"""The `.pt2` format's own part of an export: the engine's step (the tensors of backend contract
+v3's `Batch`) compiled ahead of time by AOTInductor into a package.
 
 The package holds one compiled program for prefill and decode alike, the contract of
 `tformer.backends.base.Backend.step`: inputs `input_ids (B, T)` (right-padded), `start (B,)`,
