@@ -41,7 +41,7 @@ def test_compile_greedy_equals_eager_batched_and_padded(trained, compiled_runtim
     assert all(len(set(row)) >= 5 for row in want)
 
 
-def test_no_compilation_over_100_requests_coming_and_going(trained, compiled_runtime, monkeypatch):
+def test_no_compilation_over_100_requests_coming_and_going(trained, compiled_runtime):
     """100 requests (prompts 1..100 tokens, outputs 1..60), one added per engine step: batches of
     every size 1..4 at every span, prefills of 1..4 rows of 1..100 tokens beside them. Nothing is
     compiled (no recompile, no new graph), and every request gets eager's tokens."""
@@ -51,9 +51,9 @@ def test_no_compilation_over_100_requests_coming_and_going(trained, compiled_run
     outputs = [rng.randint(1, NEW) for _ in range(100)]
     eager = Runtime.from_model(copy.deepcopy(model), device=compiled.backend.device).backend
     want = run_staggered(Engine(eager, ROWS, PROMPT + NEW), prompts, outputs)
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     graphs = counters["stats"]["unique_graphs"]
-    assert run_staggered(compiled.engine, prompts, outputs) == want
+    with torch._dynamo.config.patch(error_on_recompile=True):  # (monkeypatch's undo would delete the option)
+        assert run_staggered(compiled.engine, prompts, outputs) == want
     assert counters["stats"]["unique_graphs"] == graphs  # not even a graph of a new shape
     assert compiled.backend.notes == ()  # on CUDA: the decode steps ran as CUDA graphs, never skipped one
 
@@ -65,3 +65,20 @@ def test_six_threads_at_once_on_a_fresh_runtime(trained, compiled_runtime):
     prompts, got = compiled_runtime.first_calls
     eager = Runtime.from_model(copy.deepcopy(trained[0]), device=compiled_runtime.runtime.backend.device)
     assert got == [eager.generate_ids([p], max_new_tokens=20, temperature=0)[0] for p in prompts]
+
+
+def test_runtime_calls_of_growing_batch_and_length_never_recompile(compiled_runtime):
+    """The compile backend stalled for 5-22 s whenever a call needed more rows or slots than any
+    before (batch 1 and 8 new tokens, then 128, then batch 8...): the runtime regrew its engine
+    between calls, and the graphs are keyed by the cache. The engine is sized once: after
+    `warmup`, calls of growing batch (up to more prompts than rows, which wait) and length run
+    on the same cache and compile nothing."""
+    runtime = compiled_runtime.runtime
+    cache = runtime.engine.runner.cache
+    graphs = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for batch, new, prompt in ((1, 2, 1), (1, NEW, 1), (ROWS, 2, PROMPT), (ROWS, NEW, 3), (ROWS + 2, NEW, PROMPT)):
+            got = runtime.generate_ids([[(b + t) % 7 for t in range(prompt)] for b in range(batch)], max_new_tokens=new,
+                                       temperature=0)  # fmt: skip
+            assert [len(row) for row in got] == [new] * batch
+    assert runtime.engine.runner.cache is cache and counters["stats"]["unique_graphs"] == graphs

@@ -122,7 +122,7 @@ class ScriptedBackend:
 
     def __init__(self, scripts: list[list[int]], vocab_size: int = 10):
         self.config = ModelConfig(vocab_size=vocab_size, d_model=4, nhead=1, d_ff=4, n_layers=1, max_len=64)
-        self.device = torch.device("cpu")
+        self.device, self.dtype = torch.device("cpu"), torch.float32
         self.scripts = scripts
         self.steps = 0
 

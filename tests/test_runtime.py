@@ -88,6 +88,22 @@ def test_half_precision_runs(saved):
     assert len(runtime.generate_ids([[5, 6], [7]], max_new_tokens=8)[1]) == 8
 
 
+def test_the_engine_is_sized_once_by_load_and_calls_of_any_size_run_on_it(saved):
+    """Calls of growing batch and length run on the engine `load` sized (8 rows and the model's
+    context by default): never a new engine or cache, which a compiling backend would compile
+    again for (see test_compile). Beyond its bounds a call is refused, naming the fix."""
+    runtime = tformer.load(saved, device="cpu")
+    engine, cache = runtime.engine, runtime.engine.runner.cache
+    assert (engine.max_batch_size, engine.max_len) == (8, runtime.config.max_len)
+    for batch, new in ((1, 2), (1, 40), (8, 4), (11, 30)):  # 11 prompts: 3 wait for a free row
+        assert [len(r) for r in runtime.generate_ids([[5, 6, 7]] * batch, max_new_tokens=new, temperature=0)] == [new] * batch
+        assert runtime.engine is engine and engine.runner.cache is cache
+    small = tformer.load(saved, device="cpu", max_batch_size=2, max_len=16)
+    assert (small.engine.max_batch_size, small.engine.max_len) == (2, 16)
+    with pytest.raises(TformerError, match=r"exceeds this engine's max_len of 16 tokens: .* load with a larger max_len"):
+        small.generate_ids([[5, 6, 7]], max_new_tokens=14)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -152,7 +152,7 @@ def generate(model, prompt, ids, stop, backend, device, dtype, nhead, tokenizer,
     """Continue PROMPT with MODEL (a checkpoint or an export directory), streaming to stdout."""
     if (prompt is None) == (ids is None):
         raise CliError('give either a PROMPT or --ids "1 2 3"')
-    runtime = load(model, backend=backend, device=device, dtype=dtype, nhead=nhead, tokenizer=tokenizer)
+    runtime = load(model, backend=backend, device=device, dtype=dtype, nhead=nhead, tokenizer=tokenizer, max_batch_size=1)
     if runtime.backend.traits.export_format:  # say what runs an export (which onnxruntime provider)
         click.echo(f"running on {runtime.backend.implementation}", err=True)
     params = _sampling(**sampling)

@@ -30,6 +30,7 @@ from tformer.tokenizer import Tokenizer
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2}  # max abs logit difference
 GREEDY_STEPS = 32
+GREEDY_LEN = 64  # the greedy check's engines: its longest prompt (7 tokens) and GREEDY_STEPS
 
 
 def export_model(
@@ -75,10 +76,10 @@ def validate_export(
     fmt = format_named(meta["format"])
     exported = open_export(directory, device)
     dtype = exported.dtype
-    eager = Runtime.from_model(copy.deepcopy(model), device=device, dtype=dtype)
+    eager = Runtime.from_model(copy.deepcopy(model), device=device, dtype=dtype, max_batch_size=3, max_len=GREEDY_LEN)
     report = {"device": device.type, **importlib.import_module(fmt.module).validation_checks(directory / fmt.artifact)}
     report["shapes"] = [_compare(case, exported, eager.backend, TOLERANCE[dtype], log) for case in fmt.cases]
-    report["greedy"] = greedy_check(Runtime(exported, None), eager, log)
+    report["greedy"] = greedy_check(Runtime(exported, None, 3, GREEDY_LEN), eager, log)
     return report
 
 

@@ -1,8 +1,8 @@
 """The public API: a loaded model on one backend, generating text or token ids.
 
-`tformer.load(path)` returns a `Runtime`. It turns text into ids, runs the shared generation loop
-(`tformer.generate`) on the chosen backend, and turns ids back into text, applying stop strings
-and streaming pieces as they become whole characters.
+`tformer.load(path)` returns a `Runtime`. It turns text into ids, sends them as requests to its
+engine (whose one loop runs on a background thread: `EngineThread`), and turns ids back into
+text, applying stop strings and streaming pieces as they become whole characters.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import contextlib
 import os
 import threading
 import time
-from collections import deque
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import fields
 from pathlib import Path
 
@@ -22,9 +22,8 @@ from tformer.backends import REFERENCE, Backend, backend_class, create_backend, 
 from tformer.checkpoint import load_model
 from tformer.config import ModelConfig
 from tformer.errors import TformerError
-from tformer.engine import Engine, RequestOutput, SamplingParams
-from tformer.engine.engine import DEFAULT_BATCH
-from tformer.engine.request import check_prompt
+from tformer.engine import Engine, EngineThread, RequestOutput, SamplingParams
+from tformer.engine.engine import CHUNK, DEFAULT_BATCH
 from tformer.inputs import as_int, as_path, as_prompt, as_prompts, as_stop, as_text, as_texts
 from tformer.model import TransformerLM
 from tformer.text import StopText
@@ -75,6 +74,8 @@ def load(
     dtype: str | torch.dtype | None = None,
     nhead: int | None = None,
     tokenizer: str | os.PathLike | Tokenizer | None = None,
+    max_batch_size: int | None = None,
+    max_len: int | None = None,
 ) -> Runtime:
     """Load a checkpoint and get a runtime that generates with it.
 
@@ -86,6 +87,8 @@ def load(
         backend can run on here (a .pt2 package: the CPU). dtype: default float32.
     tokenizer: a `tokenizer.json` path (or Tokenizer) to use instead of, or in the absence of, the
         checkpoint's own. Without any, use the id methods (`generate_ids`, `stream_ids`).
+    max_batch_size, max_len: the engine's size, fixed here (see `Runtime`): requests running at
+        once (default 8), and the longest prompt plus new tokens (default: the model's context).
     Integers may be Python, numpy or torch scalars. Raises TformerError for anything wrong with
     these inputs.
     """
@@ -99,14 +102,15 @@ def load(
     if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
         tokenizer = Tokenizer.from_file(as_path("tokenizer", tokenizer, "a tokenizer.json path or a tformer.Tokenizer"))
     if Path(path).is_dir():
-        return _load_export(Path(path), backend, device, dtype, tokenizer)
+        return _load_export(Path(path), backend, device, dtype, tokenizer, max_batch_size, max_len)
     model, own_tokenizer = load_model(path, nhead)
-    return Runtime.from_model(model, tokenizer or own_tokenizer, backend or REFERENCE, device, dtype)
+    return Runtime.from_model(model, tokenizer or own_tokenizer, backend or REFERENCE, device, dtype, max_batch_size, max_len)
 
 
 def _load_export(
-    directory: Path, backend: str | None, device: torch.device | None, dtype, tokenizer: Tokenizer | None
-) -> Runtime:
+    directory: Path, backend: str | None, device: torch.device | None, dtype, tokenizer: Tokenizer | None,
+    max_batch_size: int | None, max_len: int | None,
+) -> Runtime:  # fmt: skip
     runs_on = export_backend_name(directory)  # from the schema-checked tformer.json; the backend verifies it all
     if backend not in (None, runs_on):
         raise TformerError(f"{directory} is an export for backend '{runs_on}', not '{backend}'")
@@ -115,7 +119,7 @@ def _load_export(
         raise TformerError(f"{directory} was exported as {engine.dtype}; export again with --dtype to change it")
     if tokenizer is None and engine.meta["tokenizer"]:  # its SHA-256 was verified with the rest
         tokenizer = Tokenizer.from_file(directory / "tokenizer.json")
-    return Runtime(engine, tokenizer)
+    return Runtime(engine, tokenizer, max_batch_size, max_len)
 
 
 class Runtime:
@@ -123,11 +127,15 @@ class Runtime:
     method: see `SamplingParams` (max_new_tokens=128, temperature=0.8 (0 = greedy), top_k=50,
     top_p=None, seed=None).
 
-    Every method adds its prompts to the engine as requests and steps it until they are done; any
-    number of threads may call them at once (their requests share the running batch). The engine
-    is sized to fit the calls (cache rows for the largest batch, up to 64; slots for the longest
-    request, rounded up to 64), grown between calls when one needs more, unless `max_batch_size`
-    and `max_len` fix it.
+    The engine is sized once, here: `max_batch_size` cache rows (default 8; more prompts than
+    rows wait for a free one) of `max_len` slots (default: the model's context, or as many as a
+    quarter of the memory free now holds, if fewer: a warning says so). A request needs
+    `len(prompt) + max_new_tokens <= max_len`. Every call runs within these bounds, so a compiling
+    backend compiles once, by `warmup`, never between calls.
+
+    Every method sends its prompts to the engine as requests; one background thread steps it (the
+    engine's one loop, `EngineCore`, started by the first call). Any number of threads may call at
+    once: their requests share the running batch.
     """
 
     def __init__(
@@ -141,9 +149,10 @@ class Runtime:
         self.backend = backend
         self.tokenizer = tokenizer
         self.eos_id = tokenizer.eos_id if tokenizer is not None else None
-        self._fixed = (max_batch_size, max_len)
-        self._engine: Engine | None = None
-        self._engine_lock = threading.Lock()
+        rows = DEFAULT_BATCH if max_batch_size is None else as_int("max_batch_size", max_batch_size, minimum=1)
+        self.engine = Engine(backend, rows, default_max_len(backend, rows) if max_len is None else max_len)
+        self._thread: EngineThread | None = None
+        self._thread_lock = threading.Lock()
 
     @classmethod
     def from_model(
@@ -153,29 +162,36 @@ class Runtime:
         backend: str = REFERENCE,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
+        max_batch_size: int | None = None,
+        max_len: int | None = None,
     ) -> Runtime:
         """A runtime around an in-memory model (the weights move to `device` / `dtype`)."""
         device = default_device(backend_class(backend)) if device is None else resolve_device(device)
-        return cls(create_backend(backend, model, device, resolve_dtype(dtype)), tokenizer)
+        return cls(create_backend(backend, model, device, resolve_dtype(dtype)), tokenizer, max_batch_size, max_len)
+
+    def front(self) -> EngineThread:
+        """The thread that steps the engine (started on first use, and again after a server in
+        this process shut it down): what such a server submits to."""
+        with self._thread_lock:
+            if self._thread is None or not self._thread.alive:
+                self._thread = EngineThread(self.engine)
+            return self._thread
 
     @property
     def config(self) -> ModelConfig:
         return self.backend.config
 
-    @property
-    def engine(self) -> Engine:
-        """The engine behind the methods (started with the first call's sizes if none ran yet)."""
-        return self._engine_for(1, 2)
-
     def warmup(self, batch_sizes: Sequence[int] = (1,), max_prompt_len: int = 128, max_new_tokens: int = 128) -> float:
-        """Size the engine for these bounds, have the backend compile what its steps may need
-        (`Engine.warmup`), and run one generation per batch size at the longest expected request,
-        so that compiling backends compile now rather than on the first user request. Later
-        requests within these bounds then run without recompiling. Returns the seconds taken."""
+        """Have the backend compile what its steps over this engine may need (`Engine.warmup`, on
+        the engine's thread: CUDA graphs belong to the thread that records them), then run one
+        greedy generation per batch size at the longest expected request (cut to the engine's
+        max_len), so that the first user request waits for no compiler. Returns the seconds taken."""
         began = time.perf_counter()
-        self._engine_for(max(batch_sizes), max_prompt_len + max_new_tokens).warmup()
+        self.front().call(self.engine.warmup)
+        new = min(max_new_tokens, self.engine.max_len - 1)
+        prompt = max(1, min(max_prompt_len, self.engine.max_len - new))
         for batch in batch_sizes:
-            self.generate_ids([[0] * max_prompt_len] * batch, max_new_tokens=max_new_tokens, temperature=0)
+            self.generate_ids([[0] * prompt] * batch, max_new_tokens=new, temperature=0)
         return time.perf_counter() - began
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], **sampling) -> list[list[int]]:
@@ -185,8 +201,8 @@ class Runtime:
             array/tensor with one prompt per row. For one prompt pass `[ids]`.
         """
         prompts = as_prompts(prompts)
-        _, ids, outputs = self._run(prompts, sampling)
-        rows: dict[int, list[int]] = {i: [] for i in ids}
+        ids, outputs = self._run(prompts, sampling)
+        rows: dict[Hashable, list[int]] = {i: [] for i in ids}
         for out in outputs:
             if out.token is not None and out.token != self.eos_id:
                 rows[out.request_id].append(out.token)
@@ -195,15 +211,8 @@ class Runtime:
     def stream_ids(self, prompt: Sequence[int], **sampling) -> Iterator[int]:
         """New token ids of one prompt (a list or 1-D array/tensor of ids), one at a time (EOS
         excluded). Input errors raise at call time."""
-        _, _, outputs = self._run([as_prompt(prompt)], sampling)
+        _, outputs = self._run([as_prompt(prompt)], sampling)
         return (out.token for out in outputs if out.token is not None and out.token != self.eos_id)
-
-    def outputs(self, prompts: Sequence[Sequence[int]], **sampling) -> Iterator[RequestOutput]:
-        """The engine's outputs for these id prompts as they come, each `RequestOutput(request_id,
-        token, finish_reason)` (one per request per engine step; EOS included): for callers that
-        need the steps themselves, such as the benchmark. Input errors raise at call time."""
-        _, _, outputs = self._run(as_prompts(prompts), sampling)
-        return outputs
 
     def generate(self, prompts: str | Sequence[str], stop: str | Sequence[str] | None = (), **sampling) -> list[str]:
         """Completion text for each prompt (a string or a list of strings; always returns a list).
@@ -214,14 +223,14 @@ class Runtime:
         prompts = as_texts(prompts)
         stop = as_stop(stop)
         tokenizer = self._text_tokenizer()
-        engine, ids, outputs = self._run([self._encode(p) for p in prompts], sampling)
+        ids, outputs = self._run([self._encode(p) for p in prompts], sampling)
         texts = {i: StopText(tokenizer, stop) for i in ids}
         for out in outputs:
             text = texts[out.request_id]
             if out.token is not None and not text.stopped:
                 text.push(out.token)
                 if text.stopped:
-                    engine.abort(out.request_id)
+                    self.front().abort(out.request_id)
         return [texts[i].text for i in ids]
 
     def stream(self, prompt: str, stop: str | Sequence[str] | None = (), **sampling) -> Iterator[str]:
@@ -230,7 +239,7 @@ class Runtime:
         Input errors raise at call time, before the first piece.
         """
         text = StopText(self._text_tokenizer(), as_stop(stop))
-        _, _, outputs = self._run([self._encode(as_text("prompt", prompt))], sampling)
+        _, outputs = self._run([self._encode(as_text("prompt", prompt))], sampling)
         return self._stream_text(text, outputs)
 
     @staticmethod
@@ -247,10 +256,10 @@ class Runtime:
         if piece := text.ready():
             yield piece
 
-    def _run(self, prompts: list[list[int]], sampling: dict) -> tuple[Engine, list[int], Iterator[RequestOutput]]:
-        """Check everything, add the prompts as requests; the engine, their ids, and their outputs as they come
-        (a generator that steps the engine whenever none is waiting, and aborts what is left of
-        its requests if closed early)."""
+    def _run(self, prompts: list[list[int]], sampling: dict) -> tuple[list[Hashable], Iterator[RequestOutput]]:
+        """Check everything, send the prompts to the engine as requests; their ids, and their
+        outputs as they come (closing it early aborts what is left of its requests; an output
+        with reason "error" raises TformerError)."""
         known = {f.name for f in fields(SamplingParams)}
         unknown = sorted(set(sampling) - known)
         if unknown:
@@ -258,28 +267,8 @@ class Runtime:
         params = SamplingParams(**sampling)
         if not prompts:
             raise TformerError("no prompts given; pass at least one")
-        for i, prompt in enumerate(prompts):
-            check_prompt(prompt, params.max_new_tokens, self.config.vocab_size, self.config.max_len, f"prompt {i}")
-        engine = self._engine_for(len(prompts), max(map(len, prompts)) + params.max_new_tokens)
-        box: deque[RequestOutput] = deque()
-        ids = [engine.add_request(p, params, self.eos_id, on_output=box.append) for p in prompts]
-        return engine, ids, _drive(engine, set(ids), box)
-
-    def _engine_for(self, batch: int, longest: int) -> Engine:
-        """The engine, started or grown (once idle: the requests it runs are finished first) so
-        that it has `batch` rows (up to 64) and `longest` slots, unless its sizes are fixed."""
-        with self._engine_lock:
-            engine, (fixed_batch, fixed_len) = self._engine, self._fixed
-            rows = fixed_batch or min(max(DEFAULT_BATCH, batch), MAX_AUTO_BATCH)
-            slots = fixed_len or min(-(-longest // 64) * 64, self.config.max_len)
-            if engine is not None:
-                if engine.max_batch_size >= rows and engine.max_len >= slots or all(self._fixed):
-                    return engine
-                rows, slots = max(rows, engine.max_batch_size), max(slots, engine.max_len)
-                while engine.has_unfinished():  # other threads' requests: finish them on this cache
-                    engine.step()
-            self._engine = Engine(self.backend, rows, slots)
-            return self._engine
+        ids, outputs = self.front().requests(prompts, params, self.eos_id)
+        return ids, _raising(outputs)
 
     def _text_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
@@ -293,23 +282,42 @@ class Runtime:
         return self._text_tokenizer().encode(prompt)
 
 
-MAX_AUTO_BATCH = 64  # cache rows a Runtime sizes itself to, at most; more prompts wait for a free row
+def _raising(outputs: Iterator[RequestOutput]) -> Iterator[RequestOutput]:
+    with contextlib.closing(outputs):  # closed early: the requests left are aborted
+        for out in outputs:
+            if out.finish_reason == "error":
+                raise TformerError(f"generation failed: {out.error}")
+            yield out
 
 
-def _drive(engine: Engine, waiting_for: set[int], box: deque[RequestOutput]) -> Iterator[RequestOutput]:
-    """Outputs of the requests `waiting_for` as they arrive in `box`, stepping the engine whenever
-    the box is empty (any thread may step it: each output reaches the box of its own request)."""
+# The default max_len is the model's context, unless a quarter of the memory free now holds fewer slots.
+MEMORY_SHARE = 4
+
+
+def default_max_len(backend: Backend, rows: int) -> int:
+    """The model's context, or fewer slots where the cache of `rows` rows would take more than a
+    quarter of the memory free now (CUDA: the device's; the CPU: MemAvailable), rounded down to a
+    multiple of 64 (and said in a warning)."""
+    c = backend.config
+    per_slot = 2 * c.n_layers * c.d_model * backend.dtype.itemsize * rows  # keys and values of every row
+    free = _free_memory(backend.device)
+    if free is None:
+        return c.max_len
+    fits = (free // MEMORY_SHARE) // per_slot - CHUNK  # the engine adds `CHUNK` slots per row
+    if fits >= c.max_len:
+        return c.max_len
+    slots = max(64, fits // 64 * 64)
+    warnings.warn(f"max_len {slots} instead of the model's context {c.max_len}: a cache of {rows} rows x {c.max_len} "
+                  f"slots would take more than a quarter of the {free / 2**30:.1f} GiB free; pass max_len= to choose",
+                  stacklevel=3)  # fmt: skip
+    return slots
+
+
+def _free_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
     try:
-        while waiting_for:
-            if not box:
-                engine.step()
-            while box:
-                out = box.popleft()
-                if out.finished:
-                    waiting_for.discard(out.request_id)
-                if out.finish_reason == "error":
-                    raise TformerError(f"generation failed: {out.error}")
-                yield out
-    finally:
-        for request_id in waiting_for:  # closed early (a stop string, a consumer that went away)
-            engine.abort(request_id)
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None

@@ -20,7 +20,7 @@ from tformer.bench.kernels import IMPLS, KINDS, run_kernel_benchmarks
 from tformer.bench.report import print_kernel_table, print_table, require_matplotlib, write_csv, write_json, write_plot
 from tformer.checkpoint import load_model
 from tformer.cli import CliError, Command, Group
-from tformer.backends import BACKENDS, REFERENCE
+from tformer.backends import BACKENDS, REFERENCE, create_backend
 from tformer.config import ModelConfig
 from tformer.engine.engine import DEFAULT_BATCH
 from tformer.errors import TformerError
@@ -261,7 +261,8 @@ def throughput(model, nhead, backends, count, prompt_len, output_len, batch_size
         for name in names:
             note(f"{name}: setting up")
             try:
-                runtimes[name] = Runtime.from_model(lm, backend=name, device=dev, dtype=dt)
+                runtimes[name] = Runtime.from_model(lm, backend=name, device=dev, dtype=dt, max_batch_size=batch_size,
+                                                    max_len=workload.longest)  # fmt: skip
             except TformerError as exc:
                 runtimes[name] = str(exc)
         records = run_throughput(runtimes, workload, batch_size, repeats, rate, note)
@@ -315,7 +316,7 @@ def engine(model, nhead, backends, batch_sizes, steps, repeats, device, threads,
         for name in names:
             note(f"{name}: setting up")
             try:
-                built[name] = NullBackend(c, max(sizes), dev) if name == "null" else Runtime.from_model(lm, backend=name, device=dev).backend
+                built[name] = NullBackend(c, max(sizes), dev) if name == "null" else create_backend(name, lm, dev, torch.float32)
             except TformerError as exc:
                 raise CliError(f"{name}: {exc}") from None
         records = run_host_path(built, sizes, steps, repeats, note)

@@ -27,6 +27,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from tformer.bench.memory import PeakMemory
 from tformer.bench.stats import Spread, percentiles
 from tformer.checkpoint import save_checkpoint
 from tformer.config import ModelConfig
+from tformer.engine import SamplingParams
 from tformer.errors import TformerError, one_line
 from tformer.model import TransformerLM
 from tformer.runtime import Runtime
@@ -152,17 +154,39 @@ def make_prompts(vocab_size: int, batch_size: int, prompt_len: int, seed: int = 
 
 def loop_generation(runtime: Runtime, prompts: list[list[int]], new_tokens: int) -> Generation:
     """A greedy generation through tformer's engine on `runtime` (no EOS: full length). All prompts
-    are admitted at once (the runtime sizes its rows to the batch), so every engine step gives
-    each of them one token: `tick` after each step's outputs."""
+    are admitted at once (the benchmark sizes the runtime's rows to its largest batch), so every
+    engine step gives each of them one token: `tick` when a step's outputs are out of the engine
+    (on its thread, as the step ends), and the run returns once the last is done."""
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0)
 
     def run(tick: Callable[[], None]) -> None:
-        seen = 0
-        for _ in runtime.outputs(prompts, max_new_tokens=new_tokens, temperature=0):
-            seen += 1
-            if seen % len(prompts) == 0:
-                tick()
+        stamps = Ticker(tick, len(prompts))
+        runtime.front().send(prompts, params, None, (), stamps)
+        stamps.done.wait()
+        if stamps.error:
+            raise RuntimeError(f"the generation failed: {stamps.error}")
 
     return run
+
+
+class Ticker:
+    """Takes a generation's outputs on the engine's thread: `tick` once every request of the batch
+    has one more, `done` once all have finished."""
+
+    def __init__(self, tick: Callable[[], None], requests: int):
+        self.tick, self.requests, self.seen, self.finished = tick, requests, 0, 0
+        self.error: str | None = None
+        self.done = threading.Event()
+
+    def put_nowait(self, output) -> None:
+        self.seen += 1
+        if self.seen % self.requests == 0:
+            self.tick()
+        self.finished += output.finished
+        if output.finish_reason == "error":
+            self.error = output.error
+        if self.finished == self.requests:
+            self.done.set()
 
 
 def _sync(device: torch.device) -> None:
@@ -376,7 +400,9 @@ def _set_up(
     device: torch.device, dtype: torch.dtype, seed: int, note: Progress, build: Callable[[str], Runtime] | None,
 ) -> tuple[list[Entrant], list[Record]]:
     """(the rows that can be timed, set up and checked against eager; skipped records for the rest)."""
-    build = build or (lambda name: Runtime.from_model(model, backend=name, device=device, dtype=dtype))
+    rows, slots = max(batch_sizes), max(prompt_len + new_tokens, CHECK_PROMPT_LEN + CHECK_NEW_TOKENS)
+    build = build or (lambda name: Runtime.from_model(model, backend=name, device=device, dtype=dtype, max_batch_size=rows,
+                                                      max_len=slots))  # fmt: skip
     note("eager: setting up (also the reference for the correctness check)")
     began = time.perf_counter()
     reference = build(REFERENCE)

@@ -23,7 +23,8 @@ from tformer.backends.base import Backend, BackendBase
 from tformer.backends.batch import Batch
 from tformer.bench.stats import Spread
 from tformer.config import ModelConfig
-from tformer.engine import Engine, SamplingParams
+from tformer.engine import Engine, EngineCore, SamplingParams
+from tformer.engine.core import STOP, Add
 
 
 class NullBackend(BackendBase):
@@ -63,12 +64,13 @@ class HostRecord:
 
 
 def time_decode(backend: Backend, batch_size: int, steps: int, clock: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
-    """(seconds of `steps` decode steps of `batch_size` greedy requests on a fresh engine, seconds
-    of the backend calls within them). The prefill step before them is not timed."""
+    """(seconds of `steps` decode steps of `batch_size` greedy requests through the engine's one
+    loop, `EngineCore.run`, on a fresh engine; seconds of the backend calls within them). Timed
+    from the loop's first output (the prefill's step) to its last."""
     engine = Engine(backend, max_batch_size=batch_size, max_len=min(backend.config.max_len, steps + 8))
-    inner = [0.0]
     call = backend.step
     sync = torch.cuda.synchronize if backend.device.type == "cuda" else (lambda: None)
+    inner, stamps = [0.0], []
 
     def timed(batch: Batch, cache) -> torch.Tensor:
         sync()
@@ -78,22 +80,34 @@ def time_decode(backend: Backend, batch_size: int, steps: int, clock: Callable[[
         inner[0] += clock() - began
         return logits
 
+    def emit(outputs, stats) -> None:
+        if outputs:
+            stamps.append(clock())
+            if len(stamps) == 1:
+                inner[0] = 0.0  # the prefill's call is not timed
+
     params = SamplingParams(max_new_tokens=steps + 1, temperature=0)
-    for _ in range(batch_size):
-        engine.add_request([1, 2, 3], params)
-    engine.step()  # the prefill, and each request's first token
+    prompt, _ = engine.check([1, 2, 3], params)
+    inbox = [[Add(i, prompt, params) for i in range(batch_size)], [STOP]]
     backend.step = timed  # an instance attribute: the class's step is untouched
     try:
-        inner[0] = 0.0
-        began = clock()
-        for _ in range(steps):
-            engine.step()
-        total = clock() - began
+        EngineCore(engine).run(Listed(inbox), emit)
     finally:
         del backend.step
-    if engine.has_unfinished():
-        raise RuntimeError("the requests did not finish in the steps timed")
-    return total, inner[0]
+    if len(stamps) != steps + 1:
+        raise RuntimeError(f"the requests took {len(stamps) - 1} decode steps, not {steps}")
+    return stamps[-1] - stamps[0], inner[0]
+
+
+class Listed:
+    """An inbox of messages given in advance: each `take` the next list, the last one (STOP)
+    only once the engine is idle."""
+
+    def __init__(self, batches: list[list]):
+        self.batches = batches
+
+    def take(self, wait: bool) -> list:
+        return self.batches.pop(0) if wait or len(self.batches) > 1 else []
 
 
 def run_host_path(

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from tformer.bench.harness import FLOOR_ROW, HF_ROW, Entrant, check_generation, floor_entrant, hf_entrant, make_prompts
+from tformer.bench.harness import CHECK_NEW_TOKENS, CHECK_PROMPT_LEN, FLOOR_ROW, HF_ROW, Entrant, check_generation, floor_entrant, hf_entrant, make_prompts
 from tformer.bench.memory import PeakMemory
 from tformer.checkpoint import load_model
 from tformer.runtime import Runtime, resolve_dtype
@@ -33,12 +33,14 @@ def measure(spec: dict) -> dict:
     model = load_model(spec["checkpoint"])[0].to(dtype)
     base = memory.current_mib()  # the interpreter, torch and the model: every row's process holds them
     began = time.perf_counter()
+    sizes = dict(max_batch_size=max(spec["batch_sizes"]),
+                 max_len=max(spec["prompt_len"] + spec["new_tokens"], CHECK_PROMPT_LEN + CHECK_NEW_TOKENS))
     if spec["backend"] == HF_ROW:
         entrant = hf_entrant(model.config, spec["prompt_len"] + spec["new_tokens"], device, dtype)
     elif spec["backend"] == FLOOR_ROW:
-        entrant = floor_entrant(model, Runtime.from_model(model, device=device, dtype=dtype), spec["seed"])
+        entrant = floor_entrant(model, Runtime.from_model(model, device=device, dtype=dtype, **sizes), spec["seed"])
     else:
-        runtime = Runtime.from_model(model, backend=spec["backend"], device=device, dtype=dtype)
+        runtime = Runtime.from_model(model, backend=spec["backend"], device=device, dtype=dtype, **sizes)
         check_generation(runtime, spec["seed"])
         entrant = Entrant.of(runtime)
     setup_s = time.perf_counter() - began

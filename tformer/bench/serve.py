@@ -371,7 +371,7 @@ def benchmark_model(
             progress("offline engine: loading and warming up")
             if threads:
                 torch.set_num_threads(threads)
-            runtime = load(model, backend, nhead=nhead, tokenizer=tokenizer)
+            runtime = load(model, backend, nhead=nhead, tokenizer=tokenizer, max_batch_size=1, max_len=2)  # its backend
             engine = offline_engine(runtime.backend, settings, server["vocab_size"], max_batch_size)
         records = []
         for r in range(repeats):

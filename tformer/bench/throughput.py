@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from tformer.bench.harness import device_name, versions
 from tformer.bench.latency import RequestTiming, serving_metrics
 from tformer.bench.stats import Spread
-from tformer.engine import Engine, SamplingParams
+from tformer.engine import Engine, EngineCore, RequestOutput, SamplingParams
+from tformer.engine.core import STOP, Add
 from tformer.errors import TformerError
 from tformer.runtime import Runtime
 
@@ -97,37 +98,56 @@ def run_workload(engine: Engine, workload: Workload, clock: Callable[[], float] 
 def drive_workload(
     engine: Engine, workload: Workload, clock: Callable[[], float] = time.perf_counter, max_concurrency: int | None = None
 ) -> tuple[list[RequestTiming], float]:  # fmt: skip
-    """Add each request when it arrives, step while any is unfinished; each request's timing
-    (sent: its arrival, or when a slot freed if `max_concurrency` requests were in flight then, as
-    a client's semaphore would hold it; a token's time: the end of the step that made it) and the
-    run's seconds."""
-    pending = sorted(workload.requests, key=lambda r: r[0])
-    timings: dict[int, RequestTiming] = {}
-    in_flight: set[int] = set()
-    blocked_at = -1.0  # when an arrived request last found max_concurrency requests in flight
-    began = clock()
-    while pending or engine.has_unfinished():
-        now = clock() - began
-        while pending and pending[0][0] <= now and (max_concurrency is None or len(in_flight) < max_concurrency):
-            arrival, prompt, new = pending.pop(0)
-            rid = engine.add_request(prompt, SamplingParams(max_new_tokens=new, temperature=0))
-            timings[rid] = RequestTiming(len(prompt), sent=began + (now if arrival <= blocked_at else arrival))
-            in_flight.add(rid)
-        if pending and pending[0][0] <= now:
-            blocked_at = now
-        if not engine.has_unfinished():
-            time.sleep(max(0.0, pending[0][0] - (clock() - began)))
-            continue
-        outputs = engine.step()
-        stamp = clock()
+    """Run the engine's one loop (`EngineCore.run`) over `workload`, each request sent when it
+    arrives; each request's timing (sent: its arrival, or when a slot freed if `max_concurrency`
+    requests were in flight then, as a client's semaphore would hold it; a token's time: when the
+    loop emitted the step that made it) and the run's seconds."""
+    arrivals = Arrivals(engine, workload, clock, max_concurrency)
+    EngineCore(engine).run(arrivals, arrivals.emit)
+    return list(arrivals.timings.values()), clock() - arrivals.began
+
+
+class Arrivals:
+    """The benchmark's inbox for `EngineCore.run`: each request of a workload as an `Add` message
+    once its arrival time has come (and, with `max_concurrency`, a slot is free), STOP once every
+    request is done; `emit` stamps each step's outputs."""
+
+    def __init__(self, engine: Engine, workload: Workload, clock: Callable[[], float], max_concurrency: int | None):
+        self.engine, self.clock, self.max_concurrency = engine, clock, max_concurrency
+        self.pending = sorted(workload.requests, key=lambda r: r[0])
+        self.timings: dict[int, RequestTiming] = {}
+        self.in_flight: set[int] = set()
+        self.blocked_at = -1.0  # when an arrived request last found max_concurrency requests in flight
+        self.began = clock()
+
+    def take(self, wait: bool) -> list:
+        if wait and not self.pending and not self.in_flight:
+            return [STOP]
+        if wait and self.pending and not self.in_flight:  # idle until the next arrival
+            time.sleep(max(0.0, self.pending[0][0] - (self.clock() - self.began)))
+        now, messages = self.clock() - self.began, []
+        while self.pending and self.pending[0][0] <= now and (self.max_concurrency is None or
+                                                              len(self.in_flight) < self.max_concurrency):  # fmt: skip
+            arrival, prompt, new = self.pending.pop(0)
+            params = SamplingParams(max_new_tokens=new, temperature=0)
+            request_id = len(self.timings)
+            self.timings[request_id] = RequestTiming(len(prompt), sent=self.began + (now if arrival <= self.blocked_at else arrival))
+            self.in_flight.add(request_id)
+            checked, _ = self.engine.check(prompt, params)
+            messages.append(Add(request_id, checked, params))
+        if self.pending and self.pending[0][0] <= now:
+            self.blocked_at = now
+        return messages
+
+    def emit(self, outputs: list[RequestOutput], stats) -> None:
+        stamp = self.clock()
         for out in outputs:
-            timing = timings[out.request_id]
+            timing = self.timings[out.request_id]
             if out.token is not None:
                 timing.token_times.append(stamp)
             if out.finished:
                 timing.end = stamp
-                in_flight.discard(out.request_id)
-    return list(timings.values()), clock() - began
+                self.in_flight.discard(out.request_id)
 
 
 def run_throughput(

@@ -1,10 +1,11 @@
 """Continuous batching: requests join and leave a running batch at every step, each in its own
-cache row. `Engine` (request, scheduler, runner, sampling: one concept per module) and its
-asynchronous front `AsyncEngine`."""
+cache row. `Engine` (request, scheduler, runner, sampling: one concept per module), the one loop
+that steps it (`EngineCore`), and that loop on a thread (`EngineThread`)."""
 
+from tformer.engine.core import EngineCore
 from tformer.engine.engine import Engine
-from tformer.engine.front import AsyncEngine
+from tformer.engine.front import EngineThread
 from tformer.engine.request import RequestOutput
 from tformer.engine.sampling import SamplingParams
 
-__all__ = ["AsyncEngine", "Engine", "RequestOutput", "SamplingParams"]
+__all__ = ["Engine", "EngineCore", "EngineThread", "RequestOutput", "SamplingParams"]

@@ -7,16 +7,15 @@
             ...
 
 Requests join and leave the running batch at every step, each in its own cache row at its own
-position (see `Scheduler`). The engine is thread-safe: any thread may add or abort requests or
-step it; one lock serializes steps, so a backend never runs two at once. `Runtime` drives it for
-its methods; `AsyncEngine` drives it from a background thread for the server.
+position (see `Scheduler`). One thread uses an engine: `EngineCore` (tformer.engine.core) runs
+the one loop that steps it, on a thread for `Runtime` and servers in one process, in a child
+process for `tformer serve`; other threads reach it through the core's inbox, never the engine.
 """
 
 from __future__ import annotations
 
 import itertools
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +31,7 @@ from tformer.inputs import as_int
 
 DEFAULT_BATCH = 8
 CHUNK = 256  # prompt tokens of one request prefilled per step; also the spare slots of each row
-_REQUEST_IDS = itertools.count()  # unique across engines: an id never names another engine's request
+_REQUEST_IDS = itertools.count()  # for `add_request` without an id of the caller's
 
 
 @dataclass(frozen=True)
@@ -62,10 +61,9 @@ class Engine:
         self.backend = backend
         self.runner = ModelRunner(backend, self.max_batch_size, self.max_len, self.chunk)
         self.scheduler = (StaticScheduler if static else Scheduler)(self.max_batch_size, self.chunk)
-        self._requests: dict[int, Request] = {}
-        self._aborted: list[tuple[Request, RequestOutput]] = []  # delivered by the next step
+        self._requests: dict[Hashable, Request] = {}
+        self._aborted: list[RequestOutput] = []  # delivered by the next step
         self._aborts = 0  # requests ended by `abort` (not those already finished when it came)
-        self._lock = threading.RLock()
 
     @property
     def cache_bytes(self) -> int | None:
@@ -91,49 +89,68 @@ class Engine:
     def warmup(self) -> None:
         """Have the backend compile now whatever steps over this engine's cache may need (see
         `Backend.warmup`), so that requests never wait for a compiler."""
-        with self._lock:
-            self.backend.warmup(self.runner.cache)
+        self.backend.warmup(self.runner.cache)
 
-    def add_request(
-        self,
-        prompt: Sequence[int],
-        params: SamplingParams = SamplingParams(),
-        eos_id: int | None = None,
-        stop: Sequence[Sequence[int]] = (),
-        on_output: Callable[[RequestOutput], None] | None = None,
-    ) -> int:
-        """Queue a request; returns its id. `prompt`: token ids (checked here: a request that can
-        never fit is refused at once with the numbers). `stop`: token sequences that end it.
-        `on_output(output)` is called, from whichever thread steps the engine, for each of its outputs."""
+    def check(
+        self, prompt: Sequence[int], params: SamplingParams, stop: Sequence[Sequence[int]] = (), label: str = "the prompt"
+    ) -> tuple[list[int], tuple[tuple[int, ...], ...]]:  # fmt: skip
+        """The prompt's ids and the stop token sequences as plain ints, or TformerError naming
+        `label` for a request that can never run here: an empty prompt, an id outside the
+        vocabulary, `len(prompt) + max_new_tokens` over this engine's max_len, an empty stop
+        sequence. Whoever sends a request checks it once, in its own thread (`add_request` does)."""
         prompt = [int(t) for t in prompt]
         context = self.backend.config.max_len
-        check_prompt(prompt, params.max_new_tokens, self.backend.config.vocab_size, self.max_len, limit="this engine's max_len",
-                     fix=f"shorten the prompt, lower max_new_tokens, or give the engine a larger max_len (up to the "
-                         f"model's context, {context})")  # fmt: skip
+        if self.max_len == context:
+            check_prompt(prompt, params.max_new_tokens, self.backend.config.vocab_size, context, label)
+        else:
+            check_prompt(prompt, params.max_new_tokens, self.backend.config.vocab_size, self.max_len, label,
+                         limit="this engine's max_len",
+                         fix=f"shorten the prompt, lower max_new_tokens, or load with a larger max_len (up to the "
+                             f"model's context, {context})")  # fmt: skip
         stops = tuple(tuple(int(t) for t in s) for s in stop)
         if any(not s for s in stops):
             raise TformerError("stop token sequences must not be empty")
-        generator = None if params.seed is None else torch.Generator(self.backend.device).manual_seed(params.seed)
-        with self._lock:
-            request = Request(next(_REQUEST_IDS), prompt, params, eos_id, stops, on_output, generator)
-            self._requests[request.id] = request
-            self.scheduler.add(request)
-        return request.id
+        return prompt, stops
 
-    def abort(self, request_id: int) -> bool:
+    def add_request(
+        self, prompt: Sequence[int], params: SamplingParams = SamplingParams(), eos_id: int | None = None,
+        stop: Sequence[Sequence[int]] = (), request_id: Hashable | None = None,
+    ) -> Hashable:  # fmt: skip
+        """Check (`check`) and queue a request; returns its id (`request_id`, or a new one).
+        `stop`: token sequences that end it."""
+        prompt, stops = self.check(prompt, params, stop)
+        return self.add_checked(next(_REQUEST_IDS) if request_id is None else request_id, prompt, params, eos_id, stops)
+
+    def add_checked(
+        self, request_id: Hashable, prompt: list[int], params: SamplingParams, eos_id: int | None = None,
+        stop: tuple[tuple[int, ...], ...] = (),
+    ) -> Hashable:  # fmt: skip
+        """Queue a request its sender has checked (`check`), under the sender's own id."""
+        if request_id in self._requests:
+            raise TformerError(f"request id {request_id!r} is already in use")
+        generator = None if params.seed is None else torch.Generator(self.backend.device).manual_seed(params.seed)
+        request = Request(request_id, prompt, params, eos_id, stop, generator)
+        self._requests[request_id] = request
+        self.scheduler.add(request)
+        return request_id
+
+    def abort(self, request_id: Hashable) -> bool:
         """End a waiting or running request now and free its row; False if it had already finished.
         Its last output (no token, reason "abort") comes with the next step."""
-        with self._lock:
-            request = self._requests.pop(request_id, None)
-            if request is None:
-                return False
-            self._aborted.append(self._end(request, "abort"))
-            self._aborts += 1
-            return True
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return False
+        self._aborted.append(self._end(request, "abort"))
+        self._aborts += 1
+        return True
+
+    def abort_all(self) -> None:
+        """Abort every request (a server at the end of its grace period)."""
+        for request_id in list(self._requests):
+            self.abort(request_id)
 
     def stats(self) -> EngineStats:
-        """Requests running and waiting, cache rows in use, aborts so far. Read without the step
-        lock (each number is one read), so that a metrics scrape never waits for a step."""
+        """Requests running and waiting, cache rows in use, aborts so far."""
         scheduler = self.scheduler
         return EngineStats(len(scheduler.running), len(scheduler.waiting),
                            self.max_batch_size - len(scheduler.free_rows), self._aborts)  # fmt: skip
@@ -141,42 +158,37 @@ class Engine:
     def fail_all(self, error: str) -> None:
         """End every request with reason "error" (its output says `error`): what a server does when
         a step fails outside any backend call, so that no caller waits forever."""
-        with self._lock:
-            self._aborted += [self._end(request, "error", error) for request in self._requests.values()]
-            self._requests.clear()
+        self._aborted += [self._end(request, "error", error) for request in self._requests.values()]
+        self._requests.clear()
 
     def has_unfinished(self) -> bool:
-        with self._lock:
-            return self.scheduler.has_unfinished() or bool(self._aborted)
+        return self.scheduler.has_unfinished() or bool(self._aborted)
 
     @torch.inference_mode()  # the backend call and the sampling of its logits alike
     def step(self) -> list[RequestOutput]:
         """Prefill newly admitted requests and decode every running one; each request that produced
         a token (and each aborted since the last step) gets one output."""
-        with self._lock:
-            finished, self._aborted = self._aborted, []
-            plan = self.scheduler.schedule()
-            prefill = [r for r, _ in plan.prefill]
-            if plan.prefill and (logits := self._call(self.runner.prefill, plan.prefill, prefill, finished)) is not None:
-                for request, n in plan.prefill:
-                    request.prefilled += n
-                finished += self._sample(logits, prefill)
-            if plan.decode:
-                # In row order: with every row busy that is rows 0..B-1, which a backend reads as one
-                # view of the cache instead of gathering a copy of each row (see EagerBackend.step).
-                # Padding rows (static batching) step too; their logits are unused.
-                batch = sorted(plan.decode + plan.padding, key=lambda r: r.row)
-                if (logits := self._call(self.runner.decode, batch, plan.decode, finished)) is not None:
-                    finished += self._sample(logits, batch)
-            self.scheduler.compact(self.runner.move)
-            for request, output in finished:
-                if output.finished:
-                    self._requests.pop(request.id, None)
-                if request.on_output is not None:
-                    request.on_output(output)
-            return [output for _, output in finished]
+        finished, self._aborted = self._aborted, []
+        plan = self.scheduler.schedule()
+        prefill = [r for r, _ in plan.prefill]
+        if plan.prefill and (logits := self._call(self.runner.prefill, plan.prefill, prefill, finished)) is not None:
+            for request, n in plan.prefill:
+                request.prefilled += n
+            finished += self._sample(logits, prefill)
+        if plan.decode:
+            # In row order: with every row busy that is rows 0..B-1, which a backend reads as one
+            # view of the cache instead of gathering a copy of each row (see EagerBackend.step).
+            # Padding rows (static batching) step too; their logits are unused.
+            batch = sorted(plan.decode + plan.padding, key=lambda r: r.row)
+            if (logits := self._call(self.runner.decode, batch, plan.decode, finished)) is not None:
+                finished += self._sample(logits, batch)
+        self.scheduler.compact(self.runner.move)
+        for output in finished:
+            if output.finished:
+                self._requests.pop(output.request_id, None)
+        return finished
 
-    def _call(self, call, work, requests: list[Request], finished: list) -> torch.Tensor | None:
+    def _call(self, call, work, requests: list[Request], finished: list[RequestOutput]) -> torch.Tensor | None:
         """`call(work)`; if it raises, fail `requests` (the ones it touched) with the error and
         return None. The engine goes on serving the others: a server must survive one bad step."""
         try:
@@ -185,12 +197,12 @@ class Engine:
             finished += [self._end(request, "error", one_line(exc)) for request in requests]
             return None
 
-    def _end(self, request: Request, reason: str, error: str | None = None) -> tuple[Request, RequestOutput]:
+    def _end(self, request: Request, reason: str, error: str | None = None) -> RequestOutput:
         """End `request` without a token (abort, error), freeing its row; its last output."""
         self.scheduler.finish(request, reason)
-        return request, RequestOutput(request.id, None, reason, error)
+        return RequestOutput(request.id, None, reason, error)
 
-    def _sample(self, logits: torch.Tensor, batch: list[Request]) -> list[tuple[Request, RequestOutput]]:
+    def _sample(self, logits: torch.Tensor, batch: list[Request]) -> list[RequestOutput]:
         """Sample every row of `logits` (one per request of `batch`) in one pass, and record the
         tokens of the requests that decode: one still prefilling its prompt, or a padding row
         (static batching: finished), draws a token that is dropped, which costs less than picking
@@ -203,5 +215,5 @@ class Engine:
             reason = request.finish_after(token)
             if reason is not None:
                 self.scheduler.finish(request, reason)
-            outputs.append((request, RequestOutput(request.id, token, reason)))
+            outputs.append(RequestOutput(request.id, token, reason))
         return outputs

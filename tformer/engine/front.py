@@ -1,50 +1,55 @@
-"""The asynchronous front of the engine, for servers: `async for batch in front.submit(prompts)`.
+"""The engine core on a background thread: requests from any thread (`requests`, what `Runtime`
+uses) or any event loop (`submit`, what a server in one process uses).
 
-One background thread steps the engine while any request is unfinished and sleeps otherwise.
-Coroutines on any event loop (and threads) submit requests, one per prompt; the outputs of one
-submission reach its coroutine through one asyncio queue, handed over thread-safely, once per
-engine step for every request of that event loop. A coroutine that stops listening (a client that
-disconnects) closes its stream, which aborts its requests: their rows are free at the next step.
+The thread runs `EngineCore.run`; callers send it messages and never touch the engine, so
+submitting and aborting never wait for a step. Each caller's outputs reach it through a queue of
+its own, handed over once per engine step for every request of that event loop (`Listeners`):
+an asyncio queue for a coroutine, a plain queue for a thread. A caller that stops listening (a
+client that disconnects, a stream closed early) aborts its requests: their rows are free at the
+next step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 
+from tformer.engine.core import STOP, Abort, Add, Call, Emit, EngineCore, QueueInbox
 from tformer.engine.engine import Engine, EngineStats
 from tformer.engine.request import RequestOutput
 from tformer.engine.sampling import SamplingParams
-from tformer.errors import TformerError, one_line
 
 
 class Listeners:
-    """Which event loop and queue wait for each request's outputs; hands a step's outputs to each
-    event loop in one call: one wake-up and one lock hand-off per step, not one per request."""
+    """Which event loop (None: a thread) and queue wait for each request's outputs; hands a
+    step's outputs to each event loop in one call: one wake-up and one lock hand-off per step,
+    not one per request."""
 
     def __init__(self):
-        self._waiting: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._waiting: dict[Hashable, tuple[asyncio.AbstractEventLoop | None, asyncio.Queue | queue.SimpleQueue]] = {}
         self.lock = threading.Lock()  # held while registering, so no output can come first
 
     def __len__(self) -> int:
         return len(self._waiting)
 
-    def add(self, request_id: int, queue: asyncio.Queue) -> None:
+    def add(self, request_id: Hashable, out, loop: asyncio.AbstractEventLoop | None) -> None:
         """Call with `lock` held."""
-        self._waiting[request_id] = (asyncio.get_running_loop(), queue)
+        self._waiting[request_id] = (loop, out)
 
-    def remove(self, request_ids: list[int]) -> None:
+    def remove(self, request_ids: Sequence[Hashable]) -> None:
         with self.lock:
             for request_id in request_ids:
                 self._waiting.pop(request_id, None)
 
-    def ids(self) -> list[int]:
+    def ids(self) -> list[Hashable]:
         with self.lock:
             return list(self._waiting)
 
     def hand_out(self, outputs: list[RequestOutput]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop | None, list[tuple[object, RequestOutput]]] = {}
         with self.lock:
             for out in outputs:
                 if (listener := self._waiting.get(out.request_id)) is not None:
@@ -54,7 +59,7 @@ class Listeners:
         except RuntimeError:
             running = None
         for loop, batch in by_loop.items():
-            if loop is running:
+            if loop is None or loop is running:
                 _put_all(batch)
                 continue
             try:
@@ -63,11 +68,9 @@ class Listeners:
                 pass
 
 
-def _put_all(batch: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
-    for queue, output in batch:
-        queue.put_nowait(output)
-
-
+def _put_all(batch: list[tuple[object, RequestOutput]]) -> None:
+    for out, output in batch:
+        out.put_nowait(output)
 class Coalescer:
     """Holds back each request's tokens until it has `interval` of them to send together (its first
     token and its last output go at once): `interval` 1 passes every step's outputs through. A
@@ -139,75 +142,107 @@ class Stream:
         self._unfinished.clear()
 
 
-class AsyncEngine:
+class EngineThread:
     def __init__(self, engine: Engine, stream_interval: int = 1):
         """`stream_interval`: tokens of a request handed out together (see `Coalescer`)."""
         self.engine = engine
         self.listeners = Listeners()
-        self._coalesce = Coalescer(stream_interval)
-        self._wake = threading.Event()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="tformer-engine", daemon=True)
+        self.coalesce = Coalescer(stream_interval)
+        self._inbox = QueueInbox()
+        self._ids = itertools.count()
+        self._stats = engine.stats()
+        self.forward: Emit | None = None  # set: every step's outputs and stats go there instead (an engine process's pipe)
+        self._thread = threading.Thread(target=EngineCore(engine).run, args=(self._inbox, self._emit),
+                                        name="tformer-engine", daemon=True)  # fmt: skip
         self._thread.start()
 
     def submit(
-        self,
-        prompts: Sequence[Sequence[int]],
-        params: SamplingParams = SamplingParams(),
-        eos_id: int | None = None,
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams = SamplingParams(), eos_id: int | None = None,
         stop: Sequence[Sequence[int]] = (),
-    ) -> Stream:
+    ) -> Stream:  # fmt: skip
         """Queue one request per prompt; their outputs (`RequestOutput`) as the engine produces
         them, the last of each with its finish reason (see `Stream`). Input errors raise here,
         before any request is queued. Call from a running event loop."""
-        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        ids: list[int] = []
-        with self.listeners.lock:
-            try:
-                for prompt in prompts:
-                    ids.append(self.engine.add_request(prompt, params, eos_id, stop))
-            except TformerError:
-                for request_id in ids:
-                    self.engine.abort(request_id)
-                raise
-            for request_id in ids:
-                self.listeners.add(request_id, queue)
-        self._wake.set()
-        return Stream(ids, queue, self.listeners, self._abort)
+        out: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        ids = self.send(prompts, params, eos_id, stop, out, asyncio.get_running_loop())
+        return Stream(ids, out, self.listeners, self.abort)
+
+    def requests(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, eos_id: int | None = None,
+        stop: Sequence[Sequence[int]] = (),
+    ) -> tuple[list[Hashable], Iterator[RequestOutput]]:  # fmt: skip
+        """`submit` for a thread: the requests' ids, in prompt order, and an iterator of their
+        outputs as they come (closing it early aborts what is unfinished)."""
+        out: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
+        ids = self.send(prompts, params, eos_id, stop, out)
+        return ids, self._outputs(ids, out)
+
+    def call(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the engine's thread between two steps, and wait for it (a backend's warm-up:
+        CUDA graphs belong to the thread that records them)."""
+        call = Call(fn)
+        self._inbox.put(call)
+        call.wait()
+
+    def stats(self) -> EngineStats:
+        """The engine's own counts as of its latest step (see `Engine.stats`)."""
+        return self._stats
 
     @property
     def alive(self) -> bool:
         """Whether the thread that steps the engine runs."""
         return self._thread.is_alive()
 
-    def stats(self) -> EngineStats:
-        """The engine's own counts (see `Engine.stats`)."""
-        return self.engine.stats()
+    def abort(self, request_id: Hashable) -> None:
+        self._inbox.put(Abort(request_id))
 
     def abort_all(self) -> None:
         """Abort every request in flight; each stream gets its final output ("abort") at the next
         step (a server at the end of its grace period)."""
-        for request_id in self.listeners.ids():
-            self.engine.abort(request_id)
-        self._wake.set()
+        self._inbox.put(Abort(None))
 
     def shutdown(self) -> None:
-        """Stop the background thread (requests still running are left as they are)."""
-        self._stopping = True
-        self._wake.set()
+        """Stop the background thread after its current step (requests still running are left as they are)."""
+        self._inbox.put(STOP)
         self._thread.join()
 
-    def _abort(self, request_id: int) -> None:
-        self.engine.abort(request_id)
-        self._wake.set()
+    def send(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, eos_id: int | None, stop: Sequence[Sequence[int]],
+        out, loop: asyncio.AbstractEventLoop | None = None,
+    ) -> list[int]:  # fmt: skip
+        """Check the prompts, then queue one request per prompt; their ids. Each output goes to
+        `out.put_nowait(output)`: through `loop` when one is given, else called on the engine's
+        thread itself, as soon as its step is done (a benchmark stamps tokens there)."""
+        checked = [self.engine.check(prompt, params, stop, f"prompt {i}") for i, prompt in enumerate(prompts)]
+        ids = [next(self._ids) for _ in prompts]
+        with self.listeners.lock:
+            for request_id in ids:
+                self.listeners.add(request_id, out, loop)
+        for request_id, (prompt, stops) in zip(ids, checked):
+            self._inbox.put(Add(request_id, prompt, params, eos_id, stops))
+        return ids
 
-    def _loop(self) -> None:
-        while not self._stopping:
-            if self.engine.has_unfinished():
-                try:
-                    self.listeners.hand_out(self._coalesce(self.engine.step()))
-                except Exception as exc:  # noqa: BLE001 - a bug in a step: fail its requests, keep serving
-                    self.engine.fail_all(one_line(exc))
-            else:
-                self._wake.wait()
-                self._wake.clear()
+    def _outputs(self, ids: list[int], out: queue.SimpleQueue) -> Iterator[RequestOutput]:
+        unfinished = set(ids)
+        try:
+            while unfinished:
+                output = out.get()
+                if output.finished:
+                    unfinished.discard(output.request_id)
+                yield output
+        finally:
+            self.listeners.remove(ids)
+            for request_id in unfinished:  # closed early (a stop string, a consumer that went away)
+                self.abort(request_id)
+
+    def put(self, message: Add | Abort) -> None:
+        """A message for the core, checked by its sender (an engine process's parent)."""
+        self._inbox.put(message)
+
+    def _emit(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
+        self._stats = stats
+        outputs = self.coalesce(outputs)
+        if self.forward is not None:
+            self.forward(outputs, stats)
+        else:
+            self.listeners.hand_out(outputs)

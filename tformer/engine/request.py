@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -33,7 +33,7 @@ class RequestOutput:
     an abort or an error), why it finished, if it did (`eos`, `length`, `stop`, `abort`, `error`),
     and for `error` what went wrong (the backend raised during a step this request was in)."""
 
-    request_id: int
+    request_id: Hashable
     token: int | None
     finish_reason: str | None = None
     error: str | None = None
@@ -45,12 +45,11 @@ class RequestOutput:
 
 @dataclass(eq=False)
 class Request:
-    id: int
+    id: Hashable  # the caller's own
     prompt: list[int]
     params: SamplingParams
     eos_id: int | None = None  # None: no EOS stops it
     stop: tuple[tuple[int, ...], ...] = ()  # token sequences that end it when its output ends with one
-    on_output: Callable[[RequestOutput], None] | None = None  # called from the thread that steps the engine
     generator: torch.Generator | None = None  # its own when seeded, else torch's global one
     state: State = State.WAITING
     finish_reason: str | None = None

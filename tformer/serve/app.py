@@ -1,7 +1,7 @@
 """The HTTP app: OpenAI's completions and chat completions on tformer's engine, with SSE streaming.
 
-Every request's prompts become engine requests through `AsyncEngine` (one background thread steps
-the engine for every connection), so requests from all clients share the running batch. Text is
+Every request's prompts become engine requests through the engine's front (`EngineThread`: the
+engine's one loop on a background thread, for every connection; or `EngineProcess`), so requests from all clients share the running batch. Text is
 built token by token with `StopText` (whole characters, cut at stop strings), exactly as
 `Runtime.generate` builds it, so a greedy completion over HTTP is the in-process one. A client that
 goes away mid-stream closes its generator, which aborts its requests: the rows are free at the next
@@ -22,7 +22,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from tformer.engine.front import AsyncEngine
+from tformer.engine.front import Coalescer, EngineThread
 from tformer.engine.request import RequestOutput, check_prompt
 from tformer.errors import TformerError
 from tformer.runtime import Runtime
@@ -107,10 +107,10 @@ class Totals:
 
 
 class Server:
-    """The state behind the routes: what is served, the engine's async front (`AsyncEngine` on a
-    thread here, or `EngineProcess`), metrics, readiness."""
+    """The state behind the routes: what is served, the engine's front (`EngineThread` here, or
+    `EngineProcess`), metrics, readiness."""
 
-    def __init__(self, front: AsyncEngine | EngineProcess, served: Served, model_name: str, max_waiting: int,
+    def __init__(self, front: EngineThread | EngineProcess, served: Served, model_name: str, max_waiting: int,
                  replica: str | None = None):  # fmt: skip
         self.front = front
         self.served = served
@@ -268,13 +268,15 @@ def create_app(source: Runtime | EngineProcess, model_name: str = "tformer", max
                api_key: str | None = None, stream_interval: int = 1, replica: str | None = None,
                max_body_bytes: int | None = None) -> FastAPI:  # fmt: skip
     """The app for `source`: a `Runtime` (its engine, sized already by `Runtime(..., max_batch_size,
-    max_len)`, steps on a thread of this process) or an `EngineProcess` (`tformer serve`).
+    max_len)`, steps on its thread, `Runtime.front`) or an `EngineProcess` (`tformer serve`).
     `api_key`: every `/v1/*` call must send `Authorization: Bearer <api_key>`. `stream_interval`:
-    tokens per streamed chunk for a `Runtime` (an `EngineProcess` has its own, in its spec).
+    tokens per streamed chunk for a `Runtime` (its own calls get them so grouped too; an
+    `EngineProcess` has its own, in its spec).
     `replica`: this server's name among several, sent as `x-tformer-replica` with each completion.
     `max_body_bytes`: the largest request body taken (413 beyond; default: `default_body_limit`)."""
     if isinstance(source, Runtime):
-        front, served = AsyncEngine(source.engine, stream_interval), Served.of(source)
+        front, served = source.front(), Served.of(source)
+        front.coalesce = Coalescer(stream_interval)
     else:
         front, served = source, source.served
     server = Server(front, served, model_name, max_waiting, replica)

@@ -3,10 +3,12 @@
 In one process the engine thread and the event loop that streams tokens share one interpreter
 lock: each streamed chunk's ~100 us of Python (JSON, HTTP framing) is time the engine's own Python
 waits for, so every step gets slower as clients multiply (docs/benchmarks/2026-11-25-serve-cpu-2core.md).
-Here the engine runs in a child process with its own interpreter; the HTTP process sends it
-requests and aborts over a pipe, and it answers with one message per engine step holding every
-output of that step and the engine's stats (`Engine.stats`: what `/metrics` reports).
-`EngineProcess` offers `AsyncEngine`'s `submit`, so the app does not care which it has. The child
+Here the engine runs in a child process with its own interpreter: the same `EngineCore` loop as
+in-process, on the child's `EngineThread`. The HTTP process sends it the core's own messages
+(`Add` under the parent's request ids, `Abort`) over a pipe, and the core answers with one
+message per engine step holding every output of that step and the engine's stats
+(`Engine.stats`: what `/metrics` reports). `EngineProcess` offers `EngineThread`'s `submit`, so
+the app does not care which it has. The child
 ignores SIGINT and SIGTERM (a terminal or a service manager signals the whole group; the parent
 decides when the engine stops) and ends on the pipe's EOF, so a parent killed leaves no engine.
 """
@@ -27,6 +29,7 @@ import torch
 
 from tformer.config import ModelConfig
 from tformer.engine import RequestOutput, SamplingParams
+from tformer.engine.core import STOP, Abort, Add
 from tformer.engine.engine import EngineStats
 from tformer.engine.front import Coalescer, Listeners, Stream
 from tformer.errors import TformerError, one_line
@@ -86,7 +89,7 @@ def build(spec: WorkerSpec) -> tuple[Runtime, Served]:
         torch.set_num_threads(spec.threads)
     loaded = load(spec.model, backend=spec.backend, device=spec.device, dtype=spec.dtype, nhead=spec.nhead,
                   tokenizer=spec.tokenizer)  # fmt: skip
-    runtime = Runtime(loaded.backend, loaded.tokenizer, spec.max_batch_size, spec.max_len or loaded.config.max_len)
+    runtime = Runtime(loaded.backend, loaded.tokenizer, spec.max_batch_size, spec.max_len)
     prompt = min(128, runtime.engine.max_len // 2)
     seconds = runtime.warmup((1, spec.max_batch_size), prompt, min(128, runtime.engine.max_len - prompt))
     runtime.engine.adapt_threads()  # this process is the engine's
@@ -94,7 +97,7 @@ def build(spec: WorkerSpec) -> tuple[Runtime, Served]:
 
 
 class EngineProcess:
-    """An engine in a child process, driven like `AsyncEngine` (`submit`), from one event loop."""
+    """An engine in a child process, driven like `EngineThread` (`submit`), from one event loop."""
 
     def __init__(self, spec: WorkerSpec, timeout: float = 600.0):
         self._conn, child = multiprocessing.Pipe()
@@ -124,33 +127,33 @@ class EngineProcess:
         self.listeners = Listeners()
         self._send_lock = threading.Lock()  # a pipe end is not safe to write from two threads at once
         self._loop: asyncio.AbstractEventLoop | None = None  # the one event loop that reads the pipe
-        self._stats: tuple[int, int, int, int] = (0, 0, 0, 0)  # the engine's, from its latest message
+        self._stats = EngineStats(0, 0, 0, 0)  # the engine's, from its latest message
 
     def submit(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams = SamplingParams(), eos_id: int | None = None,
         stop: Sequence[Sequence[int]] = (),
     ) -> Stream:  # fmt: skip
         """One request per prompt, their outputs as the child's engine produces them (as
-        `AsyncEngine.submit`; the HTTP side has checked the prompts against the engine's limits).
+        `EngineThread.submit`; the HTTP side has checked the prompts against the engine's limits).
         Call from one event loop: the first call makes it the one that reads the child's answers."""
-        self._attach()
+        loop = self._attach()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         ids = [next(self._ids) for _ in prompts]
-        stop = [list(s) for s in stop]
+        stops = tuple(tuple(s) for s in stop)
         with self.listeners.lock:
             for request_id in ids:
-                self.listeners.add(request_id, queue)
-            self._send("add", [(i, list(prompt), params, eos_id, stop) for i, prompt in zip(ids, prompts)])
-        return Stream(ids, queue, self.listeners, lambda request_id: self._send("abort", request_id))
+                self.listeners.add(request_id, queue, loop)
+            self._send([Add(i, list(prompt), params, eos_id, stops) for i, prompt in zip(ids, prompts)])
+        return Stream(ids, queue, self.listeners, lambda request_id: self._send([Abort(request_id)]))
 
     def stats(self) -> EngineStats:
         """The child's engine's own counts, as of its latest step (sent with each step's outputs)."""
-        return EngineStats(*self._stats)
+        return self._stats
 
     def abort_all(self) -> None:
         """Abort every request in flight; each stream gets its final output ("abort") with the
         engine's next step (a server at the end of its grace period)."""
-        self._send("abort_all", None)
+        self._send([Abort(None)])
 
     @property
     def alive(self) -> bool:
@@ -161,7 +164,7 @@ class EngineProcess:
         """Stop the engine process: it ends after its current step (killed if it has not within 5 s)."""
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self._conn.fileno())
-        self._send("stop", None)
+        self._send([STOP])
         try:
             self._process.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -172,14 +175,15 @@ class EngineProcess:
         self._process.kill()
         self._process.wait()
 
-    def _send(self, kind: str, payload) -> None:
+    def _send(self, messages: list) -> None:
+        """Messages for the child's core (one pipe message for the requests of one submission)."""
         try:
             with self._send_lock:
-                self._conn.send((kind, payload))
+                self._conn.send(messages)
         except OSError:  # the child is gone; the reader fails its requests
             pass
 
-    def _attach(self) -> None:
+    def _attach(self) -> asyncio.AbstractEventLoop:
         """Read the pipe in the running event loop, as soon as a message is there: one wake-up per
         engine step, where a reader thread cost two (its own, then the loop's) and an
         interpreter-lock hand-off."""
@@ -189,6 +193,7 @@ class EngineProcess:
             loop.add_reader(self._conn.fileno(), self._read)
         elif loop is not self._loop:
             raise RuntimeError("an EngineProcess serves the requests of one event loop")
+        return loop
 
     def _read(self) -> None:
         """Hand every step's outputs waiting in the pipe to their streams."""
@@ -239,45 +244,12 @@ def _serve_pipe(conn, spec: WorkerSpec) -> None:
         return
     rest = {k: v for k, v in vars(served).items() if k not in ("config", "tokenizer")}
     conn.send(("ready", (vars(served.config).copy(), served.tokenizer.to_json() if served.tokenizer else None, rest)))
-    engine, coalesce = runtime.engine, Coalescer(spec.stream_interval)
-    ours: dict[int, int] = {}  # engine request id -> the parent's id
-    theirs: dict[int, int] = {}  # the parent's id -> engine request id
-    reported = (0, 0, 0, 0)  # the engine's stats as last sent: (running, waiting, rows in use, aborts)
-    while True:
-        while conn.poll(0 if engine.has_unfinished() else None):
-            kind, payload = conn.recv()
-            if kind == "stop":
+    front = runtime.front()  # the core's thread, which warmed up the backend
+    front.coalesce = Coalescer(spec.stream_interval)
+    front.forward = lambda outputs, stats: conn.send((outputs, stats))  # only that thread sends
+    while True:  # the parent's messages, into the core's inbox
+        for message in conn.recv():
+            if message == STOP:
+                front.shutdown()
                 return
-            if kind == "add":
-                for parent_id, prompt, params, eos_id, stop in payload:
-                    try:
-                        engine_id = engine.add_request(prompt, params, eos_id, stop)
-                    except TformerError as exc:  # the parent checks first; a refusal is this request's error
-                        conn.send(([RequestOutput(parent_id, None, "error", str(exc))], reported))
-                        continue
-                    ours[engine_id], theirs[parent_id] = parent_id, engine_id
-            elif kind == "abort" and (engine_id := theirs.pop(payload, None)) is not None:
-                engine.abort(engine_id)  # its output and the new stats go with the step that follows
-            elif kind == "abort_all":
-                for engine_id in theirs.values():
-                    engine.abort(engine_id)
-                theirs.clear()
-        try:
-            outputs = engine.step()
-        except Exception as exc:  # noqa: BLE001 - a bug in a step: fail its requests, keep serving
-            engine.fail_all(one_line(exc))
-            continue
-        sent = []
-        for out in coalesce(outputs):
-            parent_id = ours.get(out.request_id)
-            if parent_id is None:
-                continue
-            sent.append(RequestOutput(parent_id, out.token, out.finish_reason, out.error))
-            if out.finished:
-                del ours[out.request_id]
-                theirs.pop(parent_id, None)
-        s = engine.stats()
-        stats = (s.running, s.waiting, s.rows_in_use, s.aborts)
-        if sent or stats != reported:  # one small tuple a step; a step that changed nothing sends nothing
-            conn.send((sent, stats))
-            reported = stats
+            front.put(message)

@@ -1,0 +1,144 @@
+"""The engine core: one loop, whoever drives it.
+
+`EngineCore.run` is tformer's only engine loop. It takes messages from an inbox (add a request,
+abort one or all, stop), steps the engine while any request is unfinished and waits for messages
+otherwise, and hands each step's outputs, with the engine's stats, to `emit`. Where it runs, only
+the inbox and `emit` differ:
+
+- on a thread (`EngineThread`, for `Runtime` and servers run in one process): a queue in, the
+  callers' queues out;
+- in a child process (`tformer serve`, a Ray replica: `tformer.serve.worker`): the pipe both ways;
+- in the benchmark (`tformer-bench throughput`): requests released at their arrival times.
+
+Requests carry their caller's own ids, which the engine keeps (vLLM's `EngineCore` takes
+`EngineCoreRequest`s the same way). Messages are checked by whoever sends them (`Engine.check`,
+in the caller's thread, where an error can be raised to it); the core adds them as they come.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from tformer.engine.engine import Engine, EngineStats
+from tformer.engine.request import RequestOutput
+from tformer.engine.sampling import SamplingParams
+from tformer.errors import TformerError, one_line
+
+
+@dataclass(frozen=True)
+class Add:
+    """Add a request, checked by the sender (`Engine.check`)."""
+
+    request_id: Hashable
+    prompt: Sequence[int]
+    params: SamplingParams
+    eos_id: int | None = None
+    stop: Sequence[Sequence[int]] = ()
+
+
+@dataclass(frozen=True)
+class Abort:
+    """End a request now (its last output, reason "abort", comes with the next step); `None`: every one."""
+
+    request_id: Hashable | None
+
+
+class Call:
+    """Run `fn` on the core's thread between two steps; the sender waits for it (`wait`)."""
+
+    def __init__(self, fn: Callable[[], None]):
+        self.fn = fn
+        self.error: BaseException | None = None
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self.fn()
+        except BaseException as exc:  # noqa: BLE001 - raised again in the sender's thread
+            self.error = exc
+        finally:
+            self._done.set()
+
+    def wait(self) -> None:
+        self._done.wait()
+        if self.error is not None:
+            raise self.error
+
+
+STOP = "stop"  # ends the loop after the step in progress
+
+Emit = Callable[[list[RequestOutput], EngineStats], None]
+
+
+class Inbox(Protocol):
+    def take(self, wait: bool) -> list:
+        """Every message waiting; with `wait`, block until there is at least one."""
+        ...
+
+
+class QueueInbox:
+    """An inbox any thread may put into."""
+
+    def __init__(self):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+
+    def put(self, message) -> None:
+        self._queue.put(message)
+
+    def take(self, wait: bool) -> list:
+        messages = [self._queue.get()] if wait else []
+        while True:
+            try:
+                messages.append(self._queue.get_nowait())
+            except queue.Empty:
+                return messages
+
+
+class EngineCore:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._refused: list[RequestOutput] = []  # adds the engine refused: their outputs go with the next step
+
+    def run(self, inbox: Inbox, emit: Emit) -> None:
+        """Until a STOP message: apply the messages waiting (waiting for one when the engine is
+        idle), step, and emit the step's outputs and stats (a step that changed nothing emits
+        nothing)."""
+        engine, reported = self.engine, None
+        # OpenMP thread counts are per thread: this one takes the process's (torch.set_num_threads
+        # elsewhere, before the loop starts), once.
+        torch.set_num_threads(torch.get_num_threads())
+        while True:
+            for message in inbox.take(wait=not engine.has_unfinished()):
+                if message == STOP:
+                    return
+                self.apply(message)
+            try:
+                outputs = engine.step() if engine.has_unfinished() else []
+            except Exception as exc:  # noqa: BLE001 - a bug in a step: fail its requests, keep serving
+                engine.fail_all(one_line(exc))
+                continue
+            if self._refused:
+                outputs, self._refused = self._refused + outputs, []
+            stats = engine.stats()
+            if outputs or stats != reported:
+                emit(outputs, stats)
+                reported = stats
+
+    def apply(self, message: Add | Abort | Call) -> None:
+        if isinstance(message, Add):
+            try:
+                self.engine.add_checked(message.request_id, message.prompt, message.params, message.eos_id, message.stop)
+            except TformerError as exc:  # its sender checked it; a clash of ids is still its error alone
+                self._refused.append(RequestOutput(message.request_id, None, "error", str(exc)))
+        elif isinstance(message, Call):
+            message.run()
+        elif message.request_id is None:
+            self.engine.abort_all()
+        else:
+            self.engine.abort(message.request_id)
