@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tformer"
 
 # Lowest first. A module may import from its own layer and the layers before it.
 LAYERS = [
-    ("core", ["errors", "inputs", "config", "files", "reference", "model", "tokenizer", "text", "checkpoint", "train",
+    ("core", ["errors", "inputs", "config", "files", "reference", "model", "tokenizer", "checkpoint", "train",
               "kernels"]),
     ("export", ["export"]),  # writes and reads export directories: depends on the model only
     ("backends", ["backends"]),

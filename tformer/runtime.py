@@ -23,10 +23,10 @@ from tformer.checkpoint import load_model
 from tformer.config import ModelConfig
 from tformer.errors import TformerError
 from tformer.engine import Engine, EngineThread, RequestOutput, SamplingParams
+from tformer.engine.output import Completion, Piece
 from tformer.engine.engine import CHUNK, DEFAULT_BATCH
 from tformer.inputs import as_int, as_path, as_prompt, as_prompts, as_stop, as_text, as_texts
 from tformer.model import TransformerLM
-from tformer.text import StopText
 from tformer.tokenizer import Tokenizer
 
 DTYPES = {
@@ -200,19 +200,15 @@ class Runtime:
         prompts: a list of prompts, each a list (or 1-D array/tensor) of ids, or a 2-D integer
             array/tensor with one prompt per row. For one prompt pass `[ids]`.
         """
-        prompts = as_prompts(prompts)
-        ids, outputs = self._run(prompts, sampling)
-        rows: dict[Hashable, list[int]] = {i: [] for i in ids}
-        for out in outputs:
-            if out.token is not None and out.token != self.eos_id:
-                rows[out.request_id].append(out.token)
-        return [rows[i] for i in ids]
+        ids, outputs = self._run(as_prompts(prompts), sampling)
+        completions = {i: Completion(None, (), self.eos_id) for i in ids}
+        return self._complete(completions, outputs, lambda c: c.token_ids)
 
     def stream_ids(self, prompt: Sequence[int], **sampling) -> Iterator[int]:
         """New token ids of one prompt (a list or 1-D array/tensor of ids), one at a time (EOS
         excluded). Input errors raise at call time."""
         _, outputs = self._run([as_prompt(prompt)], sampling)
-        return (out.token for out in outputs if out.token is not None and out.token != self.eos_id)
+        return (t for piece in self._pieces(Completion(None, (), self.eos_id), outputs) for t in piece.token_ids)
 
     def generate(self, prompts: str | Sequence[str], stop: str | Sequence[str] | None = (), **sampling) -> list[str]:
         """Completion text for each prompt (a string or a list of strings; always returns a list).
@@ -220,41 +216,37 @@ class Runtime:
         stop: strings that end a row's completion; the completion is cut before the first one (and
         the request ends there, freeing its place in the batch).
         """
-        prompts = as_texts(prompts)
-        stop = as_stop(stop)
+        prompts, stop = as_texts(prompts), as_stop(stop)
         tokenizer = self._text_tokenizer()
         ids, outputs = self._run([self._encode(p) for p in prompts], sampling)
-        texts = {i: StopText(tokenizer, stop) for i in ids}
-        for out in outputs:
-            text = texts[out.request_id]
-            if out.token is not None and not text.stopped:
-                text.push(out.token)
-                if text.stopped:
-                    self.front().abort(out.request_id)
-        return [texts[i].text for i in ids]
+        completions = {i: Completion(tokenizer, stop, self.eos_id) for i in ids}
+        return self._complete(completions, outputs, lambda c: c.text)
 
     def stream(self, prompt: str, stop: str | Sequence[str] | None = (), **sampling) -> Iterator[str]:
         """Pieces of the completion of one prompt as they are generated; they join to `generate`'s text.
 
         Input errors raise at call time, before the first piece.
         """
-        text = StopText(self._text_tokenizer(), as_stop(stop))
+        completion = Completion(self._text_tokenizer(), as_stop(stop), self.eos_id)
         _, outputs = self._run([self._encode(as_text("prompt", prompt))], sampling)
-        return self._stream_text(text, outputs)
+        return (piece.text for piece in self._pieces(completion, outputs) if piece.text)
+
+    def _complete(self, completions: dict[Hashable, Completion], outputs: Iterator[RequestOutput], result) -> list:
+        """Feed every output to its request's completion; a request ended by a stop string is
+        aborted in the engine. `result(completion)` of each, in prompt order."""
+        for out in outputs:
+            completion = completions[out.request_id]
+            if not completion.finished and completion.take([out]).finish_reason and not out.finished:
+                self.front().abort(out.request_id)  # a stop string, before the engine's own end
+        return [result(c) for c in completions.values()]
 
     @staticmethod
-    def _stream_text(text: StopText, outputs: Iterator[RequestOutput]) -> Iterator[str]:
+    def _pieces(completion: Completion, outputs: Iterator[RequestOutput]) -> Iterator[Piece]:
         with contextlib.closing(outputs):  # leaving early (a stop string) aborts the request
             for out in outputs:
-                if out.token is not None:
-                    text.push(out.token)
-                if piece := text.ready():
-                    yield piece
-                if text.stopped:
+                yield completion.take([out])
+                if completion.finished:
                     return
-        text.stopped = True  # generation is over: nothing more can complete a stop string
-        if piece := text.ready():
-            yield piece
 
     def _run(self, prompts: list[list[int]], sampling: dict) -> tuple[list[Hashable], Iterator[RequestOutput]]:
         """Check everything, send the prompts to the engine as requests; their ids, and their

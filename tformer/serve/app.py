@@ -2,7 +2,7 @@
 
 Every request's prompts become engine requests through the engine's front (`EngineThread`: the
 engine's one loop on a background thread, for every connection; or `EngineProcess`), so requests from all clients share the running batch. Text is
-built token by token with `StopText` (whole characters, cut at stop strings), exactly as
+built token by token with `Completion` (whole characters, cut at stop strings), exactly as
 `Runtime.generate` builds it, so a greedy completion over HTTP is the in-process one. A client that
 goes away mid-stream closes its generator, which aborts its requests: the rows are free at the next
 engine step.
@@ -29,11 +29,10 @@ from tformer.runtime import Runtime
 from tformer.serve.metrics import Metrics
 from tformer.serve.protocol import APIError, Job, check_chat, check_completion
 from tformer.serve.worker import EngineProcess, Served
-from tformer.text import StopText
+from tformer.engine.output import Completion
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
 LIMIT, FIX = "this server's max_len", "shorten the prompt or lower max_tokens"  # the words of a prompt too long
-FINISH = {"eos": "stop", "stop": "stop", "length": "length", "abort": "abort"}  # engine reason -> OpenAI's
 
 
 @dataclass
@@ -48,14 +47,13 @@ class Event:
 
 @dataclass
 class Choice:
-    """One prompt's completion in progress: its text so far (whole characters, cut at stop
-    strings, as `Runtime.generate` builds it), and what its metrics need. The text is decoded
+    """One prompt's completion in progress (`Completion`: whole characters, cut at stop strings,
+    EOS dropped, as `Runtime.generate` builds it), and what its metrics need. The text is decoded
     here, on the event loop, token by token: each token is a few bytes of work, bounded, unlike
     a prompt's tokenizing, which `Server.prompts` sends to a worker thread."""
 
     index: int
-    text: StopText | None  # None: no tokenizer, the client gets token ids only
-    eos: int | None
+    completion: Completion  # without a tokenizer, the client gets token ids only
     began: float
     first: float | None = None  # when its first token came
     count: int = 0
@@ -63,28 +61,18 @@ class Choice:
 
     def take(self, outputs: list[RequestOutput]) -> Event | None:
         """The event of this choice's newest outputs; None once it has ended."""
-        if self.outcome != "abort":
+        if self.completion.finished:
             return None
-        token_ids, reason, text = [], None, self.text
-        for out in outputs:
-            if out.finish_reason == "error":
-                self.outcome = "error"
-                raise APIError(500, f"generation failed: {out.error}", kind="server_error")
-            if out.token is not None and out.token != self.eos:
-                token_ids.append(out.token)
-                if text is not None:
-                    text.push(out.token)
-            reason = "stop" if text is not None and text.stopped else FINISH.get(out.finish_reason)
-            if reason is not None:
-                break
-        if token_ids:
-            self.count += len(token_ids)
+        piece = self.completion.take(outputs)
+        if piece.finish_reason == "error":
+            self.outcome = "error"
+            raise APIError(500, f"generation failed: {piece.error}", kind="server_error")
+        if piece.token_ids:
+            self.count += len(piece.token_ids)
             self.first = self.first or time.perf_counter()
-        if reason is not None:
-            self.outcome = reason
-            if text is not None:
-                text.stopped = True  # the end: nothing more can complete a stop string
-        return Event(self.index, text.ready() if text is not None else "", token_ids, reason)
+        if piece.finish_reason is not None:
+            self.outcome = piece.finish_reason
+        return Event(self.index, piece.text, piece.token_ids, piece.finish_reason)
 
 
 @dataclass
@@ -194,8 +182,7 @@ class Server:
         tokenizer = self.served.tokenizer
         eos = None if job.ignore_eos else self.served.eos_id
         began = time.perf_counter()
-        choices = [Choice(i, StopText(tokenizer, job.stop) if tokenizer is not None else None, eos, began)
-                   for i in range(len(ids))]  # fmt: skip
+        choices = [Choice(i, Completion(tokenizer, job.stop, eos), began) for i in range(len(ids))]
         stream = self.front.submit(ids, job.params, eos_id=eos)
         request_ids = list(stream.index)  # in prompt order
         self.metrics.prompt_tokens.inc(sum(map(len, ids)))
