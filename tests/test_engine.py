@@ -26,7 +26,7 @@ import tformer
 from conftest import at_once, reference_of
 from tformer.engine import Engine, SamplingParams
 from tformer.engine.engine import EngineStats
-from tformer.engine.front import Coalescer, EngineThread
+from tformer.engine.front import Coalescer, EngineFront
 from tformer.engine.request import RequestOutput
 from tformer.errors import TformerError
 from tformer.reference import generate_full_recompute
@@ -296,12 +296,13 @@ def test_static_batching_admits_only_into_an_empty_batch(trained):
 
 
 def test_async_front_serves_coroutines_and_threads_at_once(trained, workload):
-    """Coroutines on two event loops (one per thread) submit at once through one `EngineThread`,
+    """Coroutines on two event loops (one per thread) submit at once through one `EngineFront`,
     one prompt a submission on one loop, all five in one submission on the other; every request
     streams exactly the tokens it gets alone, the last output with its reason."""
     model, _ = trained
     prompts, outputs, expected = workload
-    front = EngineThread(Engine(Runtime.from_model(copy.deepcopy(model), device="cpu").backend, max_batch_size=4, max_len=192))
+    front = EngineFront(Engine(Runtime.from_model(copy.deepcopy(model), device="cpu").backend, max_batch_size=4, max_len=192))
+    front.start()
 
     async def tokens_of(stream) -> dict[int, tuple[list[int], str | None]]:
         got = {i: ([], None) for i in stream.index.values()}
@@ -335,7 +336,8 @@ def test_async_consumer_that_stops_listening_aborts_its_request(trained):
     engine runs nothing more for it and its row serves the waiting request."""
     model, _ = trained
     engine = Engine(Runtime.from_model(copy.deepcopy(model), device="cpu").backend, max_batch_size=1, max_len=64)
-    front = EngineThread(engine)
+    front = EngineFront(engine)
+    front.start()
     long = SamplingParams(max_new_tokens=60, temperature=0)
 
     async def scenario() -> tuple[int, int]:

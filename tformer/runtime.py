@@ -1,15 +1,15 @@
 """The public API: a loaded model on one backend, generating text or token ids.
 
 `tformer.load(path)` returns a `Runtime`. It turns text into ids, sends them as requests to its
-engine (whose one loop runs on a background thread: `EngineThread`), and turns ids back into
-text, applying stop strings and streaming pieces as they become whole characters.
+engine (through its `EngineFront`: the engine's one loop, stepped by the calling threads), and
+turns ids back into text, applying stop strings and streaming pieces as they become whole
+characters.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import time
 import warnings
 from collections.abc import Hashable, Iterator, Sequence
@@ -22,7 +22,7 @@ from tformer.backends import REFERENCE, Backend, backend_class, create_backend, 
 from tformer.checkpoint import load_model
 from tformer.config import ModelConfig
 from tformer.errors import TformerError
-from tformer.engine import Engine, EngineThread, RequestOutput, SamplingParams
+from tformer.engine import Engine, EngineFront, RequestOutput, SamplingParams
 from tformer.engine.output import Completion, Piece
 from tformer.engine.engine import CHUNK, DEFAULT_BATCH
 from tformer.inputs import as_int, as_path, as_prompt, as_prompts, as_stop, as_text, as_texts
@@ -133,9 +133,9 @@ class Runtime:
     `len(prompt) + max_new_tokens <= max_len`. Every call runs within these bounds, so a compiling
     backend compiles once, by `warmup`, never between calls.
 
-    Every method sends its prompts to the engine as requests; one background thread steps it (the
-    engine's one loop, `EngineCore`, started by the first call). Any number of threads may call at
-    once: their requests share the running batch.
+    Every method sends its prompts to the engine as requests and steps it, a turn of the engine's
+    one loop (`EngineCore`) at a time, until they are done. Any number of threads may call at
+    once: their requests share the running batch, and whichever waits takes the next turn.
     """
 
     def __init__(
@@ -151,8 +151,7 @@ class Runtime:
         self.eos_id = tokenizer.eos_id if tokenizer is not None else None
         rows = DEFAULT_BATCH if max_batch_size is None else as_int("max_batch_size", max_batch_size, minimum=1)
         self.engine = Engine(backend, rows, default_max_len(backend, rows) if max_len is None else max_len)
-        self._thread: EngineThread | None = None
-        self._thread_lock = threading.Lock()
+        self.front = EngineFront(self.engine)  # its steps run in the calling threads (or a server's thread)
 
     @classmethod
     def from_model(
@@ -169,25 +168,17 @@ class Runtime:
         device = default_device(backend_class(backend)) if device is None else resolve_device(device)
         return cls(create_backend(backend, model, device, resolve_dtype(dtype)), tokenizer, max_batch_size, max_len)
 
-    def front(self) -> EngineThread:
-        """The thread that steps the engine (started on first use, and again after a server in
-        this process shut it down): what such a server submits to."""
-        with self._thread_lock:
-            if self._thread is None or not self._thread.alive:
-                self._thread = EngineThread(self.engine)
-            return self._thread
-
     @property
     def config(self) -> ModelConfig:
         return self.backend.config
 
     def warmup(self, batch_sizes: Sequence[int] = (1,), max_prompt_len: int = 128, max_new_tokens: int = 128) -> float:
-        """Have the backend compile what its steps over this engine may need (`Engine.warmup`, on
-        the engine's thread: CUDA graphs belong to the thread that records them), then run one
+        """Have the backend compile what its steps over this engine may need (`Engine.warmup`, in
+        the thread that steps: CUDA graphs belong to the thread that records them), then run one
         greedy generation per batch size at the longest expected request (cut to the engine's
         max_len), so that the first user request waits for no compiler. Returns the seconds taken."""
         began = time.perf_counter()
-        self.front().call(self.engine.warmup)
+        self.front.call(self.engine.warmup)
         new = min(max_new_tokens, self.engine.max_len - 1)
         prompt = max(1, min(max_prompt_len, self.engine.max_len - new))
         for batch in batch_sizes:
@@ -237,7 +228,7 @@ class Runtime:
         for out in outputs:
             completion = completions[out.request_id]
             if not completion.finished and completion.take([out]).finish_reason and not out.finished:
-                self.front().abort(out.request_id)  # a stop string, before the engine's own end
+                self.front.abort(out.request_id)  # a stop string, before the engine's own end
         return [result(c) for c in completions.values()]
 
     @staticmethod
@@ -259,7 +250,7 @@ class Runtime:
         params = SamplingParams(**sampling)
         if not prompts:
             raise TformerError("no prompts given; pass at least one")
-        ids, outputs = self.front().requests(prompts, params, self.eos_id)
+        ids, outputs = self.front.requests(prompts, params, self.eos_id)
         return ids, _raising(outputs)
 
     def _text_tokenizer(self) -> Tokenizer:

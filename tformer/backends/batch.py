@@ -79,8 +79,8 @@ class Batch:
         packed = torch.tensor(start + lengths + rows + ids, dtype=torch.long)
         if device.type != "cpu":
             packed = packed.pin_memory().to(device, non_blocking=True)
-        start_, lengths_, rows_ = packed[: 3 * B].view(3, B).unbind(0)
-        return cls(packed[3 * B :].view(B, width), start_, lengths_, rows_, start, lengths, rows)
+        start_, lengths_, rows_, ids_ = packed.split((B, B, B, B * width))  # one op for the four views
+        return cls(ids_.view(B, width), start_, lengths_, rows_, start, lengths, rows)
 
     @classmethod
     def of(cls, input_ids: torch.Tensor, start: Sequence[int], lengths: Sequence[int], rows: Sequence[int]) -> Batch:

@@ -156,13 +156,13 @@ def loop_generation(runtime: Runtime, prompts: list[list[int]], new_tokens: int)
     """A greedy generation through tformer's engine on `runtime` (no EOS: full length). All prompts
     are admitted at once (the benchmark sizes the runtime's rows to its largest batch), so every
     engine step gives each of them one token: `tick` when a step's outputs are out of the engine
-    (on its thread, as the step ends), and the run returns once the last is done."""
+    (as the step ends), and the run returns once the last is done."""
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0)
 
     def run(tick: Callable[[], None]) -> None:
         stamps = Ticker(tick, len(prompts))
-        runtime.front().send(prompts, params, None, (), stamps)
-        stamps.done.wait()
+        runtime.front.send(prompts, params, None, (), stamps)
+        runtime.front.wait(stamps.done.is_set)
         if stamps.error:
             raise RuntimeError(f"the generation failed: {stamps.error}")
 
@@ -170,8 +170,8 @@ def loop_generation(runtime: Runtime, prompts: list[list[int]], new_tokens: int)
 
 
 class Ticker:
-    """Takes a generation's outputs on the engine's thread: `tick` once every request of the batch
-    has one more, `done` once all have finished."""
+    """Takes a generation's outputs as the engine's steps emit them: `tick` once every request of
+    the batch has one more, `done` once all have finished."""
 
     def __init__(self, tick: Callable[[], None], requests: int):
         self.tick, self.requests, self.seen, self.finished = tick, requests, 0, 0

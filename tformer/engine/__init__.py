@@ -1,11 +1,11 @@
 """Continuous batching: requests join and leave a running batch at every step, each in its own
 cache row. `Engine` (request, scheduler, runner, sampling: one concept per module), the one loop
-that steps it (`EngineCore`), and that loop on a thread (`EngineThread`)."""
+that steps it (`EngineCore`), and what its callers talk to (`EngineFront`)."""
 
 from tformer.engine.core import EngineCore
 from tformer.engine.engine import Engine
-from tformer.engine.front import EngineThread
+from tformer.engine.front import EngineFront
 from tformer.engine.request import RequestOutput
 from tformer.engine.sampling import SamplingParams
 
-__all__ = ["Engine", "EngineCore", "EngineThread", "RequestOutput", "SamplingParams"]
+__all__ = ["Engine", "EngineCore", "EngineFront", "RequestOutput", "SamplingParams"]

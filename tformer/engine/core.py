@@ -5,9 +5,10 @@ abort one or all, stop), steps the engine while any request is unfinished and wa
 otherwise, and hands each step's outputs, with the engine's stats, to `emit`. Where it runs, only
 the inbox and `emit` differ:
 
-- on a thread (`EngineThread`, for `Runtime` and servers run in one process): a queue in, the
-  callers' queues out;
-- in a child process (`tformer serve`, a Ray replica: `tformer.serve.worker`): the pipe both ways;
+- in its callers' own threads, a turn at a time, or on a thread of its own for a server run in one
+  process (`EngineFront`, what `Runtime` holds): a queue in, the callers' queues out;
+- in the main thread of a child process (`tformer serve`, a Ray replica: `tformer.serve.worker`):
+  the pipe both ways;
 - in the benchmark (`tformer-bench throughput`): requests released at their arrival times.
 
 Requests carry their caller's own ids, which the engine keeps (vLLM's `EngineCore` takes
@@ -17,6 +18,7 @@ in the caller's thread, where an error can be raised to it); the core adds them 
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Callable, Hashable, Sequence
@@ -55,7 +57,7 @@ class Call:
     def __init__(self, fn: Callable[[], None]):
         self.fn = fn
         self.error: BaseException | None = None
-        self._done = threading.Event()
+        self.done = threading.Event()
 
     def run(self) -> None:
         try:
@@ -63,10 +65,10 @@ class Call:
         except BaseException as exc:  # noqa: BLE001 - raised again in the sender's thread
             self.error = exc
         finally:
-            self._done.set()
+            self.done.set()
 
     def wait(self) -> None:
-        self._done.wait()
+        self.done.wait()
         if self.error is not None:
             raise self.error
 
@@ -104,31 +106,42 @@ class EngineCore:
     def __init__(self, engine: Engine):
         self.engine = engine
         self._refused: list[RequestOutput] = []  # adds the engine refused: their outputs go with the next step
+        self._reported: EngineStats | None = None
 
-    def run(self, inbox: Inbox, emit: Emit) -> None:
-        """Until a STOP message: apply the messages waiting (waiting for one when the engine is
-        idle), step, and emit the step's outputs and stats (a step that changed nothing emits
-        nothing)."""
-        engine, reported = self.engine, None
+    def run(self, inbox: Inbox, emit: Emit, lock: threading.Lock | None = None) -> None:
+        """Until a STOP message: take the messages waiting (waiting for one when the engine is
+        idle), and take a turn (`turn`), under `lock` when one is given (callers that take turns
+        themselves hold it too: `EngineFront`)."""
         # OpenMP thread counts are per thread: this one takes the process's (torch.set_num_threads
         # elsewhere, before the loop starts), once.
         torch.set_num_threads(torch.get_num_threads())
         while True:
-            for message in inbox.take(wait=not engine.has_unfinished()):
-                if message == STOP:
+            messages = inbox.take(wait=not self.engine.has_unfinished())
+            with contextlib.nullcontext() if lock is None else lock:
+                if not self.turn(messages, emit):
                     return
-                self.apply(message)
-            try:
-                outputs = engine.step() if engine.has_unfinished() else []
-            except Exception as exc:  # noqa: BLE001 - a bug in a step: fail its requests, keep serving
-                engine.fail_all(one_line(exc))
-                continue
-            if self._refused:
-                outputs, self._refused = self._refused + outputs, []
-            stats = engine.stats()
-            if outputs or stats != reported:
-                emit(outputs, stats)
-                reported = stats
+
+    def turn(self, messages: list, emit: Emit) -> bool:
+        """One turn of the loop: apply `messages`, step the engine if any request is unfinished,
+        and emit the step's outputs and stats (a turn that changed nothing emits nothing). False
+        at a STOP message."""
+        engine = self.engine
+        for message in messages:
+            if message == STOP:
+                return False
+            self.apply(message)
+        try:
+            outputs = engine.step() if engine.has_unfinished() else []
+        except Exception as exc:  # noqa: BLE001 - a bug in a step: fail its requests, keep serving
+            engine.fail_all(one_line(exc))
+            return True
+        if self._refused:
+            outputs, self._refused = self._refused + outputs, []
+        stats = engine.stats()
+        if outputs or stats != self._reported:
+            emit(outputs, stats)
+            self._reported = stats
+        return True
 
     def apply(self, message: Add | Abort | Call) -> None:
         if isinstance(message, Add):

@@ -1,8 +1,8 @@
-"""The engine core on a background thread: requests from any thread (`requests`, what `Runtime`
-uses) or any event loop (`submit`, what a server in one process uses).
+"""The front of an engine: requests from any thread (`requests`, what `Runtime` uses) or any event
+loop (`submit`, what a server in one process uses), as messages to its core (`EngineCore`).
 
-The thread runs `EngineCore.run`; callers send it messages and never touch the engine, so
-submitting and aborting never wait for a step. Each caller's outputs reach it through a queue of
+Callers send messages and never touch the engine, so submitting and aborting never wait for a
+step. Each caller's outputs reach it through a queue of
 its own, handed over once per engine step for every request of that event loop (`Listeners`):
 an asyncio queue for a coroutine, a plain queue for a thread. A caller that stops listening (a
 client that disconnects, a stream closed early) aborts its requests: their rows are free at the
@@ -15,6 +15,7 @@ import asyncio
 import itertools
 import queue
 import threading
+import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 
 from tformer.engine.core import STOP, Abort, Add, Call, Emit, EngineCore, QueueInbox
@@ -142,19 +143,54 @@ class Stream:
         self._unfinished.clear()
 
 
-class EngineThread:
+class EngineFront:
+    """What callers of one engine talk to: requests from any thread (`requests`, what `Runtime`
+    uses) or any event loop (`submit`, what a server uses), all through the core's inbox.
+
+    Without a thread of its own (the default), the callers' threads step the engine: a caller
+    that waits for an output and finds none takes a turn of the core's loop (`EngineCore.turn`),
+    unless another caller is taking one. So a `Runtime` steps in the thread that called it, as a
+    bare loop does: on a 2-core CPU an engine stepped on a second thread ran 0.6-0.75x as fast at
+    batch 8 once the main thread had used torch's threads (docs/benchmarks). `start()` runs the
+    loop on a thread of its own instead, for a server in this process (an event loop cannot take
+    turns); `shutdown()` ends it.
+    """
+
     def __init__(self, engine: Engine, stream_interval: int = 1):
         """`stream_interval`: tokens of a request handed out together (see `Coalescer`)."""
         self.engine = engine
         self.listeners = Listeners()
         self.coalesce = Coalescer(stream_interval)
+        self.core = EngineCore(engine)
         self._inbox = QueueInbox()
+        self._turns = threading.Lock()  # one turn of the loop at a time, whoever takes it
         self._ids = itertools.count()
         self._stats = engine.stats()
-        self.forward: Emit | None = None  # set: every step's outputs and stats go there instead (an engine process's pipe)
-        self._thread = threading.Thread(target=EngineCore(engine).run, args=(self._inbox, self._emit),
-                                        name="tformer-engine", daemon=True)  # fmt: skip
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Run the core's loop on a thread of its own (a server's), until `shutdown`."""
+        if not self.alive:
+            self._thread = threading.Thread(target=self.core.run, args=(self._inbox, self._emit, self._turns),
+                                            name="tformer-engine", daemon=True)  # fmt: skip
+            self._thread.start()
+
+    def run(self, inbox, emit: Emit) -> None:
+        """Run the core's loop in this thread, on `inbox`, until it says STOP (an engine process's
+        main thread, on its pipe); `emit` gets each step's outputs, coalesced, and stats."""
+        self.core.run(inbox, lambda outputs, stats: emit(self.coalesce(outputs), stats), self._turns)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the loop runs on a thread of its own (a server's health: its engine runs)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def shutdown(self) -> None:
+        """Stop the loop's own thread after its current step (requests still running are left as
+        they are); callers step the engine themselves again."""
+        if self.alive:
+            self._inbox.put(STOP)
+            self._thread.join()
 
     def submit(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams = SamplingParams(), eos_id: int | None = None,
@@ -162,7 +198,8 @@ class EngineThread:
     ) -> Stream:  # fmt: skip
         """Queue one request per prompt; their outputs (`RequestOutput`) as the engine produces
         them, the last of each with its finish reason (see `Stream`). Input errors raise here,
-        before any request is queued. Call from a running event loop."""
+        before any request is queued. Call from a running event loop, with the loop on its own
+        thread (`start`)."""
         out: asyncio.Queue[RequestOutput] = asyncio.Queue()
         ids = self.send(prompts, params, eos_id, stop, out, asyncio.get_running_loop())
         return Stream(ids, out, self.listeners, self.abort)
@@ -177,42 +214,13 @@ class EngineThread:
         ids = self.send(prompts, params, eos_id, stop, out)
         return ids, self._outputs(ids, out)
 
-    def call(self, fn: Callable[[], None]) -> None:
-        """Run `fn` on the engine's thread between two steps, and wait for it (a backend's warm-up:
-        CUDA graphs belong to the thread that records them)."""
-        call = Call(fn)
-        self._inbox.put(call)
-        call.wait()
-
-    def stats(self) -> EngineStats:
-        """The engine's own counts as of its latest step (see `Engine.stats`)."""
-        return self._stats
-
-    @property
-    def alive(self) -> bool:
-        """Whether the thread that steps the engine runs."""
-        return self._thread.is_alive()
-
-    def abort(self, request_id: Hashable) -> None:
-        self._inbox.put(Abort(request_id))
-
-    def abort_all(self) -> None:
-        """Abort every request in flight; each stream gets its final output ("abort") at the next
-        step (a server at the end of its grace period)."""
-        self._inbox.put(Abort(None))
-
-    def shutdown(self) -> None:
-        """Stop the background thread after its current step (requests still running are left as they are)."""
-        self._inbox.put(STOP)
-        self._thread.join()
-
     def send(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams, eos_id: int | None, stop: Sequence[Sequence[int]],
         out, loop: asyncio.AbstractEventLoop | None = None,
     ) -> list[int]:  # fmt: skip
         """Check the prompts, then queue one request per prompt; their ids. Each output goes to
-        `out.put_nowait(output)`: through `loop` when one is given, else called on the engine's
-        thread itself, as soon as its step is done (a benchmark stamps tokens there)."""
+        `out.put_nowait(output)`: through `loop` when one is given, else called in the thread that
+        stepped, as soon as its step is done (a benchmark stamps tokens there)."""
         checked = [self.engine.check(prompt, params, stop, f"prompt {i}") for i, prompt in enumerate(prompts)]
         ids = [next(self._ids) for _ in prompts]
         with self.listeners.lock:
@@ -222,10 +230,47 @@ class EngineThread:
             self._inbox.put(Add(request_id, prompt, params, eos_id, stops))
         return ids
 
+    def wait(self, until: Callable[[], bool]) -> None:
+        """Step the engine (a turn at a time, when no one else is) until `until()` holds; with the
+        loop on its own thread, just wait for it."""
+        while not until():
+            if not self.alive and self._turns.acquire(blocking=False):
+                try:
+                    self.core.turn(self._inbox.take(wait=False), self._emit)
+                finally:
+                    self._turns.release()
+            else:
+                time.sleep(0.0005)
+
+    def call(self, fn: Callable[[], None]) -> None:
+        """Run `fn` between two steps, in the thread that steps (CUDA graphs belong to the thread
+        that records them), and wait for it."""
+        call = Call(fn)
+        self._inbox.put(call)
+        self.wait(call.done.is_set)
+        call.wait()
+
+    def stats(self) -> EngineStats:
+        """The engine's own counts as of its latest step (see `Engine.stats`)."""
+        return self._stats
+
+    def put(self, message: Add | Abort) -> None:
+        """A message for the core, checked by its sender."""
+        self._inbox.put(message)
+
+    def abort(self, request_id: Hashable) -> None:
+        self._inbox.put(Abort(request_id))
+
+    def abort_all(self) -> None:
+        """Abort every request in flight; each stream gets its final output ("abort") at the next
+        step (a server at the end of its grace period)."""
+        self._inbox.put(Abort(None))
+
     def _outputs(self, ids: list[int], out: queue.SimpleQueue) -> Iterator[RequestOutput]:
         unfinished = set(ids)
         try:
             while unfinished:
+                self.wait(lambda: not out.empty())
                 output = out.get()
                 if output.finished:
                     unfinished.discard(output.request_id)
@@ -235,14 +280,6 @@ class EngineThread:
             for request_id in unfinished:  # closed early (a stop string, a consumer that went away)
                 self.abort(request_id)
 
-    def put(self, message: Add | Abort) -> None:
-        """A message for the core, checked by its sender (an engine process's parent)."""
-        self._inbox.put(message)
-
     def _emit(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
         self._stats = stats
-        outputs = self.coalesce(outputs)
-        if self.forward is not None:
-            self.forward(outputs, stats)
-        else:
-            self.listeners.hand_out(outputs)
+        self.listeners.hand_out(self.coalesce(outputs))

@@ -1,7 +1,7 @@
 """The HTTP app: OpenAI's completions and chat completions on tformer's engine, with SSE streaming.
 
-Every request's prompts become engine requests through the engine's front (`EngineThread`: the
-engine's one loop on a background thread, for every connection; or `EngineProcess`), so requests from all clients share the running batch. Text is
+Every request's prompts become engine requests through the engine's front (`EngineFront`, the
+engine's one loop on a thread of its own, for every connection; or `EngineProcess`), so requests from all clients share the running batch. Text is
 built token by token with `Completion` (whole characters, cut at stop strings), exactly as
 `Runtime.generate` builds it, so a greedy completion over HTTP is the in-process one. A client that
 goes away mid-stream closes its generator, which aborts its requests: the rows are free at the next
@@ -22,7 +22,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from tformer.engine.front import Coalescer, EngineThread
+from tformer.engine.front import Coalescer, EngineFront
 from tformer.engine.request import RequestOutput, check_prompt
 from tformer.errors import TformerError
 from tformer.runtime import Runtime
@@ -95,10 +95,10 @@ class Totals:
 
 
 class Server:
-    """The state behind the routes: what is served, the engine's front (`EngineThread` here, or
+    """The state behind the routes: what is served, the engine's front (`EngineFront` here, or
     `EngineProcess`), metrics, readiness."""
 
-    def __init__(self, front: EngineThread | EngineProcess, served: Served, model_name: str, max_waiting: int,
+    def __init__(self, front: EngineFront | EngineProcess, served: Served, model_name: str, max_waiting: int,
                  replica: str | None = None):  # fmt: skip
         self.front = front
         self.served = served
@@ -262,8 +262,9 @@ def create_app(source: Runtime | EngineProcess, model_name: str = "tformer", max
     `replica`: this server's name among several, sent as `x-tformer-replica` with each completion.
     `max_body_bytes`: the largest request body taken (413 beyond; default: `default_body_limit`)."""
     if isinstance(source, Runtime):
-        front, served = source.front(), Served.of(source)
+        front, served = source.front, Served.of(source)
         front.coalesce = Coalescer(stream_interval)
+        front.start()  # an event loop cannot take the engine's turns: its loop runs on a thread
     else:
         front, served = source, source.served
     server = Server(front, served, model_name, max_waiting, replica)

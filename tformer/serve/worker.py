@@ -4,10 +4,10 @@ In one process the engine thread and the event loop that streams tokens share on
 lock: each streamed chunk's ~100 us of Python (JSON, HTTP framing) is time the engine's own Python
 waits for, so every step gets slower as clients multiply (docs/benchmarks/2026-11-25-serve-cpu-2core.md).
 Here the engine runs in a child process with its own interpreter: the same `EngineCore` loop as
-in-process, on the child's `EngineThread`. The HTTP process sends it the core's own messages
+in-process, in the child's main thread. The HTTP process sends it the core's own messages
 (`Add` under the parent's request ids, `Abort`) over a pipe, and the core answers with one
 message per engine step holding every output of that step and the engine's stats
-(`Engine.stats`: what `/metrics` reports). `EngineProcess` offers `EngineThread`'s `submit`, so
+(`Engine.stats`: what `/metrics` reports). `EngineProcess` offers `EngineFront`'s `submit`, so
 the app does not care which it has. The child
 ignores SIGINT and SIGTERM (a terminal or a service manager signals the whole group; the parent
 decides when the engine stops) and ends on the pipe's EOF, so a parent killed leaves no engine.
@@ -97,7 +97,7 @@ def build(spec: WorkerSpec) -> tuple[Runtime, Served]:
 
 
 class EngineProcess:
-    """An engine in a child process, driven like `EngineThread` (`submit`), from one event loop."""
+    """An engine in a child process, driven like `EngineFront` (`submit`), from one event loop."""
 
     def __init__(self, spec: WorkerSpec, timeout: float = 600.0):
         self._conn, child = multiprocessing.Pipe()
@@ -134,7 +134,7 @@ class EngineProcess:
         stop: Sequence[Sequence[int]] = (),
     ) -> Stream:  # fmt: skip
         """One request per prompt, their outputs as the child's engine produces them (as
-        `EngineThread.submit`; the HTTP side has checked the prompts against the engine's limits).
+        `EngineFront.submit`; the HTTP side has checked the prompts against the engine's limits).
         Call from one event loop: the first call makes it the one that reads the child's answers."""
         loop = self._attach()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
@@ -244,12 +244,19 @@ def _serve_pipe(conn, spec: WorkerSpec) -> None:
         return
     rest = {k: v for k, v in vars(served).items() if k not in ("config", "tokenizer")}
     conn.send(("ready", (vars(served.config).copy(), served.tokenizer.to_json() if served.tokenizer else None, rest)))
-    front = runtime.front()  # the core's thread, which warmed up the backend
+    front = runtime.front  # whose loop warmed up the backend, in this thread
     front.coalesce = Coalescer(spec.stream_interval)
-    front.forward = lambda outputs, stats: conn.send((outputs, stats))  # only that thread sends
-    while True:  # the parent's messages, into the core's inbox
-        for message in conn.recv():
-            if message == STOP:
-                front.shutdown()
-                return
-            front.put(message)
+    front.run(PipeInbox(conn), lambda outputs, stats: conn.send((outputs, stats)))
+
+
+class PipeInbox:
+    """The parent's messages, a list per pipe message, as `EngineCore.run` takes them."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def take(self, wait: bool) -> list:
+        messages = []
+        while self.conn.poll(None if wait and not messages else 0):
+            messages += self.conn.recv()
+        return messages
