@@ -24,6 +24,7 @@ from tformer.backends.batch import Batch
 from tformer.bench.stats import Spread
 from tformer.config import ModelConfig
 from tformer.engine import Engine, EngineCore, SamplingParams
+from tformer.engine.engine import CHUNK
 from tformer.engine.core import STOP, Add
 
 
@@ -67,7 +68,9 @@ def time_decode(backend: Backend, batch_size: int, steps: int, clock: Callable[[
     """(seconds of `steps` decode steps of `batch_size` greedy requests through the engine's one
     loop, `EngineCore.run`, on a fresh engine; seconds of the backend calls within them). Timed
     from the loop's first output (the prefill's step) to its last."""
-    engine = Engine(backend, max_batch_size=batch_size, max_len=min(backend.config.max_len, steps + 8))
+    # Slots for the prompt and every token, and at least CHUNK, so that one prefill step takes
+    # every prompt (its token budget is 4 chunks) and all rows then decode together.
+    engine = Engine(backend, max_batch_size=batch_size, max_len=min(backend.config.max_len, max(steps + 8, CHUNK)))
     call = backend.step
     sync = torch.cuda.synchronize if backend.device.type == "cuda" else (lambda: None)
     inner, stamps = [0.0], []
