@@ -213,12 +213,13 @@ def test_abort_frees_the_row_for_a_waiting_request(trained):
     a, b, c = (engine.add_request([1, 2, 3], long) for _ in range(3))
     first = engine.step()
     assert {o.request_id for o in first} == {a, b}  # c waits: both rows are busy
-    assert engine.stats() == EngineStats(running=2, waiting=1, rows_in_use=2, aborts=0)
+    assert engine.stats() == EngineStats(running=2, waiting=1, rows_in_use=2, aborts=0, tokens=2)
     assert engine.abort(a)
-    assert engine.stats() == EngineStats(running=1, waiting=1, rows_in_use=1, aborts=1)  # its row is free at once
+    assert engine.stats() == EngineStats(running=1, waiting=1, rows_in_use=1, aborts=1, tokens=2)  # its row is free at once
     second = engine.step()
     assert (a, None, "abort") in [(o.request_id, o.token, o.finish_reason) for o in second]
     assert {o.request_id for o in second if o.token is not None} == {b, c}  # c started in the very next step
+    assert engine.stats().tokens == 4
     assert not engine.abort(a)  # already finished
     waiting = engine.add_request([4], long)
     assert engine.abort(waiting)  # a waiting request can be aborted too

@@ -37,13 +37,15 @@ _REQUEST_IDS = itertools.count()  # for `add_request` without an id of the calle
 @dataclass(frozen=True)
 class EngineStats:
     """What the engine itself holds (`Engine.stats`): requests running and waiting, cache rows in
-    use, and requests it has aborted so far. A server reports these, not its own bookkeeping, so
-    that its metrics show what the engine did (a disconnect that never reached it shows)."""
+    use, and so far the requests it has aborted and the tokens it has generated. A server reports
+    these, not its own bookkeeping, so that its metrics show what the engine did (a disconnect
+    that never reached it shows)."""
 
     running: int
     waiting: int
     rows_in_use: int
     aborts: int
+    tokens: int = 0
 
 
 class Engine:
@@ -64,6 +66,7 @@ class Engine:
         self._requests: dict[Hashable, Request] = {}
         self._aborted: list[RequestOutput] = []  # delivered by the next step
         self._aborts = 0  # requests ended by `abort` (not those already finished when it came)
+        self._tokens = 0  # generated, EOS and stop tokens included
 
     @property
     def cache_bytes(self) -> int | None:
@@ -150,10 +153,10 @@ class Engine:
             self.abort(request_id)
 
     def stats(self) -> EngineStats:
-        """Requests running and waiting, cache rows in use, aborts so far."""
+        """Requests running and waiting, cache rows in use, aborts and tokens so far."""
         scheduler = self.scheduler
         return EngineStats(len(scheduler.running), len(scheduler.waiting),
-                           self.max_batch_size - len(scheduler.free_rows), self._aborts)  # fmt: skip
+                           self.max_batch_size - len(scheduler.free_rows), self._aborts, self._tokens)  # fmt: skip
 
     def fail_all(self, error: str) -> None:
         """End every request with reason "error" (its output says `error`): what a server does when
@@ -216,4 +219,5 @@ class Engine:
             if reason is not None:
                 self.scheduler.finish(request, reason)
             outputs.append(RequestOutput(request.id, token, reason))
+        self._tokens += len(outputs)
         return outputs

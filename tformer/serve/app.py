@@ -204,7 +204,6 @@ class Server:
     def _record(self, choice: Choice) -> None:
         m, now = self.metrics, time.perf_counter()
         m.requests.labels(choice.outcome).inc()
-        m.generation_tokens.inc(choice.count)
         if choice.first is not None:
             m.ttft.observe(choice.first - choice.began)
             m.e2e.observe(now - choice.began)

@@ -23,7 +23,6 @@ class Metrics:
         self.requests = Counter("tformer:requests", "Requests by outcome: stop, length, abort (client gone), "
                                 "error (500), rejected (4xx/503).", ["outcome"], registry=r)  # fmt: skip
         self.prompt_tokens = Counter("tformer:prompt_tokens", "Prompt tokens of admitted requests.", registry=r)
-        self.generation_tokens = Counter("tformer:generation_tokens", "Tokens generated.", registry=r)
         self.ttft = Histogram("tformer:time_to_first_token_seconds", "Arrival to first token.", buckets=LATENCY,
                               registry=r)  # fmt: skip
         self.tpot = Histogram("tformer:time_per_output_token_seconds", "Per request, after its first token.",
@@ -35,7 +34,7 @@ class Metrics:
 
 
 class EngineCollector(Collector):
-    """The engine's gauges and its abort counter, from one `stats()` per scrape: what the engine
+    """The engine's gauges and its counters (aborts, generated tokens), from one `stats()` per scrape: what the engine
     itself reports (for `tformer serve`, its process's latest step), never the HTTP side's own
     bookkeeping, so that a request the engine never let go of shows."""
 
@@ -49,3 +48,5 @@ class EngineCollector(Collector):
         yield GaugeMetricFamily("tformer:cache_rows_in_use", "KV cache rows in use.", value=s.rows_in_use)
         yield CounterMetricFamily("tformer:engine_aborts", "Requests the engine aborted: clients gone, stop strings, "
                                   "shutdown.", value=s.aborts)  # fmt: skip
+        yield CounterMetricFamily("tformer:generation_tokens", "Tokens the engine generated (EOS and stop tokens "
+                                  "included).", value=s.tokens)  # fmt: skip

@@ -127,7 +127,7 @@ class EngineProcess:
         self.listeners = Listeners()
         self._send_lock = threading.Lock()  # a pipe end is not safe to write from two threads at once
         self._loop: asyncio.AbstractEventLoop | None = None  # the one event loop that reads the pipe
-        self._stats = EngineStats(0, 0, 0, 0)  # the engine's, from its latest message
+        self._stats = EngineStats(0, 0, 0, 0, 0)  # the engine's, from its latest message
 
     def submit(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams = SamplingParams(), eos_id: int | None = None,
