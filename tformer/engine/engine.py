@@ -176,7 +176,7 @@ class Engine:
         prefill = [r for r, _ in plan.prefill]
         if plan.prefill and (logits := self._call(self.runner.prefill, plan.prefill, prefill, finished)) is not None:
             for request, n in plan.prefill:
-                request.prefilled += n
+                request.prefill(n)
             finished += self._sample(logits, prefill)
         if plan.decode:
             # In row order: with every row busy that is rows 0..B-1, which a backend reads as one

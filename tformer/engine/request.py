@@ -55,25 +55,27 @@ class Request:
     finish_reason: str | None = None
     row: int | None = None  # its cache row while running
     prefilled: int = 0  # prompt tokens already in its cache row
+    prefilling: bool = True  # prefilled < len(prompt), kept by `prefill` (read for every row of every step)
     output: list[int] = field(default_factory=list)  # generated tokens (EOS and stop tokens included)
     arrived: float = field(default_factory=time.perf_counter)
 
-    @property
-    def prefilling(self) -> bool:
-        return self.prefilled < len(self.prompt)
+    def prefill(self, n: int) -> None:
+        """`n` more prompt tokens are in its cache row."""
+        self.prefilled += n
+        self.prefilling = self.prefilled < len(self.prompt)
 
     @property
     def cached(self) -> int:
         """Tokens in its cache row: the prompt so far, then every output token but the newest (which
         the next decode step feeds)."""
-        return self.prefilled if self.prefilling else len(self.prompt) + len(self.output) - 1
+        return self.prefilled if self.prefilling else self.prefilled + len(self.output) - 1
 
     def finish_after(self, token: int) -> str | None:
         """Record `token` as generated; the finish reason it causes, if any."""
         self.output.append(token)
         if self.eos_id is not None and token == self.eos_id:
             return "eos"
-        if any(len(s) <= len(self.output) and tuple(self.output[-len(s) :]) == s for s in self.stop):
+        if self.stop and any(len(s) <= len(self.output) and tuple(self.output[-len(s) :]) == s for s in self.stop):
             return "stop"
         if len(self.output) >= self.params.max_new_tokens:
             return "length"
