@@ -433,3 +433,16 @@ def test_ray_without_ray_installed_is_one_line(trained, tmp_path):
     r = subprocess.run([sys.executable, "-m", "tformer.cli", "serve", str(tmp_path / "m.safetensors"), "--ray"],
                        capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
     assert r.returncode == 2 and r.stderr == "Error: tformer serve --ray needs Ray Serve: pip install 'tformer[ray]'\n"
+
+
+def test_a_request_without_sampling_fields_samples_as_python_does_by_default():
+    """One `SamplingParams` and its defaults for Python callers and HTTP alike (OpenAI's)."""
+    from tformer.engine import SamplingParams
+    from tformer.serve.protocol import check_chat, check_completion
+
+    plain = SamplingParams()
+    for job in (check_completion({"model": NAME, "prompt": "x"}, NAME),
+                check_chat({"model": NAME, "messages": [{"role": "user", "content": "x"}]}, NAME)):  # fmt: skip
+        p = job.params
+        assert (p.temperature, p.top_k, p.top_p or 1.0, p.seed) == (plain.temperature, plain.top_k, plain.top_p or 1.0, plain.seed)
+    assert (plain.temperature, plain.top_k, plain.top_p) == (1.0, None, None)

@@ -239,7 +239,7 @@ def demo(output, steps) -> None:
     for prompt in DEMO_PROMPTS:
         click.secho(f"\n--- sample (prompt {prompt!r}) ---", fg="cyan")
         click.echo(prompt, nl=False)
-        for piece in runtime.stream(prompt, max_new_tokens=120, seed=0):
+        for piece in runtime.stream(prompt, max_new_tokens=120, temperature=0.8, top_k=50, seed=0):
             click.echo(piece, nl=False)
         click.echo()
     click.echo(f"\nTry: tformer generate {output} \"def main(\" --temperature 0.7")

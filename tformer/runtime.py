@@ -124,8 +124,8 @@ def _load_export(
 
 class Runtime:
     """A model on a backend, served by a continuous-batching `Engine`. Sampling options, for every
-    method: see `SamplingParams` (max_new_tokens=128, temperature=0.8 (0 = greedy), top_k=50,
-    top_p=None, seed=None).
+    method: see `SamplingParams` (max_new_tokens=128, temperature=1.0 (0 = greedy), top_k=None,
+    top_p=None, seed=None: the server's defaults too).
 
     The engine is sized once, here: `max_batch_size` cache rows (default 8; more prompts than
     rows wait for a free one) of `max_len` slots (default: the model's context, or as many as a

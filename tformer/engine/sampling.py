@@ -24,11 +24,13 @@ class SamplingParams:
     temperature: 0 means greedy (argmax); otherwise logits are divided by it before sampling.
     top_k: keep only the k most likely tokens (None: all). top_p: keep the smallest set of tokens
     whose probability adds up to top_p (None or 1.0: all). seed: makes sampling reproducible.
+    The defaults are OpenAI's and vLLM's (temperature 1, no top-k, no top-p), the same for Python
+    callers and the server; the CLI's options have their own (`tformer generate --help`).
     """
 
     max_new_tokens: int = 128
-    temperature: float = 0.8
-    top_k: int | None = 50
+    temperature: float = 1.0
+    top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None
 

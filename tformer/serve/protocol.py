@@ -24,6 +24,8 @@ NEUTRAL = {
     "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None,),
     "tools": (None,), "tool_choice": (None, "none"), "response_format": (None,), "parallel_tool_calls": (None,),
 }  # fmt: skip
+DEFAULT = SamplingParams()  # what a request that leaves a sampling field out gets: the same as in Python
+
 COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options", "n",
           "ignore_eos", "user"}  # fmt: skip
 COMPLETION_FIELDS = COMMON | {"prompt", "echo"}
@@ -84,9 +86,9 @@ def _job(body: dict, texts, ids, max_tokens, echo: bool) -> Job:
     top_k = body.get("top_k")
     params = SamplingParams(
         max_new_tokens=_int(max_tokens, "max_tokens", 1),
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_k=None if top_k in (None, -1) else _int(top_k, "top_k", 1),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
+        temperature=_number(body, "temperature", DEFAULT.temperature, 0.0, 2.0),
+        top_k=DEFAULT.top_k if top_k in (None, -1) else _int(top_k, "top_k", 1),
+        top_p=_number(body, "top_p", DEFAULT.top_p or 1.0, 0.0, 1.0, low_open=True),
         seed=None if body.get("seed") is None else _int(body["seed"], "seed", 0, 2**64 - 1),
     )
     options = body.get("stream_options")
