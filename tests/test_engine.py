@@ -205,6 +205,27 @@ def test_seeded_request_is_the_same_alone_and_in_a_busy_batch(trained):
     assert len(noise) == 3 and len(solo) == 30 and crowded == solo
 
 
+def test_a_seeded_long_prompt_is_the_same_however_its_prefill_is_cut(trained):
+    """A prompt longer than a chunk is prefilled over several steps, how many depends on what
+    else takes the step's token budget (4 chunks); its seeded draws must not: a row still
+    prefilling draws nothing from its generator. Alone, 300 tokens go in as 256 + 44; behind
+    requests that leave 20 of the budget, as 20 + 256 + 24."""
+    model, _ = trained
+    backend = Runtime.from_model(copy.deepcopy(model), device="cpu").backend
+    rng = random.Random(3)
+    prompt = [rng.randrange(model.config.vocab_size) for _ in range(300)]
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, top_k=None, seed=77)
+    greedy = SamplingParams(max_new_tokens=2, temperature=0)
+    got = []
+    for others in ([], [300, 300, 300, 236]):
+        engine = Engine(backend, max_batch_size=5, max_len=320)
+        for n in others:
+            engine.add_request([1] * n, greedy)
+        rid = engine.add_request(prompt, params)
+        got.append([o.token for _ in iter(engine.has_unfinished, False) for o in engine.step() if o.request_id == rid])
+    assert len(got[0]) == 12 and got[1] == got[0]
+
+
 def test_abort_frees_the_row_for_a_waiting_request(trained):
     model, _ = trained
     backend = Runtime.from_model(copy.deepcopy(model), device="cpu").backend

@@ -23,8 +23,8 @@ from tformer.checkpoint import load_model
 from tformer.config import ModelConfig
 from tformer.errors import TformerError
 from tformer.engine import Engine, EngineFront, RequestOutput, SamplingParams
-from tformer.engine.output import Completion, Piece
 from tformer.engine.engine import CHUNK, DEFAULT_BATCH
+from tformer.engine.output import Completion, Piece
 from tformer.inputs import as_int, as_path, as_prompt, as_prompts, as_stop, as_text, as_texts
 from tformer.model import TransformerLM
 from tformer.tokenizer import Tokenizer

@@ -7,9 +7,10 @@
             ...
 
 Requests join and leave the running batch at every step, each in its own cache row at its own
-position (see `Scheduler`). One thread uses an engine: `EngineCore` (tformer.engine.core) runs
-the one loop that steps it, on a thread for `Runtime` and servers in one process, in a child
-process for `tformer serve`; other threads reach it through the core's inbox, never the engine.
+position (see `Scheduler`). One thread at a time uses an engine: `EngineCore` (tformer.engine.core)
+runs the one loop that steps it, a turn at a time in the threads that call a `Runtime`, on a
+thread of its own for a server in one process, in the main thread of `tformer serve`'s engine
+process; other threads reach it through the core's inbox, never the engine.
 """
 
 from __future__ import annotations
@@ -209,11 +210,13 @@ class Engine:
         """Sample every row of `logits` (one per request of `batch`) in one pass, and record the
         tokens of the requests that decode: one still prefilling its prompt, or a padding row
         (static batching: finished), draws a token that is dropped, which costs less than picking
-        rows out first."""
-        tokens = sample(logits, [r.params for r in batch], [r.generator for r in batch])
+        rows out first, from the global generator: its own seeded one draws only for its tokens,
+        however many steps its prefill took."""
+        keep = [request.state is State.RUNNING and not request.prefilling for request in batch]
+        tokens = sample(logits, [r.params for r in batch], [r.generator if k else None for r, k in zip(batch, keep)])
         outputs = []
-        for request, token in zip(batch, tokens):
-            if request.state is not State.RUNNING or request.prefilling:
+        for request, token, kept in zip(batch, tokens, keep):
+            if not kept:
                 continue
             reason = request.finish_after(token)
             if reason is not None:

@@ -2,11 +2,10 @@
 loop (`submit`, what a server in one process uses), as messages to its core (`EngineCore`).
 
 Callers send messages and never touch the engine, so submitting and aborting never wait for a
-step. Each caller's outputs reach it through a queue of
-its own, handed over once per engine step for every request of that event loop (`Listeners`):
-an asyncio queue for a coroutine, a plain queue for a thread. A caller that stops listening (a
-client that disconnects, a stream closed early) aborts its requests: their rows are free at the
-next step.
+step. Each caller's outputs reach it through a queue of its own, handed over once per engine step
+for every request of that event loop (`Listeners`): an asyncio queue for a coroutine, a plain
+queue for a thread. A caller that stops listening (a client that disconnects, a stream closed
+early) aborts its requests: their rows are free at the next step.
 """
 
 from __future__ import annotations
@@ -72,6 +71,8 @@ class Listeners:
 def _put_all(batch: list[tuple[object, RequestOutput]]) -> None:
     for out, output in batch:
         out.put_nowait(output)
+
+
 class Coalescer:
     """Holds back each request's tokens until it has `interval` of them to send together (its first
     token and its last output go at once): `interval` 1 passes every step's outputs through. A

@@ -1,11 +1,11 @@
 """The HTTP app: OpenAI's completions and chat completions on tformer's engine, with SSE streaming.
 
 Every request's prompts become engine requests through the engine's front (`EngineFront`, the
-engine's one loop on a thread of its own, for every connection; or `EngineProcess`), so requests from all clients share the running batch. Text is
-built token by token with `Completion` (whole characters, cut at stop strings), exactly as
-`Runtime.generate` builds it, so a greedy completion over HTTP is the in-process one. A client that
-goes away mid-stream closes its generator, which aborts its requests: the rows are free at the next
-engine step.
+engine's one loop on a thread of its own, for every connection; or `EngineProcess`), so requests
+from all clients share the running batch. Text is built token by token with `Completion` (whole
+characters, cut at stop strings, EOS dropped), exactly as `Runtime.generate` builds it, so a
+greedy completion over HTTP is the in-process one. A client that goes away mid-stream closes its
+generator, which aborts its requests: the rows are free at the next engine step.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tformer.engine.front import Coalescer, EngineFront
+from tformer.engine.output import Completion
 from tformer.engine.request import RequestOutput, check_prompt
 from tformer.errors import TformerError
 from tformer.runtime import Runtime
 from tformer.serve.metrics import Metrics
 from tformer.serve.protocol import APIError, Job, check_chat, check_completion
 from tformer.serve.worker import EngineProcess, Served
-from tformer.engine.output import Completion
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
 LIMIT, FIX = "this server's max_len", "shorten the prompt or lower max_tokens"  # the words of a prompt too long

@@ -34,9 +34,9 @@ class Metrics:
 
 
 class EngineCollector(Collector):
-    """The engine's gauges and its counters (aborts, generated tokens), from one `stats()` per scrape: what the engine
-    itself reports (for `tformer serve`, its process's latest step), never the HTTP side's own
-    bookkeeping, so that a request the engine never let go of shows."""
+    """The engine's gauges and counters (aborts, generated tokens), from one `stats()` per scrape:
+    what the engine itself reports (for `tformer serve`, its process's latest step), never the
+    HTTP side's own bookkeeping, so that a request the engine never let go of shows."""
 
     def __init__(self, stats: Callable[[], EngineStats]):
         self.stats = stats
