@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 from dataclasses import dataclass
 
 import torch
@@ -140,21 +141,72 @@ def attention_bias(
     return torch.where(allowed, zero, torch.finfo(dtype).min).unsqueeze(1)  # (B, 1, T, S)
 
 
-# Decode steps are small enough that call overhead shows in tokens/s: on a 2-core CPU a module
-# __call__ costs ~8 us and a no-op dropout ~10 us, together a fifth of a d_model-256 step. The
-# layers keep their submodules (for the tutorial's weight names) but run the functional ops.
+# A decode step of a small model on a CPU is short enough (~1.5 ms at d_model 256) that Python shows:
+# reading a parameter through its modules costs ~1.2 us per attribute and a module call ~5 us, 15%
+# of such a step (measured against the bench's `floor` loop). So the modules below only hold the
+# parameters, under the tutorial's names; the math is in plain functions over `Weights`, the
+# tensors themselves read once (`TransformerLM.weights`), as a backend that steps many times keeps them.
 
 
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    return F.dropout(x, p, True) if training and p > 0 else x
+class LayerWeights(NamedTuple):
+    """One encoder layer's parameters (the module's tensors, not copies); weights are `(out, in)`."""
+
+    qkv: torch.Tensor  # (3C, C): self_attn.in_proj_weight, the query, key and value projections stacked
+    qkv_bias: torch.Tensor
+    out: torch.Tensor  # (C, C): self_attn.out_proj
+    out_bias: torch.Tensor
+    ff1: torch.Tensor  # (F, C): linear1
+    ff1_bias: torch.Tensor
+    ff2: torch.Tensor  # (C, F): linear2
+    ff2_bias: torch.Tensor
+    norm1: torch.Tensor  # (C,)
+    norm1_bias: torch.Tensor
+    norm2: torch.Tensor
+    norm2_bias: torch.Tensor
 
 
-def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, module.weight, module.bias)
+class Weights(NamedTuple):
+    """Every parameter of a `TransformerLM`, read from its modules (`TransformerLM.weights`)."""
+
+    embedding: torch.Tensor  # (V, C)
+    pe: torch.Tensor  # (max_len, C): the sinusoidal table
+    layers: tuple[LayerWeights, ...]
+    head: torch.Tensor  # (V, C): decoder
+    head_bias: torch.Tensor  # (V,)
 
 
-def layer_norm(module: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """`p`: the probability in effect (0 outside training)."""
+    return F.dropout(x, p, True) if p > 0 else x
+
+
+def attention(
+    x: torch.Tensor, w: LayerWeights, layer: int, nhead: int, bias: torch.Tensor | None, cache: CacheView | None,
+    attend: AttendFn | None, p: float,
+) -> torch.Tensor:  # fmt: skip
+    """Multi-head self-attention of `x` `(B, T, C)`, as `nn.MultiheadAttention` computes it, with
+    keys and values of earlier positions from `cache` (its `layer`), if any; `(B, T, C)`."""
+    B, T, C = x.shape
+    qkv = F.linear(x, w.qkv, w.qkv_bias)  # (B, T, 3C): one fused matmul
+    q, k, v = qkv.view(B, T, 3, nhead, C // nhead).permute(2, 0, 3, 1, 4)  # each (B, H, T, Dh)
+    if cache is not None:
+        k, v = cache.update(layer, k, v)  # (B, H, S, Dh)
+    if attend is not None:
+        y = attend(q, k, v)  # (B, H, T, Dh)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, is_causal=bias is None)
+    return F.linear(y.transpose(1, 2).reshape(B, T, C), w.out, w.out_bias)
+
+
+def encoder_layer(
+    x: torch.Tensor, w: LayerWeights, layer: int, nhead: int, bias: torch.Tensor | None, cache: CacheView | None,
+    attend: AttendFn | None, p: float,
+) -> torch.Tensor:  # fmt: skip
+    """`nn.TransformerEncoderLayer`'s post-norm ReLU block: `(B, T, C)` to `(B, T, C)`."""
+    C = x.shape[-1]
+    x = F.layer_norm(x + dropout(attention(x, w, layer, nhead, bias, cache, attend, p), p), (C,), w.norm1, w.norm1_bias)
+    hidden = dropout(F.relu(F.linear(x, w.ff1, w.ff1_bias)), p)  # (B, T, F)
+    return F.layer_norm(x + dropout(F.linear(hidden, w.ff2, w.ff2_bias), p), (C,), w.norm2, w.norm2_bias)
 
 
 class PositionalEncoding(nn.Module):
@@ -162,7 +214,6 @@ class PositionalEncoding(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.p = config.dropout
         position = torch.arange(config.max_len).unsqueeze(1)
         div_term = torch.exp(torch.arange(0, config.d_model, 2) * -(math.log(10000.0) / config.d_model))
         pe = torch.zeros(config.max_len, 1, config.d_model)
@@ -170,63 +221,35 @@ class PositionalEncoding(nn.Module):
         pe[:, 0, 1::2] = torch.cos(position * div_term)
         self.register_buffer("pe", pe)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x: (B, T, C), positions: (B, T) -> (B, T, C)
-        return dropout(x + self.pe[positions, 0], self.p, self.training)
-
 
 class SelfAttention(nn.Module):
-    """Multi-head causal self-attention named like `nn.MultiheadAttention` (fused `in_proj`)."""
+    """The parameters of `nn.MultiheadAttention`, under its names (fused `in_proj`)."""
 
-    def __init__(self, config: ModelConfig, layer: int):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        self.layer = layer  # which of the cache's layers is ours
-        self.nhead = config.nhead
-        self.dropout = config.dropout
         self.in_proj_weight = nn.Parameter(torch.empty(3 * config.d_model, config.d_model))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * config.d_model))
         self.out_proj = nn.Linear(config.d_model, config.d_model)
         nn.init.xavier_uniform_(self.in_proj_weight)  # as nn.MultiheadAttention
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        bias: torch.Tensor | None,
-        cache: CacheView | None,
-        attend: AttendFn | None = None,
-    ) -> torch.Tensor:
-        B, T, C = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3C): one fused matmul
-        q, k, v = qkv.view(B, T, 3, self.nhead, C // self.nhead).permute(2, 0, 3, 1, 4)  # each (B, H, T, Dh)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # (B, H, S, Dh)
-        if attend is not None:
-            y = attend(q, k, v)  # (B, H, T, Dh)
-        else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0, is_causal=bias is None
-            )  # (B, H, T, Dh)
-        return linear(self.out_proj, y.transpose(1, 2).reshape(B, T, C))
-
 
 class EncoderLayer(nn.Module):
-    """Post-norm ReLU block with `nn.TransformerEncoderLayer`'s parameter names and math."""
+    """The parameters of `nn.TransformerEncoderLayer`, under its names (`encoder_layer` runs them)."""
 
-    def __init__(self, config: ModelConfig, layer: int):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        self.self_attn = SelfAttention(config, layer)
+        self.self_attn = SelfAttention(config)
         self.linear1 = nn.Linear(config.d_model, config.d_ff)
         self.linear2 = nn.Linear(config.d_ff, config.d_model)
         self.norm1 = nn.LayerNorm(config.d_model, eps=1e-5)
         self.norm2 = nn.LayerNorm(config.d_model, eps=1e-5)
-        self.p = config.dropout
 
-    def forward(self, x, bias, cache, attend=None):
-        p, train = self.p, self.training
-        x = layer_norm(self.norm1, x + dropout(self.self_attn(x, bias, cache, attend), p, train))
-        hidden = dropout(F.relu(linear(self.linear1, x)), p, train)  # (B, T, d_ff)
-        return layer_norm(self.norm2, x + dropout(linear(self.linear2, hidden), p, train))
+    def weights(self) -> LayerWeights:
+        a = self.self_attn
+        return LayerWeights(a.in_proj_weight, a.in_proj_bias, a.out_proj.weight, a.out_proj.bias, self.linear1.weight,
+                            self.linear1.bias, self.linear2.weight, self.linear2.bias, self.norm1.weight,
+                            self.norm1.bias, self.norm2.weight, self.norm2.bias)  # fmt: skip
 
 
 class Encoder(nn.Module):
@@ -234,7 +257,7 @@ class Encoder(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.layers = nn.ModuleList(EncoderLayer(config, i) for i in range(config.n_layers))
+        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.n_layers))
 
 
 class TransformerLM(nn.Module):
@@ -251,6 +274,13 @@ class TransformerLM(nn.Module):
         nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
         nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
         nn.init.zeros_(self.decoder.bias)
+
+    def weights(self) -> Weights:
+        """Its parameters, read from the modules now: the same tensors, so changes made in place
+        (training, `load_state_dict`, `.data`) show; take them again after `.to()`. A backend that
+        steps many times keeps them and passes them to `step` (see the note above `LayerWeights`)."""
+        layers = tuple(layer.weights() for layer in self.transformer_encoder.layers)
+        return Weights(self.encoder.weight, self.pos_encoder.pe[:, 0], layers, self.decoder.weight, self.decoder.bias)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits `(B, T, V)` of fresh sequences `(B, T)` int64, causal over their own columns, no
@@ -269,6 +299,7 @@ class TransformerLM(nn.Module):
         span: int | None = None,
         block: slice | None = None,
         attend: AttendFn | None = None,
+        weights: Weights | None = None,
     ) -> torch.Tensor:
         """One step over cache rows: logits `(B, V)` of each row's last new token (the contract of
         `tformer.backends.base.Backend.step`).
@@ -280,7 +311,7 @@ class TransformerLM(nn.Module):
         Column t of row b is written to slot `start[b] + t` of row `rows[b]` (padding columns too:
         the cache must have room, `start[b] + T <= cache.slots`) and attends to slots
         `0..start[b]+t`. span: attend over slots `0..span-1` only (>= max(lengths); default all).
-        block: see `CacheView` (None: gather the rows).
+        block: see `CacheView` (None: gather the rows). weights: `self.weights()` kept by the caller.
         """
         B, T = input_ids.shape
         decode = isinstance(T, int) and T == 1  # (an export traces T as a symbol: the general case)
@@ -292,9 +323,9 @@ class TransformerLM(nn.Module):
         span = cache.slots if span is None else span
         bias = None
         if attend is None:
-            bias = attention_bias(slots, torch.arange(span, device=input_ids.device), None, self.decoder.weight.dtype)
+            bias = attention_bias(slots, torch.arange(span, device=input_ids.device), None, cache.k[0].dtype)
         view = CacheView(cache, rows, slots, span, block)
-        return self.run(input_ids, positions, bias, view, attend, last=0 if decode else lengths - start - 1)
+        return self.run(input_ids, positions, bias, view, attend, 0 if decode else lengths - start - 1, weights)
 
     def run(
         self,
@@ -304,6 +335,7 @@ class TransformerLM(nn.Module):
         cache: CacheView | None,
         attend: AttendFn | None = None,
         last: torch.Tensor | int | None = None,
+        weights: Weights | None = None,
     ) -> torch.Tensor:
         """The network itself, given what `forward` or `step` derives: logits `(B, T, V)`, or
         `(B, V)` of column `last[b]` of each row when `last` `(B,)` is given, or of column `last` of
@@ -314,18 +346,21 @@ class TransformerLM(nn.Module):
         from `attention_bias`, or None for plain causal attention over the T columns (no cache).
         cache: any object with `update(layer, k, v) -> (k_all, v_all)`, or None.
         attend: computes attention in place of SDPA in every layer (then `bias` is unused).
+        weights: `self.weights()`, if the caller keeps them (default: read now; graphs traced by
+        an exporter or a compiler read them so, and see the parameters).
         Exporters that take masks and positions as inputs (ONNX) and backends with their own
         attention kernels call this directly.
         """
-        x = self.encoder(input_ids) * math.sqrt(self.config.d_model)  # (B, T, C)
-        x = self.pos_encoder(x, positions)
-        for layer in self.transformer_encoder.layers:
-            x = layer(x, bias, cache, attend)
+        w = self.weights() if weights is None else weights
+        c, p = self.config, self.config.dropout if self.training else 0.0
+        x = dropout(F.embedding(input_ids, w.embedding) * math.sqrt(c.d_model) + w.pe[positions], p)  # (B, T, C)
+        for i, layer in enumerate(w.layers):
+            x = encoder_layer(x, layer, i, c.nhead, bias, cache, attend, p)
         if isinstance(last, int):
             x = x[:, last]  # (B, C): the same column of every row (a decode step's one), no gather
         elif last is not None:
             x = x[torch.arange(x.shape[0], device=x.device), last]  # (B, C)
-        return self.decoder(x)  # (B, V) or (B, T, V)
+        return F.linear(x, w.head, w.head_bias)  # (B, V) or (B, T, V)
 
 
 def column_major_weights(model: TransformerLM) -> None:

@@ -43,6 +43,7 @@ class TritonBackend(BackendBase):
         # Interpreted, it is correct but takes seconds per token: benchmarks list it, never time it.
         self.untimed = None if device.type == "cuda" else "runs under the Triton interpreter here (no GPU): a test mode"
         self.model = model.to(device=device, dtype=dtype).eval()
+        self.weights = self.model.weights()  # read once, as the eager backend does
         self.config = model.config
         self.device = device
         self.dtype = dtype
@@ -61,4 +62,5 @@ class TritonBackend(BackendBase):
             def attend(q, k, v):  # q (B, H, T, Dh): column t of row b at position start[b] + t
                 return self.kernels.prefill_attention(q, k, v, start, rows)
 
-        return self.model.step(batch.input_ids, start, lengths, rows, cache, block=EVERY_ROW, attend=attend)
+        return self.model.step(batch.input_ids, start, lengths, rows, cache, block=EVERY_ROW, attend=attend,
+                               weights=self.weights)  # fmt: skip
