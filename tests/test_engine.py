@@ -168,14 +168,16 @@ def test_workload_is_varied(workload):
 def test_small_workload_covers_what_batching_does(trained, small_workload):
     """On the small workload's 3 rows, the engine's calls include requests joining a running batch
     and waiting for a row, prefills of rows of different lengths (padded) beside decodes, rows
-    leaving mid-batch, and a row moved down into a freed one."""
+    leaving mid-batch, a row moved down into a freed one, and decodes of several steps in a row
+    (none waiting) beside single ones (some waiting)."""
     prompts, outputs, _ = small_workload
     engine = Engine(Runtime.from_model(copy.deepcopy(trained[0]), device="cpu").backend, SMALL["rows"], SMALL["max_len"])
     runner, scheduler = engine.runner, engine.scheduler
-    prefills, decodes, moves, waiting = [], [], [], []
+    prefills, decodes, moves, waiting, steps = [], [], [], [], []
     prefill, decode, move, schedule = runner.prefill, runner.decode, runner.move, scheduler.schedule
     runner.prefill = lambda work: prefills.append([n for _, n in work]) or prefill(work)
-    runner.decode = lambda requests: decodes.append({r.id for r in requests}) or decode(requests)
+    runner.decode = lambda requests, pick, n: decodes.append({r.id for r in requests}) or steps.append(n) or decode(
+        requests, pick, n)
     runner.move = lambda request, row: (moved := move(request, row)) and moves.append(row) or moved
     scheduler.schedule = lambda: (schedule(), waiting.append(len(scheduler.waiting)))[0]  # after admission
     run_staggered(engine, prompts, outputs, per_step=2)
@@ -184,6 +186,41 @@ def test_small_workload_covers_what_batching_does(trained, small_workload):
     assert any(a - b for a, b in zip(decodes, decodes[1:])), "no request left a running batch"
     assert any(b - a and a & b for a, b in zip(decodes, decodes[1:])), "no request joined a running batch"
     assert moves, "no row was moved down into a freed one"
+    assert max(steps) == engine.decode_steps > 1 and min(steps) == 1, "no multi-step decode, or only such"
+
+
+def test_multi_step_decode_gives_the_outputs_of_single_steps_in_their_order(trained):
+    """Greedy and seeded requests, ending by length, EOS and stop sequences mid-pass, more of them
+    than rows: every output, its token, finish reason and place in the stream, is the same with 5
+    decode steps per pass as with one, in fewer passes. (Request 2 ends by EOS while others wait
+    for its row: only single steps run then, or the next would start later.)"""
+    model, _ = trained
+    backend = Runtime.from_model(copy.deepcopy(model), device="cpu").backend
+    rng = random.Random(5)
+    prompts = [[rng.randrange(model.config.vocab_size) for _ in range(rng.randint(1, 20))] for _ in range(9)]
+    greedy, seeded = SamplingParams(max_new_tokens=23, temperature=0), SamplingParams(max_new_tokens=17, seed=9)
+
+    def run(decode_steps: int, eos_ids={}, stop=()) -> tuple[list[tuple], int]:
+        engine = Engine(backend, max_batch_size=4, max_len=64, decode_steps=decode_steps)
+        for i, prompt in enumerate(prompts):
+            engine.add_request(prompt, greedy if i % 2 else seeded, eos_ids.get(i), stop if i == 7 else (),
+                               request_id=i)  # 7 and 8 run when none waits  # fmt: skip
+        outputs, passes = [], 0
+        while engine.has_unfinished():
+            outputs += [(o.request_id, o.token, o.finish_reason) for o in engine.step()]
+            passes += 1
+        return outputs, passes
+
+    plain, _ = run(1)
+    tokens = {i: [t for r, t, _ in plain if r == i] for i in range(len(prompts))}
+    # Each ends its request mid-way: an EOS id first seen at its 5th token or later, a stop pair.
+    eos = {i: next(t for j, t in enumerate(tokens[i]) if j >= 4 and t not in tokens[i][:j]) for i in (2, 8)}
+    stop = tuple(tokens[7][9:11])
+    single, single_passes = run(1, eos, [stop])
+    multi, multi_passes = run(5, eos, [stop])
+    ends = {i: (len([r for r, _, _ in single if r == i]), reason) for i, _, reason in single if reason}
+    assert ends[2][1] == ends[8][1] == "eos" and ends[7][1] == "stop" and min(ends[i][0] for i in (2, 7, 8)) >= 5
+    assert multi == single and multi_passes < single_passes
 
 
 def test_seeded_request_is_the_same_alone_and_in_a_busy_batch(trained):

@@ -141,7 +141,7 @@ class ScriptedBackend:
 
 def test_rows_end_at_eos_and_the_loop_stops_when_all_have():
     backend = ScriptedBackend([[3, 9, 4, 4, 4], [5, 6, 7, 9, 4]])
-    runtime = Runtime(backend, tokenizer=None)
+    runtime = Runtime(backend, tokenizer=None, decode_steps=1)
     runtime.eos_id = 9
     assert runtime.generate_ids([[1], [1, 2]], max_new_tokens=50, temperature=0) == [[3], [5, 6, 7]]
     assert backend.steps == 4  # a prefill + 3 decode calls; not 50

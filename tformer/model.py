@@ -80,6 +80,8 @@ class CacheView:
         (`slice(rows[0], rows[-1] + 1)`), or `slice(None)` for every row of the cache (the triton
         backend's kernels index rows themselves). None: gather the batch rows (the caches may then
         be any views, as compiled graphs pass them).
+    at: with a block of the batch rows themselves, the slot of every row's first new column when
+        they all share it (`slots[b, 0]` for every b, known on the host), else None.
     (Any object with `update` can be the cache of `TransformerLM.run`: the ONNX export's grows.)
     """
 
@@ -88,15 +90,16 @@ class CacheView:
     slots: torch.Tensor
     span: int
     block: slice | None = None
+    at: int | None = None
 
     def __post_init__(self) -> None:
-        # With whole buffers (a block), writes are `index_copy_`, a third of the cost of an
-        # advanced-index write, which shows in a batch-1 decode on a CPU (a step is ~0.4 ms): one
-        # row along its slots; several along each layer's buffer seen as one list of `R * H * S`
-        # vectors, at indices computed once per step.
-        self.one_row = self.block is not None and self.block.stop is not None and self.block.stop - self.block.start == 1
+        # With whole buffers (a block), writes are plain slices when every row's new columns go to
+        # the same slots (`at`, known on the host), as a bare decode loop's are (measured: 4% of a
+        # batch-1 step against `index_copy_`); else `index_copy_` along each layer's buffer seen as
+        # one list of `R * H * S` vectors, at indices computed once per step, a third of the cost
+        # of an advanced-index write.
         self.flat = None
-        if self.block is not None and not self.one_row:
+        if self.block is not None and self.at is None:
             R, H, S, _ = self.cache.k[0].shape
             heads = torch.arange(H, device=self.rows.device)
             self.flat = ((self.rows[:, None, None] * H + heads[None, :, None]) * S + self.slots[:, None, :]).reshape(-1)
@@ -104,14 +107,15 @@ class CacheView:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write `k`, `v` `(B, H, T, Dh)` of `layer` at the rows' slots; return each row's keys and
         values over the span, `(B, H, span, Dh)`."""
+        block, at = self.block, self.at
         for cache, new in ((self.cache.k[layer], k), (self.cache.v[layer], v)):
-            if self.one_row:
-                cache[self.block].index_copy_(2, self.slots[0], new)  # (1, H, T, Dh) along the slots
+            if at is not None and block is not None:
+                cache[block, :, at : at + new.shape[2]] = new
             elif self.flat is not None:
                 cache.view(-1, cache.shape[-1]).index_copy_(0, self.flat, new.reshape(-1, new.shape[-1]))  # (B*H*T, Dh)
             else:
                 cache[self.rows[:, None], :, self.slots] = new.transpose(1, 2)  # (B, T, H, Dh) at (row, slot)
-        rows = self.block if self.block is not None else self.rows
+        rows = block if block is not None else self.rows
         return self.cache.k[layer][rows, :, : self.span], self.cache.v[layer][rows, :, : self.span]
 
 
@@ -300,6 +304,7 @@ class TransformerLM(nn.Module):
         block: slice | None = None,
         attend: AttendFn | None = None,
         weights: Weights | None = None,
+        at: int | None = None,
     ) -> torch.Tensor:
         """One step over cache rows: logits `(B, V)` of each row's last new token (the contract of
         `tformer.backends.base.Backend.step`).
@@ -311,7 +316,7 @@ class TransformerLM(nn.Module):
         Column t of row b is written to slot `start[b] + t` of row `rows[b]` (padding columns too:
         the cache must have room, `start[b] + T <= cache.slots`) and attends to slots
         `0..start[b]+t`. span: attend over slots `0..span-1` only (>= max(lengths); default all).
-        block: see `CacheView` (None: gather the rows). weights: `self.weights()` kept by the caller.
+        block, at: see `CacheView` (None: gather the rows). weights: `self.weights()` kept by the caller.
         """
         B, T = input_ids.shape
         decode = isinstance(T, int) and T == 1  # (an export traces T as a symbol: the general case)
@@ -324,7 +329,7 @@ class TransformerLM(nn.Module):
         bias = None
         if attend is None:
             bias = attention_bias(slots, torch.arange(span, device=input_ids.device), None, cache.k[0].dtype)
-        view = CacheView(cache, rows, slots, span, block)
+        view = CacheView(cache, rows, slots, span, block, at)
         return self.run(input_ids, positions, bias, view, attend, 0 if decode else lengths - start - 1, weights)
 
     def run(

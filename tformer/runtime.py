@@ -23,7 +23,7 @@ from tformer.checkpoint import load_model
 from tformer.config import ModelConfig
 from tformer.errors import TformerError
 from tformer.engine import Engine, EngineFront, RequestOutput, SamplingParams
-from tformer.engine.engine import CHUNK, DEFAULT_BATCH
+from tformer.engine.engine import CHUNK, DECODE_STEPS, DEFAULT_BATCH
 from tformer.engine.output import Completion, Piece
 from tformer.inputs import as_int, as_path, as_prompt, as_prompts, as_stop, as_text, as_texts
 from tformer.model import TransformerLM
@@ -76,6 +76,7 @@ def load(
     tokenizer: str | os.PathLike | Tokenizer | None = None,
     max_batch_size: int | None = None,
     max_len: int | None = None,
+    decode_steps: int | None = None,
 ) -> Runtime:
     """Load a checkpoint and get a runtime that generates with it.
 
@@ -89,6 +90,7 @@ def load(
         checkpoint's own. Without any, use the id methods (`generate_ids`, `stream_ids`).
     max_batch_size, max_len: the engine's size, fixed here (see `Runtime`): requests running at
         once (default 8), and the longest prompt plus new tokens (default: the model's context).
+    decode_steps: decode steps run in a row while no request waits (default 4; see `Engine`).
     Integers may be Python, numpy or torch scalars. Raises TformerError for anything wrong with
     these inputs.
     """
@@ -102,14 +104,15 @@ def load(
     if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
         tokenizer = Tokenizer.from_file(as_path("tokenizer", tokenizer, "a tokenizer.json path or a tformer.Tokenizer"))
     if Path(path).is_dir():
-        return _load_export(Path(path), backend, device, dtype, tokenizer, max_batch_size, max_len)
+        return _load_export(Path(path), backend, device, dtype, tokenizer, max_batch_size, max_len, decode_steps)
     model, own_tokenizer = load_model(path, nhead)
-    return Runtime.from_model(model, tokenizer or own_tokenizer, backend or REFERENCE, device, dtype, max_batch_size, max_len)
+    return Runtime.from_model(model, tokenizer or own_tokenizer, backend or REFERENCE, device, dtype, max_batch_size,
+                              max_len, decode_steps)  # fmt: skip
 
 
 def _load_export(
     directory: Path, backend: str | None, device: torch.device | None, dtype, tokenizer: Tokenizer | None,
-    max_batch_size: int | None, max_len: int | None,
+    max_batch_size: int | None, max_len: int | None, decode_steps: int | None,
 ) -> Runtime:  # fmt: skip
     runs_on = export_backend_name(directory)  # from the schema-checked tformer.json; the backend verifies it all
     if backend not in (None, runs_on):
@@ -119,7 +122,7 @@ def _load_export(
         raise TformerError(f"{directory} was exported as {engine.dtype}; export again with --dtype to change it")
     if tokenizer is None and engine.meta["tokenizer"]:  # its SHA-256 was verified with the rest
         tokenizer = Tokenizer.from_file(directory / "tokenizer.json")
-    return Runtime(engine, tokenizer, max_batch_size, max_len)
+    return Runtime(engine, tokenizer, max_batch_size, max_len, decode_steps)
 
 
 class Runtime:
@@ -129,7 +132,7 @@ class Runtime:
 
     The engine is sized once, here: `max_batch_size` cache rows (default 8; more prompts than
     rows wait for a free one) of `max_len` slots (default: the model's context, or as many as a
-    quarter of the memory free now holds, if fewer: a warning says so). A request needs
+    quarter of the memory free now holds, if fewer: a warning says so). `decode_steps`: see `Engine`. A request needs
     `len(prompt) + max_new_tokens <= max_len`. Every call runs within these bounds, so a compiling
     backend compiles once, by `warmup`, never between calls.
 
@@ -139,7 +142,8 @@ class Runtime:
     """
 
     def __init__(
-        self, backend: Backend, tokenizer: Tokenizer | None, max_batch_size: int | None = None, max_len: int | None = None
+        self, backend: Backend, tokenizer: Tokenizer | None, max_batch_size: int | None = None,
+        max_len: int | None = None, decode_steps: int | None = None,
     ):  # fmt: skip
         if tokenizer is not None and tokenizer.vocab_size > backend.config.vocab_size:
             raise TformerError(
@@ -150,7 +154,8 @@ class Runtime:
         self.tokenizer = tokenizer
         self.eos_id = tokenizer.eos_id if tokenizer is not None else None
         rows = DEFAULT_BATCH if max_batch_size is None else as_int("max_batch_size", max_batch_size, minimum=1)
-        self.engine = Engine(backend, rows, default_max_len(backend, rows) if max_len is None else max_len)
+        max_len = default_max_len(backend, rows) if max_len is None else max_len
+        self.engine = Engine(backend, rows, max_len, decode_steps=DECODE_STEPS if decode_steps is None else decode_steps)
         self.front = EngineFront(self.engine)  # its steps run in the calling threads (or a server's thread)
 
     @classmethod
@@ -163,10 +168,12 @@ class Runtime:
         dtype: str | torch.dtype | None = None,
         max_batch_size: int | None = None,
         max_len: int | None = None,
+        decode_steps: int | None = None,
     ) -> Runtime:
         """A runtime around an in-memory model (the weights move to `device` / `dtype`)."""
         device = default_device(backend_class(backend)) if device is None else resolve_device(device)
-        return cls(create_backend(backend, model, device, resolve_dtype(dtype)), tokenizer, max_batch_size, max_len)
+        backend_ = create_backend(backend, model, device, resolve_dtype(dtype))
+        return cls(backend_, tokenizer, max_batch_size, max_len, decode_steps)
 
     @property
     def config(self) -> ModelConfig:

@@ -22,7 +22,7 @@ import torch
 class Batch:
     """One step over B cache rows, T new columns each (T = 1: a decode).
 
-    Device tensors, int64 on the backend's device, contiguous views of one buffer:
+    Device tensors, int64 on the backend's device, contiguous:
     input_ids: `(B, T)`; row b's new tokens in columns `0..n_b-1`, `n_b = lengths[b] - start[b]`
         (1 <= n_b <= T); columns `n_b..T-1` are padding (id 0).
     start: `(B,)` position of row b's first new token, which is also its cache row's length
@@ -32,8 +32,10 @@ class Batch:
     Host side, the same numbers as Python lists (`host_start`, `host_lengths`, `host_rows`), and
     what backends derive from them, computed once: `span` (the longest row after the step: slots
     `0..span-1` cover every row), `past` (the longest row before it), `uniform` (every row has
-    the same length: a decode then needs no mask), `block` (the rows as a slice when they are
-    consecutive, which a backend reads as a view of the cache rather than gathering a copy).
+    the same length: a decode then needs no mask), `aligned` (the start every row shares, if
+    they do: their new columns go to the same slots, which a backend writes as a slice), `block`
+    (the rows as a slice when they are consecutive, which a backend reads as a view of the cache
+    rather than gathering a copy).
     """
 
     input_ids: torch.Tensor
@@ -46,6 +48,7 @@ class Batch:
     span: int = field(init=False)
     past: int = field(init=False)
     uniform: bool = field(init=False)
+    aligned: int | None = field(init=False)
     block: slice | None = field(init=False)
 
     def __post_init__(self) -> None:
@@ -53,6 +56,7 @@ class Batch:
         set_(self, "span", max(self.host_lengths))
         set_(self, "past", max(self.host_start))
         set_(self, "uniform", min(self.host_lengths) == self.span)
+        set_(self, "aligned", self.past if self.past == min(self.host_start) else None)
         first, rows = self.host_rows[0], self.host_rows
         set_(self, "block", slice(first, first + len(rows)) if rows == list(range(first, first + len(rows))) else None)
 
@@ -81,6 +85,14 @@ class Batch:
             packed = packed.pin_memory().to(device, non_blocking=True)
         start_, lengths_, rows_, ids_ = packed.split((B, B, B, B * width))  # one op for the four views
         return cls(ids_.view(B, width), start_, lengths_, rows_, start, lengths, rows)
+
+    def following(self, input_ids: torch.Tensor) -> Batch:
+        """The decode step after this one, over the same rows (a multi-step decode): `input_ids`
+        `(B, 1)` on the device (the ids this step's logits gave), every row one longer. Its start
+        is this step's lengths (the same tensor) and its lengths one op on the device: nothing is
+        copied from the host."""
+        return Batch(input_ids, self.lengths, self.lengths + 1, self.rows, self.host_lengths,
+                     [n + 1 for n in self.host_lengths], self.host_rows)  # fmt: skip
 
     @classmethod
     def of(cls, input_ids: torch.Tensor, start: Sequence[int], lengths: Sequence[int], rows: Sequence[int]) -> Batch:

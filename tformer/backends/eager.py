@@ -32,7 +32,7 @@ class EagerBackend(BackendBase):
         # A decode whose rows all have the same length (batch 1 always) needs no mask at all.
         attend = unmasked if batch.decode and batch.uniform else None
         return self.model.step(batch.input_ids, batch.start, batch.lengths, batch.rows, cache, batch.span,
-                               batch.block, attend, self.weights)  # fmt: skip
+                               batch.block, attend, self.weights, batch.aligned)  # fmt: skip
 
 
 def unmasked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -204,7 +204,7 @@ class OnnxBackend(ExportBackend):
         self.session.run_with_iobinding(binding)
         # Into each row's slots, as the eager model writes its cache (padding columns too: the
         # contract leaves room for them).
-        view = CacheView(cache.kv, rows, slots, P + T, batch.block)
+        view = CacheView(cache.kv, rows, slots, P + T, batch.block, batch.aligned)
         for i in range(c.n_layers):
             view.update(i, new[2 * i], new[2 * i + 1])
         return logits

@@ -24,13 +24,14 @@ import torch
 from tformer.backends.base import Backend
 from tformer.engine.request import Request, RequestOutput, State, check_prompt
 from tformer.engine.runner import ModelRunner
-from tformer.engine.sampling import SamplingParams, sample
+from tformer.engine.sampling import Sampler, SamplingParams
 from tformer.engine.scheduler import Scheduler
 from tformer.engine.static import StaticScheduler
 from tformer.errors import TformerError, one_line
 from tformer.inputs import as_int
 
 DEFAULT_BATCH = 8
+DECODE_STEPS = 4  # measured: docs/benchmarks/2026-12-03-multi-step-decode-cpu-2core.md
 CHUNK = 256  # prompt tokens of one request prefilled per step; also the spare slots of each row
 _REQUEST_IDS = itertools.count()  # for `add_request` without an id of the caller's
 
@@ -51,14 +52,21 @@ class EngineStats:
 
 class Engine:
     def __init__(
-        self, backend: Backend, max_batch_size: int = DEFAULT_BATCH, max_len: int | None = None, static: bool = False
+        self, backend: Backend, max_batch_size: int = DEFAULT_BATCH, max_len: int | None = None, static: bool = False,
+        decode_steps: int = DECODE_STEPS,
     ):  # fmt: skip
         """Allocate the cache once: `max_batch_size` rows of `max_len` slots (default: the model's
         context). A request needs `len(prompt) + max_new_tokens <= max_len`. `static`: batch
         statically, as HF `generate` does (admit only into an empty batch; finished rows keep
-        stepping until the batch is done): the baseline of `tformer-bench throughput`."""
+        stepping until the batch is done): the baseline of `tformer-bench throughput`.
+        `decode_steps`: decode steps run in a row, with no bookkeeping in between, while every
+        running request decodes and none waits for a row (vLLM's multi-step scheduling): never
+        past any running request's max_new_tokens; tokens after an EOS or a stop are dropped. The
+        outputs are those of single steps; they come `decode_steps` at a time, and new requests
+        and aborts wait as long."""
         context = backend.config.max_len
         self.max_batch_size = as_int("max_batch_size", max_batch_size, minimum=1)
+        self.decode_steps = as_int("decode_steps", decode_steps, minimum=1)
         self.max_len = as_int("max_len", context if max_len is None else max_len, minimum=2, maximum=context)
         self.chunk = min(CHUNK, self.max_len)
         self.backend = backend
@@ -171,22 +179,29 @@ class Engine:
     @torch.inference_mode()  # the backend call and the sampling of its logits alike
     def step(self) -> list[RequestOutput]:
         """Prefill newly admitted requests and decode every running one; each request that produced
-        a token (and each aborted since the last step) gets one output."""
+        a token (and each aborted since the last step) gets an output for each token. When every
+        running request decodes and none waits for a row, that is up to `decode_steps` decode
+        steps in a row (see `__init__`), their outputs in the order single steps give them."""
         finished, self._aborted = self._aborted, []
-        plan = self.scheduler.schedule()
+        scheduler = self.scheduler
+        plan = scheduler.schedule()
         prefill = [r for r, _ in plan.prefill]
         if plan.prefill and (logits := self._call(self.runner.prefill, plan.prefill, prefill, finished)) is not None:
             for request, n in plan.prefill:
                 request.prefill(n)
-            finished += self._sample(logits, prefill)
+            finished += self._record(self._sampler(prefill)(logits)[None], prefill)
         if plan.decode:
             # In row order: with every row busy that is rows 0..B-1, which a backend reads as one
             # view of the cache instead of gathering a copy of each row (see EagerBackend.step).
-            # Padding rows (static batching) step too; their logits are unused.
+            # Padding rows (static batching) step too; their tokens are dropped.
             batch = sorted(plan.decode + plan.padding, key=lambda r: r.row)
-            if (logits := self._call(self.runner.decode, batch, plan.decode, finished)) is not None:
-                finished += self._sample(logits, batch)
-        self.scheduler.compact(self.runner.move)
+            steps = 1
+            if self.decode_steps > 1 and not (plan.prefill or plan.padding or scheduler.waiting):
+                steps = min(self.decode_steps, *(r.params.max_new_tokens - len(r.output) for r in batch))
+            decode = lambda requests: self.runner.decode(requests, self._sampler(requests), steps)  # noqa: E731
+            if (tokens := self._call(decode, batch, plan.decode, finished)) is not None:
+                finished += self._record(tokens, batch)
+        scheduler.compact(self.runner.move)
         for output in finished:
             if output.finished:
                 self._requests.pop(output.request_id, None)
@@ -206,21 +221,26 @@ class Engine:
         self.scheduler.finish(request, reason)
         return RequestOutput(request.id, None, reason, error)
 
-    def _sample(self, logits: torch.Tensor, batch: list[Request]) -> list[RequestOutput]:
-        """Sample every row of `logits` (one per request of `batch`) in one pass, and record the
-        tokens of the requests that decode: one still prefilling its prompt, or a padding row
+    def _sampler(self, batch: list[Request]) -> Sampler:
+        """How to pick each row's token. A request still prefilling its prompt, or a padding row
         (static batching: finished), draws a token that is dropped, which costs less than picking
         rows out first, from the global generator: its own seeded one draws only for its tokens,
         however many steps its prefill took."""
-        keep = [request.state is State.RUNNING and not request.prefilling for request in batch]
-        tokens = sample(logits, [r.params for r in batch], [r.generator if k else None for r, k in zip(batch, keep)])
+        generators = [r.generator if r.state is State.RUNNING and not r.prefilling else None for r in batch]
+        return Sampler([r.params for r in batch], generators, self.backend.config.vocab_size, self.backend.device)
+
+    def _record(self, tokens: torch.Tensor, batch: list[Request]) -> list[RequestOutput]:
+        """Read the picked ids `(steps, B)` back (the one copy to the host of a step, or of a
+        multi-step decode) and record them, step after step, for the requests that decode: a
+        request's tokens after its end (EOS, a stop sequence, its length) are dropped."""
         outputs = []
-        for request, token, kept in zip(batch, tokens, keep):
-            if not kept:
-                continue
-            reason = request.finish_after(token)
-            if reason is not None:
-                self.scheduler.finish(request, reason)
-            outputs.append(RequestOutput(request.id, token, reason))
+        for row_tokens in tokens.tolist():
+            for request, token in zip(batch, row_tokens):
+                if request.state is not State.RUNNING or request.prefilling:
+                    continue
+                reason = request.finish_after(token)
+                if reason is not None:
+                    self.scheduler.finish(request, reason)
+                outputs.append(RequestOutput(request.id, token, reason))
         self._tokens += len(outputs)
         return outputs

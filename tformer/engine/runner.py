@@ -8,6 +8,8 @@ gathered from its requests on the host, in one pass, and copied to the device on
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from tformer.backends.base import Backend
@@ -39,12 +41,19 @@ class ModelRunner:
         lengths = [s + n for s, (_, n) in zip(start, work)]
         return self._step(Batch.build(ids, width, start, lengths, [r.row for r, _ in work], self.device))
 
-    def decode(self, requests: list[Request]) -> torch.Tensor:
-        """Feed each request its newest token; logits `(B, V)` of the next."""
+    def decode(self, requests: list[Request], pick: Callable[[torch.Tensor], torch.Tensor], steps: int = 1) -> torch.Tensor:
+        """Feed each request its newest token, `pick` the next from the logits, and feed that, for
+        `steps` steps; the picked ids `(steps, B)`, on the device. Only the first step's batch is
+        built on the host: each following one feeds the ids just picked (`Batch.following`), so
+        a multi-step decode goes back to neither Python bookkeeping nor the host in between."""
         start = [r.cached for r in requests]
         batch = Batch.build([r.output[-1] for r in requests], 1, start, [s + 1 for s in start],
                             [r.row for r in requests], self.device)  # fmt: skip
-        return self._step(batch)
+        picked = [pick(self._step(batch))]
+        for _ in range(steps - 1):
+            batch = batch.following(picked[-1][:, None])
+            picked.append(pick(self._step(batch)))
+        return torch.stack(picked)
 
     def move(self, request: Request, row: int) -> bool:
         """Copy `request`'s cache row to `row` (False where the backend cannot)."""

@@ -52,39 +52,61 @@ class SamplingParams:
             set_(self, "seed", as_int("seed", self.seed, minimum=0, maximum=2**64 - 1))
 
 
-def sample(
-    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
-) -> list[int]:
-    """The next token of each row of `logits` `(B, V)`, row b by `params[b]`, drawing from
-    `generators[b]` (a seeded request's own; None: torch's global generator).
+class Sampler:
+    """Picks the next token of every row of a step's logits `(B, V)`, row b by `params[b]`, drawing
+    from `generators[b]` (a seeded request's own; None: torch's global generator).
 
+    Built once for a batch of requests, on the host, and called on each of its steps (a multi-step
+    decode calls it k times): the per-row parameters become device tensors here, not per step.
     One batched pass on the logits' device, whatever the mix of rows: each row's top-k candidates
     (all V for a row without top-k), scaled by its temperature, cut to its top-p, then the
     exponential race (`argmax(p / E)`, E ~ Exp(1) per candidate, picks candidate i with
     probability p_i). A seeded row draws its k noises from its own generator, so it draws the
     same tokens alone and in any batch; the other rows draw theirs from the global generator in
-    one call. One device-to-host copy of the chosen ids. Greedy rows (temperature 0) take the
-    argmax; a step of greedy rows only is nothing else.
+    one call. Greedy rows (temperature 0) take the argmax; a step of greedy rows only is nothing
+    else. The ids stay on the device (`(B,)` int64): the caller reads them back once.
     """
-    if all(p.temperature == 0 for p in params):
-        return logits.argmax(dim=-1).tolist()
-    V, device = logits.shape[-1], logits.device
-    top_k = [min(p.top_k or V, V) for p in params]
-    widest = max(top_k)
-    values, order = logits.float().topk(widest, dim=-1)  # (B, K), most likely first
-    values /= torch.tensor([p.temperature or 1.0 for p in params], device=device)[:, None]
-    if min(top_k) < widest:
-        values.masked_fill_(torch.arange(widest, device=device) >= torch.tensor(top_k, device=device)[:, None], float("-inf"))
-    probs = values.softmax(dim=-1)
-    if any(p.top_p is not None and p.top_p < 1 for p in params):
-        top_p = torch.tensor([p.top_p or 1.0 for p in params], device=device)[:, None]
-        probs.masked_fill_(probs.cumsum(dim=-1) - probs > top_p, 0.0)  # the mass before it already covers top_p
-    noise = torch.empty_like(probs).exponential_()
-    for b, g in enumerate(generators):
-        if g is not None:
-            noise[b, : top_k[b]].exponential_(generator=g)  # k draws: the row's own, whatever the batch
-    picked = order.gather(-1, (probs / noise).argmax(dim=-1, keepdim=True)).squeeze(-1)  # (B,)
-    if any(p.temperature == 0 for p in params):
-        greedy = torch.tensor([p.temperature == 0 for p in params], device=device)
-        picked = torch.where(greedy, logits.argmax(dim=-1), picked)
-    return picked.tolist()
+
+    def __init__(self, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
+                 vocab_size: int, device: torch.device):  # fmt: skip
+        self.greedy = all(p.temperature == 0 for p in params)
+        if self.greedy:
+            return
+        self.generators = [(b, g) for b, g in enumerate(generators) if g is not None]
+        self.top_k = [min(p.top_k or vocab_size, vocab_size) for p in params]
+        self.widest = max(self.top_k)
+        self.temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device)[:, None]
+        self.beyond_k = None  # (B, K) True past each row's own k, where rows differ
+        if min(self.top_k) < self.widest:
+            self.beyond_k = torch.arange(self.widest, device=device) >= torch.tensor(self.top_k, device=device)[:, None]
+        self.top_p = None
+        if any(p.top_p is not None and p.top_p < 1 for p in params):
+            self.top_p = torch.tensor([p.top_p or 1.0 for p in params], device=device)[:, None]
+        self.some_greedy = None
+        if any(p.temperature == 0 for p in params):
+            self.some_greedy = torch.tensor([p.temperature == 0 for p in params], device=device)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.greedy:
+            return logits.argmax(dim=-1)
+        values, order = logits.float().topk(self.widest, dim=-1)  # (B, K), most likely first
+        values /= self.temperature
+        if self.beyond_k is not None:
+            values.masked_fill_(self.beyond_k, float("-inf"))
+        probs = values.softmax(dim=-1)
+        if self.top_p is not None:
+            probs.masked_fill_(probs.cumsum(dim=-1) - probs > self.top_p, 0.0)  # the mass before it covers top_p
+        noise = torch.empty_like(probs).exponential_()
+        for b, g in self.generators:
+            noise[b, : self.top_k[b]].exponential_(generator=g)  # k draws: the row's own, whatever the batch
+        picked = order.gather(-1, (probs / noise).argmax(dim=-1, keepdim=True)).squeeze(-1)  # (B,)
+        if self.some_greedy is not None:
+            picked = torch.where(self.some_greedy, logits.argmax(dim=-1), picked)
+        return picked
+
+
+def sample(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
+) -> list[int]:
+    """The next token of each row of `logits` `(B, V)` (see `Sampler`), read back to the host."""
+    return Sampler(params, generators, logits.shape[-1], logits.device)(logits).tolist()
