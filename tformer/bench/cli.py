@@ -22,7 +22,7 @@ from tformer.checkpoint import load_model
 from tformer.cli import CliError, Command, Group
 from tformer.backends import BACKENDS, REFERENCE, create_backend
 from tformer.config import ModelConfig
-from tformer.engine.engine import DEFAULT_BATCH
+from tformer.engine.engine import DECODE_STEPS, DEFAULT_BATCH
 from tformer.errors import TformerError
 from tformer.files import keep_compiled_kernels_in_store
 from tformer.model import TransformerLM
@@ -284,13 +284,15 @@ def throughput(model, nhead, backends, count, prompt_len, output_len, batch_size
               help="Comma-separated: null (no model work: the engine alone) and tformer backends.")  # fmt: skip
 @click.option("--batch-sizes", default="1,16,64", show_default=True, help="Comma-separated rows decoding together.")
 @click.option("--steps", default=128, show_default=True, type=click.IntRange(min=1), help="Decode steps timed per round.")
+@click.option("--decode-steps", default=DECODE_STEPS, show_default=True, type=click.IntRange(min=1),
+              help="Decode steps the engine runs in a row per turn (1: a turn per step).")
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
               help="Timed rounds, each running every row once in a rotated order.")  # fmt: skip
 @click.option("--device", help="cpu or cuda [default: cuda if available].")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch [default: torch's choice].")
 @click.option("--seed", default=0, show_default=True, help="Seed of the weights without MODEL.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every record as JSON.")
-def engine(model, nhead, backends, batch_sizes, steps, repeats, device, threads, seed, json_path) -> None:
+def engine(model, nhead, backends, batch_sizes, steps, decode_steps, repeats, device, threads, seed, json_path) -> None:
     """The engine's host cost: steps/s over a backend that does no model work (`null`), and for
     each real backend the host time of a decode step beyond its backend call.
 
@@ -319,10 +321,10 @@ def engine(model, nhead, backends, batch_sizes, steps, repeats, device, threads,
                 built[name] = NullBackend(c, max(sizes), dev) if name == "null" else create_backend(name, lm, dev, torch.float32)
             except TformerError as exc:
                 raise CliError(f"{name}: {exc}") from None
-        records = run_host_path(built, sizes, steps, repeats, note)
+        records = run_host_path(built, sizes, steps, repeats, note, decode_steps)
     print_host_table(records, title)
     meta = dict(model=what, config=c.__dict__, backends=names, batch_sizes=sizes, steps=steps, repeats=repeats,
-                device=dev.type, threads=torch.get_num_threads(), versions=versions(), platform=platform.platform(),
+                decode_steps=decode_steps, device=dev.type, threads=torch.get_num_threads(), versions=versions(), platform=platform.platform(),
                 seconds=round(time.perf_counter() - began, 1), command=_command_line())  # fmt: skip
     if json_path:
         write_json(json_path, records, meta)

@@ -59,8 +59,9 @@ CHECK_PROMPTS, CHECK_PROMPT_LEN, CHECK_NEW_TOKENS = 2, 8, 16
 SETTLE_S = 0.1
 
 # A generation to time: called with `tick`, which it must call once per step, after the step's
-# new tokens are on the host.
-Generation = Callable[[Callable[[], None]], None]
+# new tokens are on the host (`tick(n)` once for n steps whose tokens arrive together: a multi-step
+# decode's).
+Generation = Callable[[Callable[..., None]], None]
 Progress = Callable[[str], None]
 
 
@@ -155,14 +156,14 @@ def make_prompts(vocab_size: int, batch_size: int, prompt_len: int, seed: int = 
 def loop_generation(runtime: Runtime, prompts: list[list[int]], new_tokens: int) -> Generation:
     """A greedy generation through tformer's engine on `runtime` (no EOS: full length). All prompts
     are admitted at once (the benchmark sizes the runtime's rows to its largest batch), so every
-    engine step gives each of them one token: `tick` when a step's outputs are out of the engine
-    (as the step ends), and the run returns once the last is done."""
+    engine step gives each of them one token: `tick(n)` when a turn's n steps are out of the engine
+    (as the turn ends), and the run returns once the last is done."""
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0)
 
-    def run(tick: Callable[[], None]) -> None:
+    def run(tick: Callable[..., None]) -> None:
         stamps = Ticker(tick, len(prompts))
         runtime.front.send(prompts, params, None, (), stamps)
-        runtime.front.wait(stamps.done.is_set)
+        runtime.front.wait(lambda: stamps.flush() or stamps.done.is_set())  # checked after each turn
         if stamps.error:
             raise RuntimeError(f"the generation failed: {stamps.error}")
 
@@ -170,18 +171,21 @@ def loop_generation(runtime: Runtime, prompts: list[list[int]], new_tokens: int)
 
 
 class Ticker:
-    """Takes a generation's outputs as the engine's steps emit them: `tick` once every request of
-    the batch has one more, `done` once all have finished."""
+    """Takes a generation's outputs as the engine's turns emit them: `flush` (after each turn)
+    ticks once for the steps every request of the batch got in it, `done` once all have finished."""
 
-    def __init__(self, tick: Callable[[], None], requests: int):
-        self.tick, self.requests, self.seen, self.finished = tick, requests, 0, 0
+    def __init__(self, tick: Callable[..., None], requests: int):
+        self.tick, self.requests, self.seen, self.finished, self.ticked = tick, requests, 0, 0, 0
         self.error: str | None = None
         self.done = threading.Event()
 
+    def flush(self) -> None:
+        if steps := self.seen // self.requests - self.ticked:
+            self.tick(steps)
+            self.ticked += steps
+
     def put_nowait(self, output) -> None:
         self.seen += 1
-        if self.seen % self.requests == 0:
-            self.tick()
         self.finished += output.finished
         if output.finish_reason == "error":
             self.error = output.error
@@ -205,9 +209,11 @@ class Samples:
     peak_mib: list[float] = field(default_factory=list)
 
     def add(self, start: float, stamps: list[float], batch_size: int, peak_mib: float) -> None:
-        """One run that began at `start` and got each step's tokens at `stamps` (perf_counter)."""
+        """One run that began at `start` and got each step's tokens at `stamps` (perf_counter; the
+        same time for steps whose tokens arrived together). ITL: the gaps between arrivals."""
         self.ttft_ms.append(1000 * (stamps[0] - start))
-        self.gaps_ms.extend(1000 * np.diff(stamps))
+        gaps = np.diff(stamps)
+        self.gaps_ms.extend(1000 * gaps[gaps > 0])
         if len(stamps) > 1:
             self.decode_tok_s.append(batch_size * (len(stamps) - 1) / (stamps[-1] - stamps[0]))
         self.e2e_tok_s.append(batch_size * len(stamps) / (stamps[-1] - start))
@@ -245,7 +251,7 @@ def time_interleaved(
         began = clock.now()
         for w in range(warmup):
             note(i, f"warm-up {w + 1}/{warmup}")
-            run(lambda: None)
+            run(lambda n=1: None)
         _sync(device)
         figures.append(dict(warmup_s=clock.now() - began))
     samples = [Samples() for _ in runs]
@@ -257,7 +263,7 @@ def time_interleaved(
             clock.sleep(SETTLE_S)
             memory.reset()
             start = clock.now()
-            runs[i](lambda: stamps.append(clock.now()))
+            runs[i](lambda n=1: stamps.extend([clock.now()] * n))
             if len(stamps) != new_tokens:
                 raise RuntimeError(f"the generation made {len(stamps)} steps, expected {new_tokens}")
             samples[i].add(start, stamps, batch_size, memory.peak_mib())
@@ -446,7 +452,7 @@ def floor_entrant(model: TransformerLM, reference: Runtime, seed: int = 0) -> En
     device, dtype = reference.backend.device, reference.backend.dtype
     make_run, implementation = floor_generation(model, device, dtype)
     prompts = make_prompts(model.config.vocab_size, CHECK_PROMPTS, CHECK_PROMPT_LEN, seed + 1)
-    ours = make_run(prompts, CHECK_NEW_TOKENS)(lambda: None)
+    ours = make_run(prompts, CHECK_NEW_TOKENS)(lambda n=1: None)
     same = ours == check_generation(reference, seed)
     reason = "" if same else "greedy tokens differ from eager"
     return Entrant(FLOOR_ROW, make_run, device, dtype, implementation, lambda: (), time.perf_counter() - began, same, reason)

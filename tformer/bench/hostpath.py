@@ -24,7 +24,7 @@ from tformer.backends.batch import Batch
 from tformer.bench.stats import Spread
 from tformer.config import ModelConfig
 from tformer.engine import Engine, EngineCore, SamplingParams
-from tformer.engine.engine import CHUNK
+from tformer.engine.engine import CHUNK, DECODE_STEPS
 from tformer.engine.core import STOP, Add
 
 
@@ -64,16 +64,21 @@ class HostRecord:
         return False
 
 
-def time_decode(backend: Backend, batch_size: int, steps: int, clock: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
+def time_decode(
+    backend: Backend, batch_size: int, steps: int, clock: Callable[[], float] = time.perf_counter,
+    decode_steps: int = DECODE_STEPS,
+) -> tuple[float, float]:  # fmt: skip
     """(seconds of `steps` decode steps of `batch_size` greedy requests through the engine's one
-    loop, `EngineCore.run`, on a fresh engine; seconds of the backend calls within them). Timed
-    from the loop's first output (the prefill's step) to its last."""
+    loop, `EngineCore.run`, on a fresh engine running `decode_steps` of them per turn; seconds of
+    the backend calls within them). Timed from the loop's first output (the prefill's turn) to its
+    last."""
     # Slots for the prompt and every token, and at least CHUNK, so that one prefill step takes
     # every prompt (its token budget is 4 chunks) and all rows then decode together.
-    engine = Engine(backend, max_batch_size=batch_size, max_len=min(backend.config.max_len, max(steps + 8, CHUNK)))
+    max_len = min(backend.config.max_len, max(steps + 8, CHUNK))
+    engine = Engine(backend, max_batch_size=batch_size, max_len=max_len, decode_steps=decode_steps)
     call = backend.step
     sync = torch.cuda.synchronize if backend.device.type == "cuda" else (lambda: None)
-    inner, stamps = [0.0], []
+    inner, calls, stamps = [0.0], [0], []
 
     def timed(batch: Batch, cache) -> torch.Tensor:
         sync()
@@ -81,13 +86,14 @@ def time_decode(backend: Backend, batch_size: int, steps: int, clock: Callable[[
         logits = call(batch, cache)
         sync()
         inner[0] += clock() - began
+        calls[0] += 1
         return logits
 
     def emit(outputs, stats) -> None:
         if outputs:
             stamps.append(clock())
             if len(stamps) == 1:
-                inner[0] = 0.0  # the prefill's call is not timed
+                inner[0], calls[0] = 0.0, 0  # the prefill's call is not timed
 
     params = SamplingParams(max_new_tokens=steps + 1, temperature=0)
     prompt, _ = engine.check([1, 2, 3], params)
@@ -97,8 +103,8 @@ def time_decode(backend: Backend, batch_size: int, steps: int, clock: Callable[[
         EngineCore(engine).run(Listed(inbox), emit)
     finally:
         del backend.step
-    if len(stamps) != steps + 1:
-        raise RuntimeError(f"the requests took {len(stamps) - 1} decode steps, not {steps}")
+    if calls[0] != steps:
+        raise RuntimeError(f"the requests took {calls[0]} decode steps, not {steps}")
     return stamps[-1] - stamps[0], inner[0]
 
 
@@ -115,18 +121,19 @@ class Listed:
 
 def run_host_path(
     backends: dict[str, Backend], batch_sizes: Sequence[int], steps: int, repeats: int,
-    progress: Callable[[str], None] = lambda _: None,
+    progress: Callable[[str], None] = lambda _: None, decode_steps: int = DECODE_STEPS,
 ) -> list[HostRecord]:  # fmt: skip
-    """Every backend at every batch size, in interleaved rounds; one record each."""
+    """Every backend at every batch size, in interleaved rounds (the engine running `decode_steps`
+    steps per turn); one record each: figures per decode step."""
     keys = [(name, b) for name in backends for b in batch_sizes]
     samples: dict[tuple[str, int], list[tuple[float, float]]] = {k: [] for k in keys}
     for name, b in keys:  # a first, untimed round: allocation, lazy initialisation
-        time_decode(backends[name], b, min(steps, 8))
+        time_decode(backends[name], b, min(steps, 8), decode_steps=decode_steps)
     for r in range(repeats):
         for i in range(len(keys)):
             name, b = keys[(r + i) % len(keys)]
             progress(f"round {r + 1}/{repeats}  {name} batch {b}")
-            samples[name, b].append(time_decode(backends[name], b, steps))
+            samples[name, b].append(time_decode(backends[name], b, steps, decode_steps=decode_steps))
     records = []
     for (name, b), runs in samples.items():
         step = [1e6 * total / steps for total, _ in runs]

@@ -40,15 +40,15 @@ def serving_metrics(timings: Sequence[RequestTiming], duration: float) -> dict:
     """vLLM's figures over a run of `duration` seconds. Failed requests count only in `failed`
     (with their first distinct errors); latencies are mean / p50 (the median) / p99 in ms over the
     completed requests: TTFT (sent to first output), TPOT ((e2el - ttft) / (tokens - 1), requests
-    with more than one token), ITL (every gap between consecutive pieces of output) and E2EL
-    (sent to end). Throughputs are per second of the whole run."""
+    with more than one token), ITL (every gap between consecutive pieces of output: tokens that
+    arrive together, as a multi-step decode delivers them, are one piece) and E2EL (sent to end). Throughputs are per second of the whole run."""
     done = [t for t in timings if t.ok]
     inputs = sum(t.prompt_len for t in done)
     outputs = sum(t.tokens for t in done)
     ttft = [t.token_times[0] - t.sent for t in done]
     e2el = [t.end - t.sent for t in done]
     tpot = [(e - f) / (t.tokens - 1) for t, f, e in zip(done, ttft, e2el) if t.tokens > 1]
-    itl = [b - a for t in done for a, b in zip(t.token_times, t.token_times[1:])]
+    itl = [b - a for t in done for a, b in zip(t.token_times, t.token_times[1:]) if b > a]
     return dict(
         completed=len(done), failed=len(timings) - len(done),
         errors=list(dict.fromkeys(t.error for t in timings if not t.ok))[:ERRORS_KEPT], duration_s=duration,
