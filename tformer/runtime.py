@@ -90,7 +90,7 @@ def load(
         checkpoint's own. Without any, use the id methods (`generate_ids`, `stream_ids`).
     max_batch_size, max_len: the engine's size, fixed here (see `Runtime`): requests running at
         once (default 8), and the longest prompt plus new tokens (default: the model's context).
-    decode_steps: decode steps run in a row while no request waits (default 4; see `Engine`).
+    decode_steps: decode steps run in a row while no request waits (default 8; see `Engine`).
     Integers may be Python, numpy or torch scalars. Raises TformerError for anything wrong with
     these inputs.
     """

@@ -31,7 +31,7 @@ from tformer.errors import TformerError, one_line
 from tformer.inputs import as_int
 
 DEFAULT_BATCH = 8
-DECODE_STEPS = 4  # measured: docs/benchmarks/2026-12-03-multi-step-decode-cpu-2core.md
+DECODE_STEPS = 8  # chosen by measurement: docs/benchmarks/2026-12-03-multi-step-decode-cpu-2core.md
 CHUNK = 256  # prompt tokens of one request prefilled per step; also the spare slots of each row
 _REQUEST_IDS = itertools.count()  # for `add_request` without an id of the caller's
 
