@@ -446,3 +446,14 @@ def test_a_request_without_sampling_fields_samples_as_python_does_by_default():
         p = job.params
         assert (p.temperature, p.top_k, p.top_p or 1.0, p.seed) == (plain.temperature, plain.top_k, plain.top_p or 1.0, plain.seed)
     assert (plain.temperature, plain.top_k, plain.top_p) == (1.0, None, None)
+
+
+def test_the_engine_process_sizes_its_one_engine_from_the_options(checkpoint):
+    """`tformer serve --max-batch-size 2 --max-len 64 --decode-steps 3` reaches the engine the
+    worker builds (loaded at that size once, not at the default size first)."""
+    from tformer.serve.worker import WorkerSpec, build
+
+    runtime, served = build(WorkerSpec(str(checkpoint), max_batch_size=2, max_len=64, threads=1, decode_steps=3))
+    engine = runtime.engine
+    assert (engine.max_batch_size, engine.max_len, engine.decode_steps) == (2, 64, 3)
+    assert (served.max_batch_size, served.max_len) == (2, 64)

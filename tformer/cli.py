@@ -20,7 +20,7 @@ import torch
 
 from tformer.checkpoint import convert_checkpoint, load_checkpoint, load_model, save_checkpoint
 from tformer.config import ModelConfig
-from tformer.engine.engine import DEFAULT_BATCH
+from tformer.engine.engine import DECODE_STEPS, DEFAULT_BATCH
 from tformer.errors import TformerError, TformerNote
 from tformer.export.formats import FORMATS
 from tformer.export.onnx import DEFAULT_OPSET, OPSETS
@@ -355,6 +355,8 @@ def convert_cmd(model, nhead, tokenizer, output) -> None:
 @click.option("--stream-interval", default=1, show_default=True, type=click.IntRange(min=1),
               help="Tokens of a request streamed together in one chunk (its first token goes at once): fewer chunks "
                    "cost the server less CPU under many streams, at a coarser stream (vLLM's --stream-interval).")
+@click.option("--decode-steps", type=click.IntRange(min=1), help="Decode steps the engine runs in a row while no "
+              f"request waits for a row: tokens then reach clients that many at a time [default: {DECODE_STEPS}].")
 @click.option("--ray", "on_ray", is_flag=True, help="Deploy on Ray Serve: replicas of this server (one engine each) "
               "behind Ray's proxy at --host:--port, on a local Ray instance or the cluster at --ray-address.")
 @click.option("--replicas", type=click.IntRange(min=1), help="--ray: a fixed number of replicas [default: 1].")
@@ -369,7 +371,7 @@ def convert_cmd(model, nhead, tokenizer, output) -> None:
 @click.option("--print-config", is_flag=True, help="--ray: print the equivalent Ray Serve config file (YAML, for "
               "'serve deploy') and exit.")
 def serve(model, backend, device, dtype, nhead, tokenizer, host, port, max_batch_size, max_len, max_waiting,
-          max_body_bytes, api_key, model_name, grace, threads, stream_interval, on_ray, replicas, min_replicas,
+          max_body_bytes, api_key, model_name, grace, threads, stream_interval, decode_steps, on_ray, replicas, min_replicas,
           max_replicas, target_ongoing_requests, ray_address, num_gpus_per_replica, print_config) -> None:  # fmt: skip
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
     /v1/models), with /health, /metrics (Prometheus) and a playground page at /; with --ray, as
@@ -396,13 +398,14 @@ def serve(model, backend, device, dtype, nhead, tokenizer, host, port, max_batch
         # exist here are made absolute: replicas (and `serve deploy`) do not start in this directory.
         model_path, tokenizer_path = (str(Path(p).resolve()) if p and Path(p).exists() else p for p in (model, tokenizer))
         spec = WorkerSpec(model_path, backend, device, dtype, nhead, tokenizer_path, max_batch_size, max_len,
-                          threads or 1, stream_interval)  # fmt: skip
+                          threads or 1, stream_interval, decode_steps)  # fmt: skip
         app_options = dict(model_name=name, max_waiting=max_waiting, api_key=api_key, max_body_bytes=max_body_bytes)
         _serve_on_ray(spec, app_options, host, port, grace, **ray_only)
         return
     _check_port(host, port)
     # The engine runs in a process of its own (no interpreter lock shared with the HTTP side).
-    spec = WorkerSpec(model, backend, device, dtype, nhead, tokenizer, max_batch_size, max_len, threads, stream_interval)
+    spec = WorkerSpec(model, backend, device, dtype, nhead, tokenizer, max_batch_size, max_len, threads, stream_interval,
+                      decode_steps)  # fmt: skip
     engine = EngineProcess(spec)
     s = engine.served
     cache = f"cache {s.cache_bytes / 2**20:.1f} MiB" if s.cache_bytes is not None else "cache"

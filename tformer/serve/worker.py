@@ -60,6 +60,7 @@ class WorkerSpec:
     max_len: int | None = None  # default: the model's context
     threads: int | None = None  # torch's CPU threads; None: torch's own choice (one per core)
     stream_interval: int = 1  # tokens of a request sent to the HTTP side together (see `Coalescer`)
+    decode_steps: int | None = None  # decode steps per engine turn while none waits; None: the engine's default
 
 
 @dataclass(frozen=True)
@@ -87,9 +88,9 @@ def build(spec: WorkerSpec) -> tuple[Runtime, Served]:
     """Load the model, size its engine and warm it up (compiling backends compile here)."""
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)
-    loaded = load(spec.model, backend=spec.backend, device=spec.device, dtype=spec.dtype, nhead=spec.nhead,
-                  tokenizer=spec.tokenizer)  # fmt: skip
-    runtime = Runtime(loaded.backend, loaded.tokenizer, spec.max_batch_size, spec.max_len)
+    runtime = load(spec.model, backend=spec.backend, device=spec.device, dtype=spec.dtype, nhead=spec.nhead,
+                   tokenizer=spec.tokenizer, max_batch_size=spec.max_batch_size, max_len=spec.max_len,
+                   decode_steps=spec.decode_steps)  # fmt: skip
     prompt = min(128, runtime.engine.max_len // 2)
     seconds = runtime.warmup((1, spec.max_batch_size), prompt, min(128, runtime.engine.max_len - prompt))
     runtime.engine.adapt_threads()  # this process is the engine's
