@@ -453,7 +453,7 @@ def test_the_engine_process_sizes_its_one_engine_from_the_options(checkpoint):
     worker builds (loaded at that size once, not at the default size first)."""
     from tformer.serve.worker import WorkerSpec, build
 
-    runtime, served = build(WorkerSpec(str(checkpoint), max_batch_size=2, max_len=64, threads=1, decode_steps=3))
+    runtime, served = build(WorkerSpec(str(checkpoint), max_batch_size=2, max_len=64, decode_steps=3))
     engine = runtime.engine
     assert (engine.max_batch_size, engine.max_len, engine.decode_steps) == (2, 64, 3)
     assert (served.max_batch_size, served.max_len) == (2, 64)
