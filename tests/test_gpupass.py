@@ -71,6 +71,7 @@ def test_dry_run_prints_the_gpu_steps_and_runs_their_stand_ins(dry_run):
             assert "--device cpu" not in step.command and "TRITON_INTERPRET" not in step.command
     assert "--device cuda --dtype bf16 --prompt-len 1024 --batch-sizes 1,8,32" in result.output
     assert "--kinds decode --device cuda --batch 1,8 --heads 16 --seq 1024,2048,4096,8192,16384 --head-dim 64,128" in result.output
+    assert "engine --device cuda --decode-steps 1 --backends null,eager --batch-sizes 1,16,64" in result.output
     assert f"report: {out / STEM}.md" in result.output
     assert sorted(p.name for p in out.iterdir()) == [f"{STEM}.json", f"{STEM}.md"]
 
@@ -94,6 +95,7 @@ def test_dry_run_report_json(dry_run):
             assert step["records"]["meta"]["device"] == "cpu" and step["counts"] == {"ok": 2}
             assert step["summary"] == "2 rows: 2 ok"
     assert [s["title"] for s in data["parts"]["kernels"]["steps"]] == ["prefill", "decode"]
+    assert [s["title"] for s in data["parts"]["engine"]["steps"]] == ["8 decode steps a turn", "1 decode step a turn"]
 
 
 def test_dry_run_report_markdown(dry_run):
@@ -103,7 +105,7 @@ def test_dry_run_report_markdown(dry_run):
     assert "**Dry run on a machine without a GPU.**" in md and "| versions | torch " in md
     for part, what in PARTS.items():
         assert f"\n## {part}: {what}\n" in md and f"| {part} | {what} | ok |" in md
-    assert md.count("\nOn a GPU: `python -m tformer.bench.cli ") == 6 and "\nOn a GPU: `python -m pytest -v -m cuda" in md
+    assert md.count("\nOn a GPU: `python -m tformer.bench.cli ") == 8 and "\nOn a GPU: `python -m pytest -v -m cuda" in md
     assert "**2 rows: 2 ok**" in md and "bench-bf16: e2e tok/s of 2 rows\n" in md and "**3 skipped, 40 deselected" in md
     assert not any(line != line.rstrip() for line in md.splitlines())
 

@@ -39,6 +39,7 @@ import torch
 from tformer.bench.gpureport import Report
 from tformer.bench.harness import device_name, versions
 from tformer.bench.kernels import KINDS
+from tformer.engine.engine import DECODE_STEPS
 from tformer.errors import TformerError
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: tests/ beside tformer/
@@ -47,6 +48,7 @@ PARTS = {
     "bench-fp32": "tformer-bench, every backend, fp32",
     "bench-bf16": "tformer-bench, every backend, bf16",
     "kernels": "tformer-bench kernels: prefill and decode against SDPA",
+    "engine": "tformer-bench engine: the host's share of a decode step, multi-step and single steps",
 }
 TIME_LIMIT_S = 540  # nine minutes (+ PIPE_GRACE_S at worst): a 10-minute command ends with its report written
 RECORDS = "records.json"  # in a command, the temporary file its records go to (embedded in the report)
@@ -62,6 +64,7 @@ class Sizes:
     generate: tuple[str, ...]  # `tformer-bench generate` options besides device, dtype and prompt length
     prompt_lens: tuple[int, ...]
     kernels: tuple[str, ...]  # `tformer-bench kernels` options besides device and kind
+    engine: tuple[str, ...]  # `tformer-bench engine` options besides device and decode steps
     env: dict[str, str] = field(default_factory=dict)  # for every step
 
 
@@ -71,6 +74,7 @@ GPU = Sizes(
     prompt_lens=(128, 1024),
     kernels=("--batch", "1,8", "--heads", "16", "--seq", "1024,2048,4096,8192,16384", "--head-dim", "64,128",
              "--dtype", "bf16"),  # fmt: skip
+    engine=("--backends", "null,eager", "--batch-sizes", "1,16,64"),
 )
 # Seconds on a shared 2-core CPU: the cheap backends at toy sizes, the kernels under Triton's
 # interpreter, one thread each (two threads on a core that another process holds: 10x slower).
@@ -79,6 +83,7 @@ DRY = Sizes(
     generate=("--backends", "eager,naive", "--batch-sizes", "1,2", "--new-tokens", "4", "--repeats", "1", "--warmup", "0"),
     prompt_lens=(8, 16),
     kernels=("--batch", "1", "--heads", "2", "--seq", "64", "--head-dim", "16", "--dtype", "fp32", "--impls", "tformer,sdpa"),
+    engine=("--backends", "null", "--batch-sizes", "1", "--steps", "4", "--repeats", "1"),
     env={"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"},
 )
 
@@ -103,6 +108,10 @@ def steps(part: str, sizes: Sizes) -> list[Step]:
     if part == "tests":
         pytest = ("-m", "pytest", "-v", "-m", "cuda", "-rfEs", "--durations=10", "--disable-warnings", "-p", "no:cacheprovider")
         return [Step(part, "pytest -m cuda", (*pytest, "tests"), sizes.env)]
+    if part == "engine":  # the engine's default decode steps a turn, then one: what multi-step decode saves
+        return [Step(part, title, (*bench, "engine", "--device", sizes.device, "--decode-steps", n, *sizes.engine,
+                                   "--json", RECORDS), sizes.env)
+                for title, n in ((f"{DECODE_STEPS} decode steps a turn", str(DECODE_STEPS)), ("1 decode step a turn", "1"))]  # fmt: skip
     if part == "kernels":
         return [Step(part, kind, (*bench, "kernels", "--kinds", kind, "--device", sizes.device, *sizes.kernels, "--json", RECORDS),
                      sizes.env) for kind in KINDS]  # fmt: skip
@@ -216,7 +225,7 @@ def _summary(result: dict) -> dict:
     """`summary` and `counts`: pytest's closing line and its counts, or the records' statuses."""
     if "records" in result:
         rows = result["records"].get("records", [])
-        counts = dict(Counter(str(r.get("status")) for r in rows))
+        counts = dict(Counter(str(r.get("status", "ok")) for r in rows))  # (the engine's rows have none)
         flagged = sum(bool(r.get("flagged")) for r in rows)
         counts |= {"flagged": flagged} if flagged else {}
         return {"summary": f"{len(rows)} rows: " + ", ".join(f"{n} {s}" for s, n in counts.items()), "counts": counts}
