@@ -165,7 +165,7 @@ def test_stop_token_ids_end_rows_with_reason_stop_and_are_not_part_of_the_comple
     assert list(outputs.values()) == [[(3, None), (9, "eos")], [(5, None), (6, None), (8, "stop")],
                                       [(2, None), (7, None), (2, None), (2, "length")]]  # fmt: skip
 
-    def runtime(scripts: list[list[int]]) -> Runtime:  # a fresh script: the backend's rows keep their place
+    def runtime(scripts: list[list[int]]) -> Runtime:  # a fresh backend: its rows count their calls across runs
         runtime = Runtime(ScriptedBackend(scripts), tokenizer=None, decode_steps=decode_steps)
         runtime.eos_id = 9
         return runtime
