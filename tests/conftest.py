@@ -50,6 +50,11 @@ def sigint_default() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def token_ids(runtime, prompts, **sampling) -> list[list[int]]:
+    """The token ids `runtime.generate` gives each prompt: what most tests compare."""
+    return [out.token_ids for out in runtime.generate(prompts, **sampling)]
+
+
 def at_once(call: Callable[[int], Any], n: int) -> list[Any]:
     """`call(i)` for i in 0..n-1, each on its own thread, all released together by a barrier; the
     results in order. An exception in a thread is raised here, in the test's own thread."""
@@ -258,7 +263,7 @@ def compiled(trained) -> Callable[[str], Compiled]:
             backend = create_backend("compile", copy.deepcopy(model), torch.device(device), torch.float32)
             runtime = Runtime(backend, None, COMPILED_ROWS, COMPILED_PROMPT + COMPILED_NEW)
             prompts = [[(7 * i + j) % model.config.vocab_size for j in range(3 + 5 * i)] for i in range(6)]
-            got = at_once(lambda i: runtime.generate_ids([prompts[i]], max_new_tokens=20, temperature=0)[0], 6)
+            got = at_once(lambda i: token_ids(runtime, [prompts[i]], max_new_tokens=20, temperature=0)[0], 6)
             assert runtime.warmup(batch_sizes=(COMPILED_ROWS,), max_prompt_len=COMPILED_PROMPT,
                                   max_new_tokens=COMPILED_NEW) > 0  # fmt: skip
             made[device] = Compiled(runtime, (prompts, got))

@@ -22,8 +22,8 @@ from tformer.errors import TformerError
 def trial(directory: str, prompts: list[list[int]], text: str) -> dict:
     try:
         runtime = tformer.load(directory, device="cpu")
-        ids = runtime.generate_ids(prompts, max_new_tokens=12, temperature=0)
-        return {"outcome": "tokens", "tokens": [ids, runtime.generate(text, max_new_tokens=8, temperature=0)]}
+        ids = [out.token_ids for out in runtime.generate(prompts, max_new_tokens=12, temperature=0)]
+        return {"outcome": "tokens", "tokens": [ids, runtime.generate(text, max_new_tokens=8, temperature=0)[0].text]}
     except TformerError as exc:
         return {"outcome": "error", "message": str(exc)}
     except Exception as exc:  # what the test counts as a traceback

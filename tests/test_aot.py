@@ -11,6 +11,8 @@ import pytest
 import tformer
 from tformer.runtime import Runtime
 
+from conftest import token_ids
+
 PROMPTS = ["import sys\nfrom os import path\n", "def "]
 
 
@@ -36,8 +38,8 @@ def test_aot_greedy_equals_eager_batched_and_padded(trained, package):
     runtime = tformer.load(package)
     assert runtime.backend.name == "aot"
     prompts = [tokenizer.encode(p) for p in PROMPTS]
-    eager = Runtime.from_model(model, device="cpu").generate_ids(prompts, max_new_tokens=40, temperature=0)
-    assert runtime.generate_ids(prompts, max_new_tokens=40, temperature=0) == eager
+    eager = token_ids(Runtime.from_model(model, device="cpu"), prompts, max_new_tokens=40, temperature=0)
+    assert token_ids(runtime, prompts, max_new_tokens=40, temperature=0) == eager
     assert all(len(set(row)) >= 5 for row in eager)
 
 

@@ -181,7 +181,7 @@ def test_stop_escapes(trained, tmp_path):
     assert unescape(r"\x41\u00e9\d") == "Aé\\d"  # unknown escapes stay as typed
     model, tokenizer = trained
     save_checkpoint(tmp_path / "m.safetensors", model, tokenizer)
-    full = tformer_load(tmp_path / "m.safetensors").generate("def ", max_new_tokens=60, temperature=0)[0]
+    full = tformer_load(tmp_path / "m.safetensors").generate("def ", max_new_tokens=60, temperature=0)[0].text
     assert "\n" in full  # else the stop below would prove nothing
     result = run("generate", str(tmp_path / "m.safetensors"), "def ", "-n", "60", "-t", "0", "--stop", r"\n")
     assert result.output == "def " + full[: full.index("\n")] + "\n"

@@ -16,7 +16,7 @@ from tformer.backends.compile import buckets
 from tformer.engine import Engine
 from tformer.runtime import Runtime
 
-from conftest import COMPILED_NEW as NEW, COMPILED_PROMPT as PROMPT, COMPILED_ROWS as ROWS, DEVICES
+from conftest import COMPILED_NEW as NEW, COMPILED_PROMPT as PROMPT, COMPILED_ROWS as ROWS, DEVICES, token_ids
 from test_engine import run_staggered
 
 
@@ -36,8 +36,8 @@ def test_compile_greedy_equals_eager_batched_and_padded(trained, compiled_runtim
     compiled = compiled_runtime.runtime
     prompts = [tokenizer.encode("import sys\nfrom os import path\n"), tokenizer.encode("def ")]
     eager = Runtime.from_model(copy.deepcopy(model), device=compiled.backend.device)
-    want = eager.generate_ids(prompts, max_new_tokens=40, temperature=0)
-    assert compiled.generate_ids(prompts, max_new_tokens=40, temperature=0) == want
+    want = token_ids(eager, prompts, max_new_tokens=40, temperature=0)
+    assert token_ids(compiled, prompts, max_new_tokens=40, temperature=0) == want
     assert all(len(set(row)) >= 5 for row in want)
 
 
@@ -59,12 +59,12 @@ def test_no_compilation_over_100_requests_coming_and_going(trained, compiled_run
 
 
 def test_six_threads_at_once_on_a_fresh_runtime(trained, compiled_runtime):
-    """Each thread's `generate_ids` on a runtime that had compiled nothing yet (how the session's
+    """Each thread's `generate` on a runtime that had compiled nothing yet (how the session's
     compiled runtime began): the engine serializes the steps (and so the compiling); every thread
     got eager's tokens for its prompt."""
     prompts, got = compiled_runtime.first_calls
     eager = Runtime.from_model(copy.deepcopy(trained[0]), device=compiled_runtime.runtime.backend.device)
-    assert got == [eager.generate_ids([p], max_new_tokens=20, temperature=0)[0] for p in prompts]
+    assert got == [token_ids(eager, [p], max_new_tokens=20, temperature=0)[0] for p in prompts]
 
 
 def test_runtime_calls_of_growing_batch_and_length_never_recompile(compiled_runtime):
@@ -78,7 +78,7 @@ def test_runtime_calls_of_growing_batch_and_length_never_recompile(compiled_runt
     graphs = counters["stats"]["unique_graphs"]
     with torch._dynamo.config.patch(error_on_recompile=True):
         for batch, new, prompt in ((1, 2, 1), (1, NEW, 1), (ROWS, 2, PROMPT), (ROWS, NEW, 3), (ROWS + 2, NEW, PROMPT)):
-            got = runtime.generate_ids([[(b + t) % 7 for t in range(prompt)] for b in range(batch)], max_new_tokens=new,
+            got = token_ids(runtime, [[(b + t) % 7 for t in range(prompt)] for b in range(batch)], max_new_tokens=new,
                                        temperature=0)  # fmt: skip
             assert [len(row) for row in got] == [new] * batch
     assert runtime.engine.runner.cache is cache and counters["stats"]["unique_graphs"] == graphs

@@ -18,12 +18,13 @@ import asyncio
 import contextlib
 import copy
 import random
+from dataclasses import replace
 
 import pytest
 import torch
 
 import tformer
-from conftest import at_once, reference_of
+from conftest import at_once, reference_of, token_ids
 from tformer.engine import Engine, SamplingParams
 from tformer.engine.engine import EngineStats
 from tformer.engine.front import Coalescer, EngineFront
@@ -132,7 +133,7 @@ def check_backend(runtime: Runtime, engine: Engine, workload, size: dict, per_st
     # Runtime's methods from several threads at once on the same backend: their requests share the
     # batch. Greedy, so the first tokens of each are those of the full request.
     n, k = size["threads"], size["thread_tokens"]
-    threaded = at_once(lambda i: runtime.generate_ids([prompts[i]], max_new_tokens=min(k, outputs[i]), temperature=0)[0], n)
+    threaded = at_once(lambda i: token_ids(runtime, [prompts[i]], max_new_tokens=min(k, outputs[i]), temperature=0)[0], n)
     assert threaded == [expected[i][:k] for i in range(n)], f"{name}: threads at once differ from the requests alone"
 
 
@@ -190,7 +191,7 @@ def test_small_workload_covers_what_batching_does(trained, small_workload):
 
 
 def test_multi_step_decode_gives_the_outputs_of_single_steps_in_their_order(trained):
-    """Greedy and seeded requests, ending by length, EOS and stop sequences mid-pass, more of them
+    """Greedy and seeded requests, ending by length, EOS and stop token ids mid-pass, more of them
     than rows: every output, its token, finish reason and place in the stream, is the same with 5
     decode steps per pass as with one, in fewer passes. (Request 2 ends by EOS while others wait
     for its row: only single steps run then, or the next would start later.)"""
@@ -200,11 +201,11 @@ def test_multi_step_decode_gives_the_outputs_of_single_steps_in_their_order(trai
     prompts = [[rng.randrange(model.config.vocab_size) for _ in range(rng.randint(1, 20))] for _ in range(9)]
     greedy, seeded = SamplingParams(max_new_tokens=23, temperature=0), SamplingParams(max_new_tokens=17, seed=9)
 
-    def run(decode_steps: int, eos_ids={}, stop=()) -> tuple[list[tuple], int]:
+    def run(decode_steps: int, eos_ids={}, stop_ids={}) -> tuple[list[tuple], int]:
         engine = Engine(backend, max_batch_size=4, max_len=64, decode_steps=decode_steps)
         for i, prompt in enumerate(prompts):
-            engine.add_request(prompt, greedy if i % 2 else seeded, eos_ids.get(i), stop if i == 7 else (),
-                               request_id=i)  # 7 and 8 run when none waits  # fmt: skip
+            params = replace(greedy if i % 2 else seeded, stop_token_ids=stop_ids.get(i, ()))
+            engine.add_request(prompt, params, eos_ids.get(i), request_id=i)  # 7 and 8 run when none waits
         outputs, passes = [], 0
         while engine.has_unfinished():
             outputs += [(o.request_id, o.token, o.finish_reason) for o in engine.step()]
@@ -213,11 +214,11 @@ def test_multi_step_decode_gives_the_outputs_of_single_steps_in_their_order(trai
 
     plain, _ = run(1)
     tokens = {i: [t for r, t, _ in plain if r == i] for i in range(len(prompts))}
-    # Each ends its request mid-way: an EOS id first seen at its 5th token or later, a stop pair.
-    eos = {i: next(t for j, t in enumerate(tokens[i]) if j >= 4 and t not in tokens[i][:j]) for i in (2, 8)}
-    stop = tuple(tokens[7][9:11])
-    single, single_passes = run(1, eos, [stop])
-    multi, multi_passes = run(5, eos, [stop])
+    # Each ends its request mid-way: an EOS id or a stop token id first seen at its 5th token or later.
+    ends = {i: next(t for j, t in enumerate(tokens[i]) if j >= 4 and t not in tokens[i][:j]) for i in (2, 7, 8)}
+    eos, stop = {i: ends[i] for i in (2, 8)}, {7: ends[7]}
+    single, single_passes = run(1, eos, stop)
+    multi, multi_passes = run(5, eos, stop)
     ends = {i: (len([r for r, _, _ in single if r == i]), reason) for i, _, reason in single if reason}
     assert ends[2][1] == ends[8][1] == "eos" and ends[7][1] == "stop" and min(ends[i][0] for i in (2, 7, 8)) >= 5
     assert multi == single and multi_passes < single_passes
@@ -294,7 +295,8 @@ def test_finish_reasons(trained):
     tokens = [o.token for _ in iter(engine.has_unfinished, False) for o in engine.step()]
     assert len(tokens) == 12
     by_eos = engine.add_request([3, 1, 4], greedy, eos_id=tokens[4])
-    by_stop = engine.add_request([3, 1, 4], greedy, stop=[tokens[2:4]])
+    at = next(j for j, t in enumerate(tokens) if j >= 2 and t not in tokens[:j])  # a stop token id's first time
+    by_stop = engine.add_request([3, 1, 4], replace(greedy, stop_token_ids=[tokens[at]]))
     by_length = engine.add_request([3, 1, 4], SamplingParams(max_new_tokens=3, temperature=0))
     last = {}
     while engine.has_unfinished():
@@ -302,7 +304,8 @@ def test_finish_reasons(trained):
             last[o.request_id] = o
     assert probe not in last
     assert (last[by_eos].finish_reason, last[by_eos].token) == ("eos", tokens[4])
-    assert last[by_stop].finish_reason == "stop" and last[by_length].finish_reason == "length"
+    assert (last[by_stop].finish_reason, last[by_stop].token) == ("stop", tokens[at])
+    assert last[by_length].finish_reason == "length"
 
 
 @pytest.mark.parametrize(
@@ -313,7 +316,8 @@ def test_finish_reasons(trained):
          "a larger max_len \\(up to the model's context, 512\\)"),
         (lambda e: e.add_request([], SamplingParams()), "the prompt is empty"),
         (lambda e: e.add_request([400], SamplingParams()), r"token id 400 is outside the vocabulary \[0, 320\)"),
-        (lambda e: e.add_request([1], SamplingParams(max_new_tokens=4), stop=[[]]), "stop token sequences must not be empty"),
+        (lambda e: e.add_request([1], SamplingParams(max_new_tokens=4, stop_token_ids=[3, 320, 400])),
+         r"stop_token_ids \[320, 400\] are outside the vocabulary \[0, 320\); use ids of this model's tokenizer"),
     ],
 )
 def test_requests_that_can_never_run_are_refused_at_once(trained, call, message):

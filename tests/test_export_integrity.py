@@ -35,6 +35,7 @@ from tformer.export.formats import format_named
 from tformer.export.integrity import verified_meta
 from tformer.runtime import Runtime
 
+from conftest import token_ids
 from corrupt import KINDS, mutate
 
 ort = pytest.importorskip("onnxruntime")
@@ -328,8 +329,8 @@ def test_untouched_export_loads_in_a_fresh_process_with_eagers_tokens(suites, tr
     model, tokenizer = trained
     eager = Runtime.from_model(copy.deepcopy(model), tokenizer, device="cpu")
     prompts = [tokenizer.encode(p) for p in PROMPTS]
-    assert ids == eager.generate_ids(prompts, max_new_tokens=12, temperature=0)
-    assert text == eager.generate("def ", max_new_tokens=8, temperature=0)
+    assert ids == token_ids(eager, prompts, max_new_tokens=12, temperature=0)
+    assert text == eager.generate("def ", max_new_tokens=8, temperature=0)[0].text
     assert verified_meta(suite.pristine) == json.loads((suite.pristine / "tformer.json").read_text())
 
 

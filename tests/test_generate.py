@@ -10,12 +10,13 @@ import torch
 
 from tformer.config import ModelConfig
 from tformer.errors import TformerError
+from tformer.engine import Engine, Output
 from tformer.engine.sampling import SamplingParams, sample
 from tformer.model import TransformerLM
 from tformer.runtime import Runtime
 from tformer.reference import TransformerModel, generate_full_recompute
 
-from conftest import DEVICES
+from conftest import DEVICES, token_ids
 
 
 def stock_copy(model) -> TransformerModel:
@@ -36,7 +37,7 @@ def test_cached_greedy_equals_full_recompute(trained, device):
     ref = stock_copy(model)
     for text in ("def ", "import os\nclass "):
         prompt = tokenizer.encode(text)
-        ours = runtime.generate_ids([prompt], max_new_tokens=64, temperature=0)[0]
+        ours = token_ids(runtime, [prompt], max_new_tokens=64, temperature=0)[0]
         assert ours == generate_full_recompute(ref, [prompt], 64)[0]
         assert len(set(ours)) >= 5, "degenerate output would make this comparison meaningless"
 
@@ -47,8 +48,8 @@ def test_batched_equals_one_by_one(trained, device):
     runtime = Runtime.from_model(copy.deepcopy(model), device=device)
     prompts = [tokenizer.encode(t) for t in ("x", "    def __init__(self, ", "import sys\nfrom os import path\n")]
     assert len({len(p) for p in prompts}) == 3
-    batched = runtime.generate_ids(prompts, max_new_tokens=40, temperature=0)
-    assert batched == [runtime.generate_ids([p], max_new_tokens=40, temperature=0)[0] for p in prompts]
+    batched = token_ids(runtime, prompts, max_new_tokens=40, temperature=0)
+    assert batched == [token_ids(runtime, [p], max_new_tokens=40, temperature=0)[0] for p in prompts]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -59,23 +60,23 @@ def test_naive_backend_greedy_equals_eager(trained, device):
     assert [len(p) for p in prompts] == [6, 6] and prompts[0] != prompts[1]
     naive = Runtime.from_model(copy.deepcopy(model), backend="naive", device=device)
     eager = Runtime.from_model(copy.deepcopy(model), device=device)
-    ours = naive.generate_ids(prompts, max_new_tokens=30, temperature=0)
-    assert ours == eager.generate_ids(prompts, max_new_tokens=30, temperature=0)
+    ours = token_ids(naive, prompts, max_new_tokens=30, temperature=0)
+    assert ours == token_ids(eager, prompts, max_new_tokens=30, temperature=0)
     assert all(len(set(row)) >= 5 for row in ours)
 
 
 def test_seed_makes_sampling_reproducible(trained):
     runtime = Runtime.from_model(trained[0], device="cpu")
-    a = runtime.generate_ids([[5, 6, 7]], max_new_tokens=30, temperature=1.0, seed=1)
-    assert a == runtime.generate_ids([[5, 6, 7]], max_new_tokens=30, temperature=1.0, seed=1)
-    assert a != runtime.generate_ids([[5, 6, 7]], max_new_tokens=30, temperature=1.0, seed=2)
+    a = token_ids(runtime, [[5, 6, 7]], max_new_tokens=30, temperature=1.0, seed=1)
+    assert a == token_ids(runtime, [[5, 6, 7]], max_new_tokens=30, temperature=1.0, seed=1)
+    assert a != token_ids(runtime, [[5, 6, 7]], max_new_tokens=30, temperature=1.0, seed=2)
 
 
 @pytest.mark.parametrize("sampling", [dict(top_k=1), dict(top_p=1e-6), dict(temperature=1e-4, top_k=None)])
 def test_degenerate_sampling_equals_greedy(trained, sampling):
     runtime = Runtime.from_model(trained[0], device="cpu")
-    greedy = runtime.generate_ids([[5, 6, 7]], max_new_tokens=20, temperature=0)
-    assert runtime.generate_ids([[5, 6, 7]], max_new_tokens=20, seed=0, **{"temperature": 1.0, **sampling}) == greedy
+    greedy = token_ids(runtime, [[5, 6, 7]], max_new_tokens=20, temperature=0)
+    assert token_ids(runtime, [[5, 6, 7]], max_new_tokens=20, seed=0, **{"temperature": 1.0, **sampling}) == greedy
 
 
 def test_top_k_and_top_p_keep_only_the_allowed_tokens():
@@ -143,8 +144,36 @@ def test_rows_end_at_eos_and_the_loop_stops_when_all_have():
     backend = ScriptedBackend([[3, 9, 4, 4, 4], [5, 6, 7, 9, 4]])
     runtime = Runtime(backend, tokenizer=None, decode_steps=1)
     runtime.eos_id = 9
-    assert runtime.generate_ids([[1], [1, 2]], max_new_tokens=50, temperature=0) == [[3], [5, 6, 7]]
+    assert token_ids(runtime, [[1], [1, 2]], max_new_tokens=50, temperature=0) == [[3], [5, 6, 7]]
     assert backend.steps == 4  # a prefill + 3 decode calls; not 50
+
+
+@pytest.mark.parametrize("decode_steps", [1, 4])
+def test_stop_token_ids_end_rows_with_reason_stop_and_are_not_part_of_the_completion(decode_steps):
+    """In the engine, a stop token id ends its row where it is generated (reason "stop"; EOS:
+    "eos"), also within a multi-step decode; through `Runtime`, like EOS it is left out of the
+    completion, whose reason is "stop" either way, and a row with neither runs to its length."""
+    scripts = [[3, 9, 4, 4, 4], [5, 6, 8, 4, 4], [2, 7, 2, 2, 2]]
+    stop = SamplingParams(max_new_tokens=4, temperature=0, stop_token_ids=[8, 7])
+    engine = Engine(ScriptedBackend(scripts), max_batch_size=3, max_len=16, decode_steps=decode_steps)
+    ids = [engine.add_request([1], stop, eos_id=9), engine.add_request([1, 2], stop, eos_id=9),
+           engine.add_request([3], SamplingParams(max_new_tokens=4, temperature=0), eos_id=9)]  # fmt: skip
+    outputs = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            outputs[out.request_id].append((out.token, out.finish_reason))
+    assert list(outputs.values()) == [[(3, None), (9, "eos")], [(5, None), (6, None), (8, "stop")],
+                                      [(2, None), (7, None), (2, None), (2, "length")]]  # fmt: skip
+
+    def runtime(scripts: list[list[int]]) -> Runtime:  # a fresh backend: its rows count their calls across runs
+        runtime = Runtime(ScriptedBackend(scripts), tokenizer=None, decode_steps=decode_steps)
+        runtime.eos_id = 9
+        return runtime
+
+    assert runtime(scripts).generate([[1], [1, 2], [3]], stop) == [
+        Output("", [3], "stop"), Output("", [5, 6], "stop"), Output("", [2], "stop")]  # 7 ends row 2 too
+    pieces = [(p.token_ids, p.finish_reason) for p in runtime(scripts[1:]).stream([1, 2], stop)]
+    assert pieces == [([5], None), ([6], None), ([], "stop")]
 
 
 @pytest.mark.parametrize(
@@ -162,12 +191,12 @@ def test_bad_prompts(prompts, message):
     short_context = ModelConfig(vocab_size=61, d_model=32, nhead=4, d_ff=64, n_layers=2, max_len=64)
     runtime = Runtime.from_model(TransformerLM(short_context), device="cpu")
     with pytest.raises(TformerError, match=message):
-        runtime.generate_ids(prompts, max_new_tokens=30)
+        token_ids(runtime, prompts, max_new_tokens=30)
 
 
 def test_prompt_filling_the_context_exactly_is_fine(trained):
     runtime = Runtime.from_model(trained[0], device="cpu")
-    out = runtime.generate_ids([[7] * 500], max_new_tokens=12, temperature=0)  # 500 + 12 == max_len 512
+    out = token_ids(runtime, [[7] * 500], max_new_tokens=12, temperature=0)  # 500 + 12 == max_len 512
     assert len(out[0]) == 12
 
 
@@ -187,4 +216,4 @@ def test_prompt_filling_the_context_exactly_is_fine(trained):
 def test_bad_sampling_values(trained, sampling, message):
     runtime = Runtime.from_model(trained[0], device="cpu")
     with pytest.raises(TformerError, match=message):
-        runtime.generate_ids([[1, 2]], **sampling)
+        token_ids(runtime, [[1, 2]], **sampling)

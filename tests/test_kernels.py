@@ -24,7 +24,7 @@ from tformer.errors import TformerError  # noqa: E402
 from tformer.kernels import decode_attention, prefill_attention  # noqa: E402
 from tformer.runtime import Runtime  # noqa: E402
 
-from conftest import CUDA, cuda_case  # noqa: E402
+from conftest import CUDA, cuda_case, token_ids  # noqa: E402
 
 INTERPRETED = pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(
     CUDA, reason="with a GPU the kernels are compiled for it: triton interprets only in a process without one"))  # fmt: skip
@@ -245,8 +245,8 @@ def test_triton_backend_greedy_equals_eager(trained, device):
     assert "Triton" in triton.backend.implementation
     prompts = [tokenizer.encode(text) for text in ("def main(", "import os\nclass ", "x")]
     assert len({len(p) for p in prompts}) == 3  # different lengths: rows at different positions
-    want = eager.generate_ids(prompts, max_new_tokens=12, temperature=0)
-    got = triton.generate_ids(prompts, max_new_tokens=12, temperature=0)
+    want = token_ids(eager, prompts, max_new_tokens=12, temperature=0)
+    got = token_ids(triton, prompts, max_new_tokens=12, temperature=0)
     assert got == want
     assert len({tuple(ids) for ids in want}) == 3  # the rows differ: a real comparison
 

@@ -21,7 +21,7 @@ from tformer.export.onnx import input_names, output_names
 from tformer.exporter import export_model
 from tformer.runtime import Runtime
 
-from conftest import cuda_case, reference_of
+from conftest import cuda_case, reference_of, token_ids
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -136,8 +136,8 @@ def test_onnx_backend_greedy_equals_eager_batched_padded_64_steps(trained, onnx_
     assert runtime.backend.name == "onnx" and runtime.tokenizer is not None  # tokenizer.json came along
     assert runtime.backend.device.type == device
     prompts = [tokenizer.encode(t) for t in ("x", "    def __init__(self, ", "import sys\nfrom os import path\n")]
-    ours = runtime.generate_ids(prompts, max_new_tokens=64, temperature=0)
-    eager = Runtime.from_model(copy.deepcopy(model), device=device).generate_ids(prompts, max_new_tokens=64, temperature=0)
+    ours = token_ids(runtime, prompts, max_new_tokens=64, temperature=0)
+    eager = token_ids(Runtime.from_model(copy.deepcopy(model), device=device), prompts, max_new_tokens=64, temperature=0)
     assert ours == eager
     assert all(len(set(row)) >= 5 for row in ours)
     assert runtime.generate("def ", max_new_tokens=20, temperature=0) == Runtime.from_model(
@@ -175,13 +175,13 @@ def test_load_checkpoint_on_onnx_exports_once_to_the_cache(tmp_path, monkeypatch
     stamp = (exports[0] / "model.onnx").stat().st_mtime_ns
     second = tformer.load(tmp_path / "m.safetensors", backend="onnx", device="cpu")
     assert (exports[0] / "model.onnx").stat().st_mtime_ns == stamp  # reused, not exported again
-    want = first.generate_ids([[1, 2, 3]], max_new_tokens=8, temperature=0)
-    assert second.generate_ids([[1, 2, 3]], max_new_tokens=8, temperature=0) == want
+    want = token_ids(first, [[1, 2, 3]], max_new_tokens=8, temperature=0)
+    assert token_ids(second, [[1, 2, 3]], max_new_tokens=8, temperature=0) == want
     (exports[0] / "model.onnx").write_bytes(b"")  # a damaged cache entry is exported again, not reported
     written = reuse_graph(monkeypatch, onnx_export)  # the export again, without its tracing
     third = tformer.load(tmp_path / "m.safetensors", backend="onnx", device="cpu")
     assert len(written) == 1 and (exports[0] / "model.onnx").stat().st_size > 0
-    assert third.generate_ids([[1, 2, 3]], max_new_tokens=8, temperature=0) == want
+    assert token_ids(third, [[1, 2, 3]], max_new_tokens=8, temperature=0) == want
 
 
 def no_leftovers(directory) -> bool:
@@ -238,7 +238,7 @@ def test_fp16_export_at_a_chosen_opset_validates_at_its_own_tolerance(tmp_path, 
     assert all(r["ok"] and r["tolerance"] == exporter.TOLERANCE[torch.float16] for r in meta["validation"]["shapes"])
     runtime = tformer.load(tmp_path / "fp16", device=device)
     assert runtime.backend.dtype == torch.float16 and runtime.backend.device.type == device
-    assert len(runtime.generate_ids([[1, 2, 3], [4]], max_new_tokens=6)[1]) == 6
+    assert len(token_ids(runtime, [[1, 2, 3], [4]], max_new_tokens=6)[1]) == 6
     with pytest.raises(TformerError, match="was exported as torch.float16"):
         tformer.load(tmp_path / "fp16", device="cpu", dtype="fp32")
 

@@ -94,7 +94,7 @@ def test_playground_streams_a_completion_in_a_real_browser(served, browser):
     streams the completion into the page; once the page says it is done, its DOM holds the model's
     text."""
     url, rt = served
-    want = rt.generate("def ", max_new_tokens=8, temperature=0)[0]
+    want = rt.generate("def ", max_new_tokens=8, temperature=0)[0].text
     target = browser.send("Target.createTarget", url=f"{url}/?prompt=def%20&max_tokens=8&temperature=0&autorun=1")
     session = browser.send("Target.attachToTarget", targetId=target["targetId"], flatten=True)["sessionId"]
 

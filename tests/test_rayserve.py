@@ -115,7 +115,7 @@ def test_sixteen_clients_get_the_in_process_text_from_both_replicas(served):
     """16 concurrent requests through the official client, half streamed: each greedy text equals
     the in-process one, and the answers came from both replicas."""
     prompts = [f"{PROMPTS[i % len(PROMPTS)]}{i}" for i in range(16)]
-    want = served.runtime.generate(prompts, max_new_tokens=24, temperature=0)
+    want = [out.text for out in served.runtime.generate(prompts, max_new_tokens=24, temperature=0)]
 
     async def one(c: openai.AsyncOpenAI, i: int) -> tuple[str, str]:
         if i % 2:
@@ -179,7 +179,7 @@ def test_a_killed_replica_fails_its_requests_and_ray_brings_one_back(served):
     fresh = wait_for_replicas(2)
     assert victim not in fresh
     c = openai.OpenAI(base_url=f"{served.url}/v1", api_key="none", max_retries=0, timeout=60)
-    want = served.runtime.generate(PROMPTS[:4], max_new_tokens=16, temperature=0)
+    want = [out.text for out in served.runtime.generate(PROMPTS[:4], max_new_tokens=16, temperature=0)]
     got = [c.completions.create(model=NAME, prompt=p, max_tokens=16, temperature=0).choices[0].text for p in PROMPTS[:4]]
     assert got == want
 

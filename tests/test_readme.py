@@ -138,7 +138,7 @@ class Session:
 
     def greedy(self, prompt: str, max_tokens: int) -> str:
         """The demo model's greedy completion, in-process: what the server must answer."""
-        return tformer.load(self.cwd / DEMO, device="cpu").generate([prompt], max_new_tokens=max_tokens, temperature=0)[0]
+        return tformer.load(self.cwd / DEMO, device="cpu").generate([prompt], max_new_tokens=max_tokens, temperature=0)[0].text
 
 
 def invoke(command: str, cwd: Path) -> click.testing.Result:

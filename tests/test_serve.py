@@ -29,6 +29,8 @@ from tformer.cli import cli
 from tformer.runtime import Runtime
 from tformer.serve.server import serve_in_thread
 
+from conftest import token_ids
+
 PROMPTS = ["def ", "import os\n", "class Foo", "return self."]
 NAME = "tiny"
 
@@ -53,7 +55,7 @@ def client(url: str, **kw) -> openai.OpenAI:
 
 def test_greedy_completions_equal_the_model_in_process(served):
     url, rt = served
-    want = rt.generate(PROMPTS, max_new_tokens=24, temperature=0)
+    want = [out.text for out in rt.generate(PROMPTS, max_new_tokens=24, temperature=0)]
     c = client(url)
     got = c.completions.create(model=NAME, prompt=PROMPTS, max_tokens=24, temperature=0)
     assert [ch.text for ch in sorted(got.choices, key=lambda ch: ch.index)] == want
@@ -69,10 +71,21 @@ def test_greedy_completions_equal_the_model_in_process(served):
     assert by_ids.choices[0].text == PROMPTS[1] + want[1]
 
 
+def test_stop_strings_cut_the_text_as_in_python(served):
+    """The `stop` field is `SamplingParams.stop`: the same cut text and finish reason as in-process."""
+    url, rt = served
+    full = rt.generate("def ", max_new_tokens=24, temperature=0)[0].text
+    stop = full[8:10]
+    want = rt.generate("def ", max_new_tokens=24, temperature=0, stop=stop)[0]
+    assert want.text == full[: full.index(stop)] and want.finish_reason == "stop"
+    got = client(url).completions.create(model=NAME, prompt="def ", max_tokens=24, temperature=0, stop=[stop])
+    assert (got.choices[0].text, got.choices[0].finish_reason) == (want.text, "stop")
+
+
 def test_chat_completion_is_the_templated_prompt(served):
     url, rt = served
     messages = [{"role": "system", "content": "Python."}, {"role": "user", "content": "def f"}]
-    want = rt.generate("system: Python.\nuser: def f\nassistant:", max_new_tokens=16, temperature=0)[0]
+    want = rt.generate("system: Python.\nuser: def f\nassistant:", max_new_tokens=16, temperature=0)[0].text
     c = client(url)
     got = c.chat.completions.create(model=NAME, messages=messages, max_tokens=16, temperature=0)
     assert got.choices[0].message.content == want and got.choices[0].message.role == "assistant"
@@ -84,7 +97,7 @@ def test_chat_completion_is_the_templated_prompt(served):
 def test_sixteen_concurrent_streams_each_get_their_own_text(served):
     url, rt = served
     prompts = [f"{PROMPTS[i % 4]}{i}" for i in range(16)]  # 16 clients, 4 rows: most wait, then join
-    want = rt.generate(prompts, max_new_tokens=20, temperature=0)
+    want = [out.text for out in rt.generate(prompts, max_new_tokens=20, temperature=0)]
 
     async def one(c: openai.AsyncOpenAI, prompt: str) -> str:
         stream = await c.completions.create(model=NAME, prompt=prompt, max_tokens=20, temperature=0, stream=True)
@@ -102,7 +115,7 @@ def test_stream_interval_groups_tokens_into_fewer_chunks_with_the_same_text(runt
     three to a chunk after the first (more when the client lags: it gets every group waiting), and
     the text is the in-process text."""
     sized = Runtime(runtime.backend, runtime.tokenizer, max_batch_size=4, max_len=256)
-    want = sized.generate(PROMPTS[0], max_new_tokens=20, temperature=0)[0]
+    want = sized.generate(PROMPTS[0], max_new_tokens=20, temperature=0)[0].text
     body = {"model": NAME, "prompt": PROMPTS[0], "max_tokens": 20, "temperature": 0, "stream": True}
     with serve_in_thread(sized, model_name=NAME, stream_interval=3) as url:
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response:
@@ -157,6 +170,8 @@ BAD = [
     ({"model": NAME, "prompt": "x", "max_tokens": 300}, 400, "prompt", "this server's max_len of 256"),
     ({"model": NAME, "prompt": [5, 100000]}, 400, "prompt", "outside the vocabulary"),
     ({"model": "gpt-4", "prompt": "x"}, 404, "model", "serves 'tiny'"),
+    ({"model": NAME, "prompt": "x", "stop": ["\n", ""]}, 400, "stop", "non-empty string"),
+    ({"model": NAME, "prompt": "x", "stop": "\udfff"}, 400, "stop", "lone surrogate"),
 ]
 
 
@@ -183,7 +198,7 @@ def test_text_prompts_need_a_tokenizer(runtime):
         assert r.status_code == 400 and "no tokenizer" in r.json()["error"]["message"]
         ok = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": [1, 2, 3], "max_tokens": 4,
                                                         "temperature": 0, "ignore_eos": True}).json()  # fmt: skip
-        assert ok["choices"][0]["token_ids"] == bare.generate_ids([[1, 2, 3]], max_new_tokens=4, temperature=0)[0]
+        assert ok["choices"][0]["token_ids"] == token_ids(bare, [[1, 2, 3]], max_new_tokens=4, temperature=0)[0]
 
 
 def test_api_key_guards_v1_but_not_health(runtime):
@@ -366,7 +381,7 @@ def test_cli_serves_until_sigterm_then_exits_0(long_checkpoint, tmp_path):
     url, proc, log = start_server(path, tmp_path, "--max-batch-size", "8", "--grace", "3")
     try:
         r = client(url).completions.create(model="tiny", prompt="def ", max_tokens=5, temperature=0)
-        assert r.choices[0].text == rt.generate("def ", max_new_tokens=5, temperature=0)[0]
+        assert r.choices[0].text == rt.generate("def ", max_new_tokens=5, temperature=0)[0].text
         # The engine's abort counter rises (a request it finished by length would not count) and the row is free.
         body = {"model": "tiny", "prompt": "def ", "max_tokens": 4000, "stream": True, "ignore_eos": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response:
@@ -445,6 +460,7 @@ def test_a_request_without_sampling_fields_samples_as_python_does_by_default():
                 check_chat({"model": NAME, "messages": [{"role": "user", "content": "x"}]}, NAME)):  # fmt: skip
         p = job.params
         assert (p.temperature, p.top_k, p.top_p or 1.0, p.seed) == (plain.temperature, plain.top_k, plain.top_p or 1.0, plain.seed)
+        assert (p.stop, p.stop_token_ids) == (plain.stop, plain.stop_token_ids) == ((), ())
     assert (plain.temperature, plain.top_k, plain.top_p) == (1.0, None, None)
 
 

@@ -2,12 +2,12 @@
 
     import tformer
     rt = tformer.load("model.safetensors")            # or a tutorial state_dict + nhead=
-    rt.generate(["def main(", "import "], max_new_tokens=64, temperature=0)
+    [out.text for out in rt.generate(["def main(", "import "], max_new_tokens=64, temperature=0)]
 """
 
 from tformer.config import ModelConfig
 from tformer.errors import TformerError
-from tformer.engine import Engine, SamplingParams
+from tformer.engine import Engine, Output, Piece, SamplingParams
 from tformer.model import KVCache, TransformerLM
 from tformer.runtime import Runtime, load
 from tformer.tokenizer import Tokenizer
@@ -18,6 +18,8 @@ __all__ = [
     "Engine",
     "KVCache",
     "ModelConfig",
+    "Output",
+    "Piece",
     "Runtime",
     "SamplingParams",
     "TformerError",

@@ -161,13 +161,13 @@ def generate(model, prompt, ids, stop, backend, device, dtype, nhead, tokenizer,
             prompt_ids = [int(t) for t in ids.replace(",", " ").split()]
         except ValueError:
             raise CliError(f'--ids must be integers separated by spaces, got "{ids}"') from None
-        for token in runtime.stream_ids(prompt_ids, **params):  # checks its input before returning
-            click.echo(f"{token} ", nl=False)
+        for piece in runtime.stream(prompt_ids, **params):  # checks its input before returning
+            click.echo("".join(f"{token} " for token in piece.token_ids), nl=False)
     else:
         pieces = runtime.stream(prompt, stop=[unescape(s) for s in stop], **params)  # checks its input before returning
         click.echo(prompt, nl=False)
         for piece in pieces:
-            click.echo(piece, nl=False)
+            click.echo(piece.text, nl=False)
     click.echo()
 
 
@@ -240,7 +240,7 @@ def demo(output, steps) -> None:
         click.secho(f"\n--- sample (prompt {prompt!r}) ---", fg="cyan")
         click.echo(prompt, nl=False)
         for piece in runtime.stream(prompt, max_new_tokens=120, temperature=0.8, top_k=50, seed=0):
-            click.echo(piece, nl=False)
+            click.echo(piece.text, nl=False)
         click.echo()
     click.echo(f"\nTry: tformer generate {output} \"def main(\" --temperature 0.7")
 

@@ -117,8 +117,8 @@ def greedy_check(exported: Runtime, eager: Runtime, log: Log) -> dict:
     """32 greedy steps on a batch of 3 prompts of different lengths through the exported runtime
     and through eager must give the same tokens. Raises TformerError naming the first differing prompt."""
     prompts = [[t % eager.config.vocab_size for t in p] for p in ([1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13])]
-    ours = exported.generate_ids(prompts, max_new_tokens=GREEDY_STEPS, temperature=0)
-    theirs = eager.generate_ids(prompts, max_new_tokens=GREEDY_STEPS, temperature=0)
+    ours = [out.token_ids for out in exported.generate(prompts, max_new_tokens=GREEDY_STEPS, temperature=0)]
+    theirs = [out.token_ids for out in eager.generate(prompts, max_new_tokens=GREEDY_STEPS, temperature=0)]
     log(f"  greedy {GREEDY_STEPS} steps, padded batch of 3: {'identical' if ours == theirs else 'DIFFERENT'}")
     differs = [i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b]
     if differs:

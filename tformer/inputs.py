@@ -107,29 +107,37 @@ def as_prompt(value: Any, name: str = "prompt") -> list[int]:
     return ids
 
 
-def as_prompts(value: Any) -> list[list[int]]:
-    """A batch of id prompts: a list of prompts (each a list or a 1-D array/tensor), or a 2-D
-    integer array or tensor (one row per prompt). A flat list of ints is refused with a hint: it
-    is one prompt, and guessing would turn it into many one-token prompts or the reverse."""
+def as_prompts(value: Any) -> list[str] | list[list[int]]:
+    """A batch of prompts, all text or all token ids (the first prompt says which): one string or a
+    list of strings; a list of id prompts (each a list or a 1-D array/tensor), or a 2-D integer
+    array or tensor (one row per prompt). A flat list of ints is refused with a hint: it is one
+    prompt, and guessing would turn it into many one-token prompts or the reverse."""
+    if isinstance(value, str):
+        return [as_text("prompt", value)]
     if isinstance(value, (np.ndarray, torch.Tensor)):
         if value.ndim != 2:
             hint = "; for one prompt pass [ids] or ids[None]" if value.ndim == 1 else ""
             raise TformerError(f"prompts must be a 2-D array (one row per prompt), got {_kind(value)}{hint}")
         return [as_prompt(row, f"prompt {i}") for i, row in enumerate(value)]
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TformerError(f"prompts must be a list of prompts (lists of token ids), got {_kind(value)}")
+    if isinstance(value, bytes) or not isinstance(value, Sequence):
+        raise TformerError(f"prompts must be a string, a list of strings or a list of prompts (lists of token ids), "
+                           f"got {_kind(value)}")  # fmt: skip
+    if value and isinstance(value[0], str):
+        return [as_text(f"prompt {i}", p) for i, p in enumerate(value)]
     if value and all(_is_scalar_int(t) for t in value):
         raise TformerError("prompts must be a list of prompts; for one prompt pass [ids] (a list holding the list of ids)")
     return [as_prompt(p, f"prompt {i}") for i, p in enumerate(value)]
 
 
-def as_texts(value: Any) -> list[str]:
-    """A batch of text prompts: one string or a sequence of strings."""
+def as_one_prompt(value: Any) -> str | list[int]:
+    """One prompt: a string, or token ids (a list or a 1-D array/tensor, see `as_prompt`)."""
     if isinstance(value, str):
-        return [as_text("prompt", value)]
-    if not isinstance(value, Sequence) or isinstance(value, bytes):
-        raise TformerError(f"prompts must be a string or a list of strings, got {_kind(value)}")
-    return [as_text(f"prompt {i}", p) for i, p in enumerate(value)]
+        return as_text("prompt", value)
+    if isinstance(value, (np.ndarray, torch.Tensor)) or (
+        isinstance(value, Sequence) and not isinstance(value, bytes) and not (value and isinstance(value[0], str))
+    ):
+        return as_prompt(value)
+    raise TformerError(f"prompt must be one string or one list of token ids, got {_kind(value)}")
 
 
 def as_stop(value: Any) -> list[str]:
@@ -138,12 +146,23 @@ def as_stop(value: Any) -> list[str]:
         return []
     if isinstance(value, str):
         value = [value]
-    if not isinstance(value, Sequence):
+    if isinstance(value, bytes) or not isinstance(value, Sequence):
         raise TformerError(f"stop must be a string or a list of strings, got {_kind(value)}")
-    stops = [as_text("stop string", s) for s in value]
-    if not all(stops):
-        raise TformerError("stop strings must be non-empty strings")
+    stops = [as_text(f"stop[{i}]", s) for i, s in enumerate(value)]
+    if "" in stops:
+        raise TformerError(f"stop strings must be non-empty; stop[{stops.index('')}] is '': leave it out")
     return stops
+
+
+def as_stop_token_ids(value: Any) -> list[int]:
+    """Token ids that end a request: None or () for none, one id, or a sequence (or 1-D array or
+    tensor) of ids >= 0."""
+    if value is None:
+        return []
+    ids = as_prompt([value] if _is_scalar_int(value) else value, "stop_token_ids")
+    if (bad := next((t for t in ids if t < 0), None)) is not None:
+        raise TformerError(f"stop_token_ids must be token ids >= 0, got {bad}")
+    return ids
 
 
 def _integer_dtype(array: np.ndarray | torch.Tensor) -> bool:

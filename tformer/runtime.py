@@ -1,9 +1,9 @@
-"""The public API: a loaded model on one backend, generating text or token ids.
+"""The public API: a loaded model on one backend, generating text and token ids.
 
 `tformer.load(path)` returns a `Runtime`. It turns text into ids, sends them as requests to its
 engine (through its `EngineFront`: the engine's one loop, stepped by the calling threads), and
-turns ids back into text, applying stop strings and streaming pieces as they become whole
-characters.
+turns the ids generated back into text (`Completion`), applying stop strings and streaming pieces
+as they become whole characters.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from tformer.config import ModelConfig
 from tformer.errors import TformerError
 from tformer.engine import Engine, EngineFront, RequestOutput, SamplingParams
 from tformer.engine.engine import CHUNK, DECODE_STEPS, DEFAULT_BATCH
-from tformer.engine.output import Completion, Piece
-from tformer.inputs import as_int, as_path, as_prompt, as_prompts, as_stop, as_text, as_texts
+from tformer.engine.output import Completion, Output, Piece
+from tformer.inputs import as_int, as_one_prompt, as_path, as_prompts
 from tformer.model import TransformerLM
 from tformer.tokenizer import Tokenizer
 
@@ -87,7 +87,7 @@ def load(
     device: default CUDA when available, else CPU; for an export directory, the best device its
         backend can run on here (a .pt2 package: the CPU). dtype: default float32.
     tokenizer: a `tokenizer.json` path (or Tokenizer) to use instead of, or in the absence of, the
-        checkpoint's own. Without any, use the id methods (`generate_ids`, `stream_ids`).
+        checkpoint's own. Without any, give prompts as token ids.
     max_batch_size, max_len: the engine's size, fixed here (see `Runtime`): requests running at
         once (default 8), and the longest prompt plus new tokens (default: the model's context).
     decode_steps: decode steps run in a row while no request waits (default 8; see `Engine`).
@@ -126,9 +126,11 @@ def _load_export(
 
 
 class Runtime:
-    """A model on a backend, served by a continuous-batching `Engine`. Sampling options, for every
-    method: see `SamplingParams` (max_new_tokens=128, temperature=1.0 (0 = greedy), top_k=None,
-    top_p=None, seed=None: the server's defaults too).
+    """A model on a backend, served by a continuous-batching `Engine`. Two methods generate, as
+    vLLM's `LLM.generate` does: `generate` (a batch of text or id prompts; an `Output` each) and
+    `stream` (one prompt; `Piece`s as they come). Sampling options, for both, as a `SamplingParams`
+    or its fields as keywords (max_new_tokens=128, temperature=1.0 (0 = greedy), top_k=None,
+    top_p=None, seed=None, stop=(), stop_token_ids=(): the server's defaults too).
 
     The engine is sized once, here: `max_batch_size` cache rows (default 8; more prompts than
     rows wait for a free one) of `max_len` slots (default: the model's context, or as many as a
@@ -189,87 +191,85 @@ class Runtime:
         new = min(max_new_tokens, self.engine.max_len - 1)
         prompt = max(1, min(max_prompt_len, self.engine.max_len - new))
         for batch in batch_sizes:
-            self.generate_ids([[0] * prompt] * batch, max_new_tokens=new, temperature=0)
+            self.generate([[0] * prompt] * batch, max_new_tokens=new, temperature=0)
         return time.perf_counter() - began
 
-    def generate_ids(self, prompts: Sequence[Sequence[int]], **sampling) -> list[list[int]]:
-        """New token ids (EOS excluded) for each prompt; prompts may differ in length.
+    def generate(
+        self, prompts: str | Sequence[str] | Sequence[Sequence[int]], params: SamplingParams | None = None, **sampling
+    ) -> list[Output]:
+        """Complete each prompt: its text, token ids and finish reason (`Output`), in prompt order.
 
-        prompts: a list of prompts, each a list (or 1-D array/tensor) of ids, or a 2-D integer
-            array/tensor with one prompt per row. For one prompt pass `[ids]`.
+        prompts: one string or a list of strings; or token ids, as a list of prompts (each a list
+            or 1-D array/tensor of ids) or a 2-D integer array/tensor, one prompt per row (for one
+            prompt pass `[ids]`). Id prompts need no tokenizer (without one, the text is "").
+        params: a `SamplingParams`; or its fields as keywords (`temperature=0`), not both.
         """
-        ids, outputs = self._run(as_prompts(prompts), sampling)
-        completions = {i: Completion(None, (), self.eos_id) for i in ids}
-        return self._complete(completions, outputs, lambda c: c.token_ids)
-
-    def stream_ids(self, prompt: Sequence[int], **sampling) -> Iterator[int]:
-        """New token ids of one prompt (a list or 1-D array/tensor of ids), one at a time (EOS
-        excluded). Input errors raise at call time."""
-        _, outputs = self._run([as_prompt(prompt)], sampling)
-        return (t for piece in self._pieces(Completion(None, (), self.eos_id), outputs) for t in piece.token_ids)
-
-    def generate(self, prompts: str | Sequence[str], stop: str | Sequence[str] | None = (), **sampling) -> list[str]:
-        """Completion text for each prompt (a string or a list of strings; always returns a list).
-
-        stop: strings that end a row's completion; the completion is cut before the first one (and
-        the request ends there, freeing its place in the batch).
-        """
-        prompts, stop = as_texts(prompts), as_stop(stop)
-        tokenizer = self._text_tokenizer()
-        ids, outputs = self._run([self._encode(p) for p in prompts], sampling)
-        completions = {i: Completion(tokenizer, stop, self.eos_id) for i in ids}
-        return self._complete(completions, outputs, lambda c: c.text)
-
-    def stream(self, prompt: str, stop: str | Sequence[str] | None = (), **sampling) -> Iterator[str]:
-        """Pieces of the completion of one prompt as they are generated; they join to `generate`'s text.
-
-        Input errors raise at call time, before the first piece.
-        """
-        completion = Completion(self._text_tokenizer(), as_stop(stop), self.eos_id)
-        _, outputs = self._run([self._encode(as_text("prompt", prompt))], sampling)
-        return (piece.text for piece in self._pieces(completion, outputs) if piece.text)
-
-    def _complete(self, completions: dict[Hashable, Completion], outputs: Iterator[RequestOutput], result) -> list:
-        """Feed every output to its request's completion; a request ended by a stop string is
-        aborted in the engine. `result(completion)` of each, in prompt order."""
+        params = self._params(params, sampling)
+        ids, outputs = self._run(self._ids(as_prompts(prompts)), params)
+        completions = {i: Completion(self.tokenizer, params.stop) for i in ids}
         for out in outputs:
             completion = completions[out.request_id]
             if not completion.finished and completion.take([out]).finish_reason and not out.finished:
                 self.front.abort(out.request_id)  # a stop string, before the engine's own end
-        return [result(c) for c in completions.values()]
+        return [c.output() for c in completions.values()]
+
+    def stream(
+        self, prompt: str | Sequence[int], params: SamplingParams | None = None, **sampling
+    ) -> Iterator[Piece]:
+        """The completion of one prompt (a string, or a list or 1-D array/tensor of ids) as it is
+        generated: `Piece`s whose texts and token ids join to `generate`'s, the last one with the
+        finish reason. Input errors raise at call time, before the first piece."""
+        params = self._params(params, sampling)
+        _, outputs = self._run(self._ids([as_one_prompt(prompt)]), params)
+        return self._pieces(Completion(self.tokenizer, params.stop), outputs)
 
     @staticmethod
     def _pieces(completion: Completion, outputs: Iterator[RequestOutput]) -> Iterator[Piece]:
-        with contextlib.closing(outputs):  # leaving early (a stop string) aborts the request
+        with contextlib.closing(outputs):  # leaving early (a stop string, a consumer) aborts the request
             for out in outputs:
                 yield completion.take([out])
                 if completion.finished:
                     return
 
-    def _run(self, prompts: list[list[int]], sampling: dict) -> tuple[list[Hashable], Iterator[RequestOutput]]:
-        """Check everything, send the prompts to the engine as requests; their ids, and their
-        outputs as they come (closing it early aborts what is left of its requests; an output
-        with reason "error" raises TformerError)."""
+    @staticmethod
+    def _params(params: SamplingParams | None, sampling: dict) -> SamplingParams:
+        """`params`, or a `SamplingParams` of the keyword options: one or the other."""
+        if params is not None:
+            if not isinstance(params, SamplingParams):
+                raise TformerError(f"params must be a tformer.SamplingParams, got {type(params).__name__}; "
+                                   "or pass options as keywords (temperature=0, stop=[...])")  # fmt: skip
+            if sampling:
+                raise TformerError(f"give params or keyword options ({', '.join(sorted(sampling))}), not both: "
+                                   "set them in the SamplingParams (dataclasses.replace(params, ...))")  # fmt: skip
+            return params
         known = {f.name for f in fields(SamplingParams)}
         unknown = sorted(set(sampling) - known)
         if unknown:
             raise TformerError(f"unknown sampling option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        params = SamplingParams(**sampling)
+        return SamplingParams(**sampling)
+
+    def _run(self, prompts: list[list[int]], params: SamplingParams) -> tuple[list[Hashable], Iterator[RequestOutput]]:
+        """Check everything, send the prompts to the engine as requests; their ids, and their
+        outputs as they come (closing it early aborts what is left of its requests; an output
+        with reason "error" raises TformerError)."""
         if not prompts:
             raise TformerError("no prompts given; pass at least one")
+        if params.stop and self.tokenizer is None:
+            raise TformerError("stop strings need a tokenizer, and this model has none: pass tokenizer='tokenizer.json' "
+                               "to tformer.load (CLI: --tokenizer), or end on stop_token_ids")  # fmt: skip
         ids, outputs = self.front.requests(prompts, params, self.eos_id)
         return ids, _raising(outputs)
 
-    def _text_tokenizer(self) -> Tokenizer:
-        if self.tokenizer is None:
-            raise TformerError(
-                "this model has no tokenizer: pass tokenizer='tokenizer.json' to tformer.load "
-                "(CLI: --tokenizer), or work on token ids (generate_ids / --ids)"
-            )
-        return self.tokenizer
-
-    def _encode(self, prompt: str) -> list[int]:
-        return self._text_tokenizer().encode(prompt)
+    def _ids(self, prompts: list[str] | list[list[int]]) -> list[list[int]]:
+        """Each prompt's token ids: text is encoded (which takes a tokenizer), ids are as given."""
+        if prompts and isinstance(prompts[0], str):
+            if self.tokenizer is None:
+                raise TformerError(
+                    "this model has no tokenizer: pass tokenizer='tokenizer.json' to tformer.load "
+                    "(CLI: --tokenizer), or give prompts as token ids (CLI: --ids)"
+                )
+            return [self.tokenizer.encode(p) for p in prompts]
+        return prompts
 
 
 def _raising(outputs: Iterator[RequestOutput]) -> Iterator[RequestOutput]:

@@ -162,7 +162,7 @@ def loop_generation(runtime: Runtime, prompts: list[list[int]], new_tokens: int)
 
     def run(tick: Callable[..., None]) -> None:
         stamps = Ticker(tick, len(prompts))
-        runtime.front.send(prompts, params, None, (), stamps)
+        runtime.front.send(prompts, params, None, stamps)
         runtime.front.wait(lambda: stamps.flush() or stamps.done.is_set())  # checked after each turn
         if stamps.error:
             raise RuntimeError(f"the generation failed: {stamps.error}")
@@ -342,7 +342,7 @@ def check_generation(runtime: Runtime, seed: int = 0) -> list[list[int]]:
     """The generation of the correctness check (2 prompts x 8 ids, 16 new tokens): part of a
     row's setup, where compiling backends compile for its shapes."""
     prompts = make_prompts(runtime.config.vocab_size, CHECK_PROMPTS, CHECK_PROMPT_LEN, seed + 1)
-    return runtime.generate_ids(prompts, max_new_tokens=CHECK_NEW_TOKENS, temperature=0)
+    return [out.token_ids for out in runtime.generate(prompts, max_new_tokens=CHECK_NEW_TOKENS, temperature=0)]
 
 
 def run_benchmarks(

@@ -96,7 +96,7 @@ def time_decode(
                 inner[0], calls[0] = 0.0, 0  # the prefill's call is not timed
 
     params = SamplingParams(max_new_tokens=steps + 1, temperature=0)
-    prompt, _ = engine.check([1, 2, 3], params)
+    prompt = engine.check([1, 2, 3], params)
     inbox = [[Add(i, prompt, params) for i in range(batch_size)], [STOP]]
     backend.step = timed  # an instance attribute: the class's step is untouched
     try:

@@ -133,7 +133,7 @@ class Arrivals:
             request_id = len(self.timings)
             self.timings[request_id] = RequestTiming(len(prompt), sent=self.began + (now if arrival <= self.blocked_at else arrival))
             self.in_flight.add(request_id)
-            checked, _ = self.engine.check(prompt, params)
+            checked = self.engine.check(prompt, params)
             messages.append(Add(request_id, checked, params))
         if self.pending and self.pending[0][0] <= now:
             self.blocked_at = now

@@ -41,7 +41,6 @@ class Add:
     prompt: Sequence[int]
     params: SamplingParams
     eos_id: int | None = None
-    stop: Sequence[Sequence[int]] = ()
 
 
 @dataclass(frozen=True)
@@ -146,7 +145,7 @@ class EngineCore:
     def apply(self, message: Add | Abort | Call) -> None:
         if isinstance(message, Add):
             try:
-                self.engine.add_checked(message.request_id, message.prompt, message.params, message.eos_id, message.stop)
+                self.engine.add_checked(message.request_id, message.prompt, message.params, message.eos_id)
             except TformerError as exc:  # its sender checked it; a clash of ids is still its error alone
                 self._refused.append(RequestOutput(message.request_id, None, "error", str(exc)))
         elif isinstance(message, Call):

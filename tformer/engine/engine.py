@@ -61,7 +61,7 @@ class Engine:
         stepping until the batch is done): the baseline of `tformer-bench throughput`.
         `decode_steps`: decode steps run in a row, with no bookkeeping in between, while every
         running request decodes and none waits for a row (vLLM's multi-step scheduling): never
-        past any running request's max_new_tokens; tokens after an EOS or a stop are dropped. The
+        past any running request's max_new_tokens; tokens after an EOS or a stop id are dropped. The
         outputs are those of single steps; they come `decode_steps` at a time, and new requests
         and aborts wait as long."""
         context = backend.config.max_len
@@ -103,45 +103,42 @@ class Engine:
         `Backend.warmup`), so that requests never wait for a compiler."""
         self.backend.warmup(self.runner.cache)
 
-    def check(
-        self, prompt: Sequence[int], params: SamplingParams, stop: Sequence[Sequence[int]] = (), label: str = "the prompt"
-    ) -> tuple[list[int], tuple[tuple[int, ...], ...]]:  # fmt: skip
-        """The prompt's ids and the stop token sequences as plain ints, or TformerError naming
-        `label` for a request that can never run here: an empty prompt, an id outside the
-        vocabulary, `len(prompt) + max_new_tokens` over this engine's max_len, an empty stop
-        sequence. Whoever sends a request checks it once, in its own thread (`add_request` does)."""
+    def check(self, prompt: Sequence[int], params: SamplingParams, label: str = "the prompt") -> list[int]:
+        """The prompt's ids as plain ints, or TformerError naming `label` for a request that can
+        never run here: an empty prompt, an id outside the vocabulary (the prompt's or a stop
+        token id), `len(prompt) + max_new_tokens` over this engine's max_len. Whoever sends a
+        request checks it once, in its own thread (`add_request` does)."""
         prompt = [int(t) for t in prompt]
-        context = self.backend.config.max_len
+        config, context = self.backend.config, self.backend.config.max_len
         if self.max_len == context:
-            check_prompt(prompt, params.max_new_tokens, self.backend.config.vocab_size, context, label)
+            check_prompt(prompt, params.max_new_tokens, config.vocab_size, context, label)
         else:
-            check_prompt(prompt, params.max_new_tokens, self.backend.config.vocab_size, self.max_len, label,
+            check_prompt(prompt, params.max_new_tokens, config.vocab_size, self.max_len, label,
                          limit="this engine's max_len",
                          fix=f"shorten the prompt, lower max_new_tokens, or load with a larger max_len (up to the "
                              f"model's context, {context})")  # fmt: skip
-        stops = tuple(tuple(int(t) for t in s) for s in stop)
-        if any(not s for s in stops):
-            raise TformerError("stop token sequences must not be empty")
-        return prompt, stops
+        if bad := [t for t in params.stop_token_ids if t >= config.vocab_size]:
+            raise TformerError(f"stop_token_ids {bad} are outside the vocabulary [0, {config.vocab_size}); "
+                               "use ids of this model's tokenizer")  # fmt: skip
+        return prompt
 
     def add_request(
         self, prompt: Sequence[int], params: SamplingParams = SamplingParams(), eos_id: int | None = None,
-        stop: Sequence[Sequence[int]] = (), request_id: Hashable | None = None,
+        request_id: Hashable | None = None,
     ) -> Hashable:  # fmt: skip
         """Check (`check`) and queue a request; returns its id (`request_id`, or a new one).
-        `stop`: token sequences that end it."""
-        prompt, stops = self.check(prompt, params, stop)
-        return self.add_checked(next(_REQUEST_IDS) if request_id is None else request_id, prompt, params, eos_id, stops)
+        It ends at `eos_id`, at any of `params.stop_token_ids` or at `params.max_new_tokens`."""
+        prompt = self.check(prompt, params)
+        return self.add_checked(next(_REQUEST_IDS) if request_id is None else request_id, prompt, params, eos_id)
 
     def add_checked(
-        self, request_id: Hashable, prompt: list[int], params: SamplingParams, eos_id: int | None = None,
-        stop: tuple[tuple[int, ...], ...] = (),
-    ) -> Hashable:  # fmt: skip
+        self, request_id: Hashable, prompt: list[int], params: SamplingParams, eos_id: int | None = None
+    ) -> Hashable:
         """Queue a request its sender has checked (`check`), under the sender's own id."""
         if request_id in self._requests:
             raise TformerError(f"request id {request_id!r} is already in use")
         generator = None if params.seed is None else torch.Generator(self.backend.device).manual_seed(params.seed)
-        request = Request(request_id, prompt, params, eos_id, stop, generator)
+        request = Request(request_id, prompt, params, eos_id, generator)
         self._requests[request_id] = request
         self.scheduler.add(request)
         return request_id
@@ -232,7 +229,7 @@ class Engine:
     def _record(self, tokens: torch.Tensor, batch: list[Request]) -> list[RequestOutput]:
         """Read the picked ids `(steps, B)` back (the one copy to the host of a step, or of a
         multi-step decode) and record them, step after step, for the requests that decode: a
-        request's tokens after its end (EOS, a stop sequence, its length) are dropped."""
+        request's tokens after its end (EOS, a stop token id, its length) are dropped."""
         outputs = []
         for row_tokens in tokens.tolist():
             for request, token in zip(batch, row_tokens):

@@ -194,41 +194,39 @@ class EngineFront:
             self._thread.join()
 
     def submit(
-        self, prompts: Sequence[Sequence[int]], params: SamplingParams = SamplingParams(), eos_id: int | None = None,
-        stop: Sequence[Sequence[int]] = (),
-    ) -> Stream:  # fmt: skip
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams = SamplingParams(), eos_id: int | None = None
+    ) -> Stream:
         """Queue one request per prompt; their outputs (`RequestOutput`) as the engine produces
         them, the last of each with its finish reason (see `Stream`). Input errors raise here,
         before any request is queued. Call from a running event loop, with the loop on its own
         thread (`start`)."""
         out: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        ids = self.send(prompts, params, eos_id, stop, out, asyncio.get_running_loop())
+        ids = self.send(prompts, params, eos_id, out, asyncio.get_running_loop())
         return Stream(ids, out, self.listeners, self.abort)
 
     def requests(
-        self, prompts: Sequence[Sequence[int]], params: SamplingParams, eos_id: int | None = None,
-        stop: Sequence[Sequence[int]] = (),
-    ) -> tuple[list[Hashable], Iterator[RequestOutput]]:  # fmt: skip
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, eos_id: int | None = None
+    ) -> tuple[list[Hashable], Iterator[RequestOutput]]:
         """`submit` for a thread: the requests' ids, in prompt order, and an iterator of their
         outputs as they come (closing it early aborts what is unfinished)."""
         out: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
-        ids = self.send(prompts, params, eos_id, stop, out)
+        ids = self.send(prompts, params, eos_id, out)
         return ids, self._outputs(ids, out)
 
     def send(
-        self, prompts: Sequence[Sequence[int]], params: SamplingParams, eos_id: int | None, stop: Sequence[Sequence[int]],
-        out, loop: asyncio.AbstractEventLoop | None = None,
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, eos_id: int | None, out,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> list[int]:  # fmt: skip
         """Check the prompts, then queue one request per prompt; their ids. Each output goes to
         `out.put_nowait(output)`: through `loop` when one is given, else called in the thread that
         stepped, as soon as its step is done (a benchmark stamps tokens there)."""
-        checked = [self.engine.check(prompt, params, stop, f"prompt {i}") for i, prompt in enumerate(prompts)]
+        checked = [self.engine.check(prompt, params, f"prompt {i}") for i, prompt in enumerate(prompts)]
         ids = [next(self._ids) for _ in prompts]
         with self.listeners.lock:
             for request_id in ids:
                 self.listeners.add(request_id, out, loop)
-        for request_id, (prompt, stops) in zip(ids, checked):
-            self._inbox.put(Add(request_id, prompt, params, eos_id, stops))
+        for request_id, prompt in zip(ids, checked):
+            self._inbox.put(Add(request_id, prompt, params, eos_id))
         return ids
 
     def wait(self, until: Callable[[], bool]) -> None:

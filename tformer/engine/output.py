@@ -1,9 +1,9 @@
 """Completion text built from a request's outputs: the one output processor of tformer.
 
 `Runtime.generate`/`stream` and the server's completions all turn engine outputs into text here:
-EOS is dropped, byte-level tokens that split a character are held until it is whole, and the text
-is cut at the first stop string, which can span several tokens (so text that could still turn
-out to begin one is held back too).
+the token that ended the request (EOS, a stop token id) is dropped, byte-level tokens that split a
+character are held until it is whole, and the text is cut at the first stop string, which can span
+several tokens (so text that could still turn out to begin one is held back too).
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from tformer.tokenizer import Tokenizer
 @dataclass
 class Piece:
     """What one request's newest outputs add: text ready to show (whole characters, never past a
-    stop string), the new token ids (EOS excluded), and the finish reason once it has ended
-    ("stop" for EOS or a stop string or stop ids, "length", "abort", "error"), with the error."""
+    stop string), the new token ids (EOS and stop token ids excluded), and the finish reason once
+    it has ended ("stop" for EOS or a stop string or stop ids, "length", "abort", "error"), with the
+    error."""
 
     text: str
     token_ids: list[int]
@@ -27,20 +28,32 @@ class Piece:
     error: str | None = None
 
 
+@dataclass
+class Output:
+    """One prompt's whole completion (`Runtime.generate`): its text ("" without a tokenizer), its
+    token ids (EOS and stop token ids excluded) and why it finished (as `Piece`)."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+
+
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "abort": "abort", "error": "error"}
+ENDING = ("eos", "stop")  # the engine's reasons whose token ended the request: not part of the completion
 
 
 class Completion:
     """One request's completion, fed its outputs in order (`take`): its text (`text`, without a
-    tokenizer always empty) and token ids (`token_ids`) so far, and why it finished."""
+    tokenizer always empty) and token ids (`token_ids`) so far, and why it finished. `stop`: the
+    request's stop strings (`SamplingParams.stop`); the engine ends it at EOS and stop token ids
+    itself, and says so with that token, which is dropped here."""
 
-    def __init__(self, tokenizer: Tokenizer | None, stop: Sequence[str] = (), eos_id: int | None = None):
+    def __init__(self, tokenizer: Tokenizer | None, stop: Sequence[str] = ()):
         self.stop = list(stop)
-        self.eos_id = eos_id
         self.longest = max(map(len, self.stop), default=0)
         self.pieces = tokenizer.text_stream() if tokenizer is not None else None
         self.text = ""  # cut at the first stop string
-        self.token_ids: list[int] = []  # EOS excluded
+        self.token_ids: list[int] = []  # EOS and stop token ids excluded
         self.shown = 0
         self.finish_reason: str | None = None
 
@@ -55,7 +68,7 @@ class Completion:
         if self.finished:
             return piece
         for out in outputs:
-            if out.token is not None and out.token != self.eos_id:
+            if out.token is not None and out.finish_reason not in ENDING:
                 piece.token_ids.append(out.token)
                 self.token_ids.append(out.token)
                 if self._push(out.token):
@@ -66,6 +79,10 @@ class Completion:
                 break
         piece.text, piece.finish_reason, piece.error = self._ready(), self.finish_reason, error
         return piece
+
+    def output(self) -> Output:
+        """The whole completion, once finished."""
+        return Output(self.text, self.token_ids, self.finish_reason)
 
     def _push(self, token: int) -> bool:
         """Add `token`'s text; True when a stop string appeared (the text is cut before it)."""

@@ -1,7 +1,7 @@
 """A request: one prompt being served, from waiting to finished.
 
 It carries everything that decides its tokens (prompt ids, sampling parameters and generator,
-EOS id, stop token sequences) and where it stands: its state, its cache row once admitted, how
+EOS id, stop token ids) and where it stands: its state, its cache row once admitted, how
 much of its prompt is in the cache, the tokens generated so far, and why it finished.
 """
 
@@ -49,7 +49,6 @@ class Request:
     prompt: list[int]
     params: SamplingParams
     eos_id: int | None = None  # None: no EOS stops it
-    stop: tuple[tuple[int, ...], ...] = ()  # token sequences that end it when its output ends with one
     generator: torch.Generator | None = None  # its own when seeded, else torch's global one
     state: State = State.WAITING
     finish_reason: str | None = None
@@ -58,6 +57,10 @@ class Request:
     prefilling: bool = True  # prefilled < len(prompt), kept by `prefill` (read for every row of every step)
     output: list[int] = field(default_factory=list)  # generated tokens (EOS and stop tokens included)
     arrived: float = field(default_factory=time.perf_counter)
+    stop_ids: frozenset[int] = field(init=False)  # params.stop_token_ids, a set once: `finish_after` runs per token
+
+    def __post_init__(self) -> None:
+        self.stop_ids = frozenset(self.params.stop_token_ids)
 
     def prefill(self, n: int) -> None:
         """`n` more prompt tokens are in its cache row."""
@@ -75,7 +78,7 @@ class Request:
         self.output.append(token)
         if self.eos_id is not None and token == self.eos_id:
             return "eos"
-        if self.stop and any(len(s) <= len(self.output) and tuple(self.output[-len(s) :]) == s for s in self.stop):
+        if token in self.stop_ids:
             return "stop"
         if len(self.output) >= self.params.max_new_tokens:
             return "length"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from tformer.errors import TformerError
-from tformer.inputs import as_float, as_int
+from tformer.inputs import as_float, as_int, as_stop, as_stop_token_ids
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,10 @@ class SamplingParams:
     temperature: 0 means greedy (argmax); otherwise logits are divided by it before sampling.
     top_k: keep only the k most likely tokens (None: all). top_p: keep the smallest set of tokens
     whose probability adds up to top_p (None or 1.0: all). seed: makes sampling reproducible.
+    stop: strings that end the completion, cut before the first one (text work: the output
+    processor applies them, `tformer.engine.output.Completion`, never the engine). stop_token_ids:
+    ids that end the request when generated, as EOS does (the engine applies them; like EOS, such
+    an id is not part of the completion). Either takes one value or a sequence.
     The defaults are OpenAI's and vLLM's (temperature 1, no top-k, no top-p), the same for Python
     callers and the server; the CLI's options have their own (`tformer generate --help`).
     """
@@ -33,6 +37,8 @@ class SamplingParams:
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         # Normalised to plain Python values: numpy and torch scalars are welcome (see tformer.inputs).
@@ -50,6 +56,8 @@ class SamplingParams:
                 raise TformerError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.seed is not None:
             set_(self, "seed", as_int("seed", self.seed, minimum=0, maximum=2**64 - 1))
+        set_(self, "stop", tuple(as_stop(self.stop)))  # tuples: the params stay hashable
+        set_(self, "stop_token_ids", tuple(as_stop_token_ids(self.stop_token_ids)))
 
 
 class Sampler:

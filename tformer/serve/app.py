@@ -139,7 +139,7 @@ class Server:
         tokenizer, served = self.served.tokenizer, self.served
         if job.texts is not None and tokenizer is None:
             raise APIError(400, "this model has no tokenizer: send 'prompt' as token ids", "prompt")
-        if job.stop and tokenizer is None:
+        if job.params.stop and tokenizer is None:
             raise APIError(400, "'stop' strings need a tokenizer, and this model has none", "stop")
         if job.texts is not None:
             for i, text in enumerate(job.texts):
@@ -182,7 +182,7 @@ class Server:
         tokenizer = self.served.tokenizer
         eos = None if job.ignore_eos else self.served.eos_id
         began = time.perf_counter()
-        choices = [Choice(i, Completion(tokenizer, job.stop, eos), began) for i in range(len(ids))]
+        choices = [Choice(i, Completion(tokenizer, job.params.stop), began) for i in range(len(ids))]
         stream = self.front.submit(ids, job.params, eos_id=eos)
         request_ids = list(stream.index)  # in prompt order
         self.metrics.prompt_tokens.inc(sum(map(len, ids)))

@@ -13,10 +13,12 @@ that prompt is the assistant's reply.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from tformer.engine import SamplingParams
+from tformer.errors import TformerError
+from tformer.inputs import as_stop
 
 # Fields OpenAI defines that tformer cannot honour: accepted only at their "off" value.
 NEUTRAL = {
@@ -51,8 +53,7 @@ class Job:
 
     texts: list[str] | None  # the prompts as text, when they came as text
     ids: list[list[int]] | None  # the prompts as token ids, when they came as ids
-    params: SamplingParams
-    stop: list[str] = field(default_factory=list)
+    params: SamplingParams  # its `stop` strings too
     stream: bool = False
     include_usage: bool = False
     echo: bool = False
@@ -90,13 +91,13 @@ def _job(body: dict, texts, ids, max_tokens, echo: bool) -> Job:
         top_k=DEFAULT.top_k if top_k in (None, -1) else _int(top_k, "top_k", 1),
         top_p=_number(body, "top_p", DEFAULT.top_p or 1.0, 0.0, 1.0, low_open=True),
         seed=None if body.get("seed") is None else _int(body["seed"], "seed", 0, 2**64 - 1),
+        stop=_stop(body.get("stop")),
     )
     options = body.get("stream_options")
     if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}):
         raise APIError(400, "'stream_options' takes only {\"include_usage\": true|false}", "stream_options")
     include_usage = bool(options and _bool(options, "include_usage"))
-    return Job(texts, ids, params, _stop(body.get("stop")), _bool(body, "stream"), include_usage, echo,
-               _bool(body, "ignore_eos"))  # fmt: skip
+    return Job(texts, ids, params, _bool(body, "stream"), include_usage, echo, _bool(body, "ignore_eos"))
 
 
 def _object(body: Any, known: set[str]) -> dict:
@@ -163,7 +164,10 @@ def _stop(stop: Any) -> list[str]:
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
         raise APIError(400, "'stop' must be a non-empty string or a list of them", "stop")
-    return stops
+    try:
+        return as_stop(stops)  # what SamplingParams checks: a lone surrogate (JSON's "\udfff") is no text
+    except TformerError as exc:
+        raise APIError(400, f"'stop': {exc}", "stop") from None
 
 
 def _bool(body: dict, name: str) -> bool:

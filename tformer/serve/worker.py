@@ -131,20 +131,18 @@ class EngineProcess:
         self._stats = EngineStats(0, 0, 0, 0, 0)  # the engine's, from its latest message
 
     def submit(
-        self, prompts: Sequence[Sequence[int]], params: SamplingParams = SamplingParams(), eos_id: int | None = None,
-        stop: Sequence[Sequence[int]] = (),
-    ) -> Stream:  # fmt: skip
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams = SamplingParams(), eos_id: int | None = None
+    ) -> Stream:
         """One request per prompt, their outputs as the child's engine produces them (as
         `EngineFront.submit`; the HTTP side has checked the prompts against the engine's limits).
         Call from one event loop: the first call makes it the one that reads the child's answers."""
         loop = self._attach()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         ids = [next(self._ids) for _ in prompts]
-        stops = tuple(tuple(s) for s in stop)
         with self.listeners.lock:
             for request_id in ids:
                 self.listeners.add(request_id, queue, loop)
-            self._send([Add(i, list(prompt), params, eos_id, stops) for i, prompt in zip(ids, prompts)])
+            self._send([Add(i, list(prompt), params, eos_id) for i, prompt in zip(ids, prompts)])
         return Stream(ids, queue, self.listeners, lambda request_id: self._send([Abort(request_id)]))
 
     def stats(self) -> EngineStats:
