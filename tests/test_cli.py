@@ -68,6 +68,7 @@ def test_generate_with_ids_on_a_tutorial_checkpoint(tmp_path, reference_model):
         (["generate", "{tmp}/model.pt", "--nhead", "4"], 'give either a PROMPT or --ids "1 2 3"'),
         (["generate", "{tmp}/model.pt", "--ids", "1", "--nhead", "4", "-t", "-2"], "'-t': -2.0 is not in the range x>=0"),
         (["generate", "{tmp}/model.pt", "--ids", "1", "--nhead", "4", "-n", "5000"], "exceeds the model's context"),
+        (["generate", "{tmp}/model.pt", "--ids", "1", "--nhead", "4", "--stop", "x"], "stop strings need a tokenizer"),
         (["info", "{tmp}/whole.pt", "--nhead", "4"], "refused: the file holds pickled Python objects"),
         (["train", "{tmp}/no-corpus", "-o", "{tmp}/x.safetensors"], "no-corpus: corpus file not found"),
         (["train", "-o", "{tmp}/x.safetensors", "--nhead", "5"], "nhead=5 does not divide d_model=128"),

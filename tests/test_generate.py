@@ -11,7 +11,7 @@ import torch
 from tformer.config import ModelConfig
 from tformer.errors import TformerError
 from tformer.engine import Engine, Output
-from tformer.engine.sampling import SamplingParams, sample
+from tformer.engine.sampling import Sampler, SamplingParams
 from tformer.model import TransformerLM
 from tformer.runtime import Runtime
 from tformer.reference import TransformerModel, generate_full_recompute
@@ -91,7 +91,7 @@ def test_top_k_and_top_p_keep_only_the_allowed_tokens():
         def draw(**sampling):
             params = [SamplingParams(temperature=1.0, **sampling)] * len(logits)
             generators = [torch.Generator().manual_seed(i) if seeded else None for i in range(len(logits))]
-            return torch.tensor(sample(logits, params, generators))
+            return Sampler(params, generators, logits.shape[-1], logits.device)(logits)
 
         assert set(draw(top_k=2).tolist()) == {0, 1}
         assert set(draw(top_k=None, top_p=0.85).tolist()) == {0, 1, 2}  # 0.5 + 0.3 < 0.85: the third token is needed
@@ -108,8 +108,9 @@ def test_a_seeded_row_draws_the_same_tokens_in_any_batch_and_greedy_rows_take_th
     alone_g, mixed_g = torch.Generator().manual_seed(77), torch.Generator().manual_seed(77)
     drawn = set()
     for _ in range(20):
-        alone = sample(logits[2:3], [seeded], [alone_g])
-        mixed = sample(logits, [others[0], others[1], seeded, others[2]], [None, torch.Generator().manual_seed(3), mixed_g, None])
+        alone = Sampler([seeded], [alone_g], 50, logits.device)(logits[2:3]).tolist()
+        mixed = Sampler([others[0], others[1], seeded, others[2]], [None, torch.Generator().manual_seed(3), mixed_g, None],
+                        50, logits.device)(logits).tolist()  # fmt: skip
         assert mixed[2] == alone[0] and mixed[3] == int(logits[3].argmax())
         drawn.add(alone[0])
     assert len(drawn) > 3  # its generator moves on

@@ -155,7 +155,7 @@ def generate(model, prompt, ids, stop, backend, device, dtype, nhead, tokenizer,
     runtime = load(model, backend=backend, device=device, dtype=dtype, nhead=nhead, tokenizer=tokenizer, max_batch_size=1)
     if runtime.backend.traits.export_format:  # say what runs an export (which onnxruntime provider)
         click.echo(f"running on {runtime.backend.implementation}", err=True)
-    params = _sampling(**sampling)
+    params = _sampling(**sampling) | dict(stop=[unescape(s) for s in stop])  # stop strings need a tokenizer
     if ids is not None:
         try:
             prompt_ids = [int(t) for t in ids.replace(",", " ").split()]
@@ -164,7 +164,7 @@ def generate(model, prompt, ids, stop, backend, device, dtype, nhead, tokenizer,
         for piece in runtime.stream(prompt_ids, **params):  # checks its input before returning
             click.echo("".join(f"{token} " for token in piece.token_ids), nl=False)
     else:
-        pieces = runtime.stream(prompt, stop=[unescape(s) for s in stop], **params)  # checks its input before returning
+        pieces = runtime.stream(prompt, **params)  # checks its input before returning
         click.echo(prompt, nl=False)
         for piece in pieces:
             click.echo(piece.text, nl=False)

@@ -1,5 +1,5 @@
 """How each request picks its next token: its own temperature, top-k, top-p and seed, applied to
-every row of a step in one batched pass on the device (`sample`).
+every row of a step in one batched pass on the device (`Sampler`).
 
 A step of greedy rows only (temperature 0) is one argmax. A seeded request draws from its own
 generator, the same number of draws per token whatever shares its batch, so it gives the same
@@ -112,9 +112,3 @@ class Sampler:
             picked = torch.where(self.some_greedy, logits.argmax(dim=-1), picked)
         return picked
 
-
-def sample(
-    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
-) -> list[int]:
-    """The next token of each row of `logits` `(B, V)` (see `Sampler`), read back to the host."""
-    return Sampler(params, generators, logits.shape[-1], logits.device)(logits).tolist()
