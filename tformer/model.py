@@ -148,8 +148,8 @@ def attention_bias(
 # A decode step of a small model on a CPU is short enough (~1.5 ms at d_model 256) that Python shows:
 # reading a parameter through its modules costs ~1.2 us per attribute and a module call ~5 us, 15%
 # of such a step (measured against the bench's `floor` loop). So the modules below only hold the
-# parameters, under the tutorial's names; the math is in plain functions over `Weights`, the
-# tensors themselves read once (`TransformerLM.weights`), as a backend that steps many times keeps them.
+# parameters, under the tutorial's names; the math is one plain loop over `Weights` (`TransformerLM.run`),
+# the tensors themselves read once (`TransformerLM.weights`), as a backend that steps many times keeps them.
 
 
 class LayerWeights(NamedTuple):
@@ -184,35 +184,6 @@ def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     return F.dropout(x, p, True) if p > 0 else x
 
 
-def attention(
-    x: torch.Tensor, w: LayerWeights, layer: int, nhead: int, bias: torch.Tensor | None, cache: CacheView | None,
-    attend: AttendFn | None, p: float,
-) -> torch.Tensor:  # fmt: skip
-    """Multi-head self-attention of `x` `(B, T, C)`, as `nn.MultiheadAttention` computes it, with
-    keys and values of earlier positions from `cache` (its `layer`), if any; `(B, T, C)`."""
-    B, T, C = x.shape
-    qkv = F.linear(x, w.qkv, w.qkv_bias)  # (B, T, 3C): one fused matmul
-    q, k, v = qkv.view(B, T, 3, nhead, C // nhead).permute(2, 0, 3, 1, 4)  # each (B, H, T, Dh)
-    if cache is not None:
-        k, v = cache.update(layer, k, v)  # (B, H, S, Dh)
-    if attend is not None:
-        y = attend(q, k, v)  # (B, H, T, Dh)
-    else:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, is_causal=bias is None)
-    return F.linear(y.transpose(1, 2).reshape(B, T, C), w.out, w.out_bias)
-
-
-def encoder_layer(
-    x: torch.Tensor, w: LayerWeights, layer: int, nhead: int, bias: torch.Tensor | None, cache: CacheView | None,
-    attend: AttendFn | None, p: float,
-) -> torch.Tensor:  # fmt: skip
-    """`nn.TransformerEncoderLayer`'s post-norm ReLU block: `(B, T, C)` to `(B, T, C)`."""
-    C = x.shape[-1]
-    x = F.layer_norm(x + dropout(attention(x, w, layer, nhead, bias, cache, attend, p), p), (C,), w.norm1, w.norm1_bias)
-    hidden = dropout(F.relu(F.linear(x, w.ff1, w.ff1_bias)), p)  # (B, T, F)
-    return F.layer_norm(x + dropout(F.linear(hidden, w.ff2, w.ff2_bias), p), (C,), w.norm2, w.norm2_bias)
-
-
 class PositionalEncoding(nn.Module):
     """The tutorial's sinusoidal table, stored as buffer `pe` of shape `(max_len, 1, d_model)`."""
 
@@ -239,7 +210,7 @@ class SelfAttention(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """The parameters of `nn.TransformerEncoderLayer`, under its names (`encoder_layer` runs them)."""
+    """The parameters of `nn.TransformerEncoderLayer`, under its names (`TransformerLM.run` runs them)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -359,8 +330,23 @@ class TransformerLM(nn.Module):
         w = self.weights() if weights is None else weights
         c, p = self.config, self.config.dropout if self.training else 0.0
         x = dropout(F.embedding(input_ids, w.embedding) * math.sqrt(c.d_model) + w.pe[positions], p)  # (B, T, C)
-        for i, layer in enumerate(w.layers):
-            x = encoder_layer(x, layer, i, c.nhead, bias, cache, attend, p)
+        B, T, C = x.shape
+        H = c.nhead
+        # Each layer: `nn.TransformerEncoderLayer`'s post-norm ReLU block around multi-head attention
+        # as `nn.MultiheadAttention` computes it, inline (a decode step on a CPU pays for each call).
+        for i, lw in enumerate(w.layers):
+            qkv = F.linear(x, lw.qkv, lw.qkv_bias)  # (B, T, 3C): one fused matmul
+            q, k, v = qkv.view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)  # each (B, H, T, Dh)
+            if cache is not None:
+                k, v = cache.update(i, k, v)  # (B, H, S, Dh): earlier positions too
+            if attend is not None:
+                y = attend(q, k, v)  # (B, H, T, Dh)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, is_causal=bias is None)
+            y = F.linear(y.transpose(1, 2).reshape(B, T, C), lw.out, lw.out_bias)
+            x = F.layer_norm(x + dropout(y, p), (C,), lw.norm1, lw.norm1_bias)
+            y = F.linear(dropout(F.relu(F.linear(x, lw.ff1, lw.ff1_bias)), p), lw.ff2, lw.ff2_bias)  # via (B, T, F)
+            x = F.layer_norm(x + dropout(y, p), (C,), lw.norm2, lw.norm2_bias)
         if isinstance(last, int):
             x = x[:, last]  # (B, C): the same column of every row (a decode step's one), no gather
         elif last is not None:
