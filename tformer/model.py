@@ -179,11 +179,6 @@ class Weights(NamedTuple):
     head_bias: torch.Tensor  # (V,)
 
 
-def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """`p`: the probability in effect (0 outside training)."""
-    return F.dropout(x, p, True) if p > 0 else x
-
-
 class PositionalEncoding(nn.Module):
     """The tutorial's sinusoidal table, stored as buffer `pe` of shape `(max_len, 1, d_model)`."""
 
@@ -329,7 +324,8 @@ class TransformerLM(nn.Module):
         """
         w = self.weights() if weights is None else weights
         c, p = self.config, self.config.dropout if self.training else 0.0
-        x = dropout(F.embedding(input_ids, w.embedding) * math.sqrt(c.d_model) + w.pe[positions], p)  # (B, T, C)
+        x = F.embedding(input_ids, w.embedding) * math.sqrt(c.d_model) + w.pe[positions]  # (B, T, C)
+        x = F.dropout(x, p) if p else x  # (dropout only in training: no call at all otherwise)
         B, T, C = x.shape
         H = c.nhead
         # Each layer: `nn.TransformerEncoderLayer`'s post-norm ReLU block around multi-head attention
@@ -344,9 +340,10 @@ class TransformerLM(nn.Module):
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, is_causal=bias is None)
             y = F.linear(y.transpose(1, 2).reshape(B, T, C), lw.out, lw.out_bias)
-            x = F.layer_norm(x + dropout(y, p), (C,), lw.norm1, lw.norm1_bias)
-            y = F.linear(dropout(F.relu(F.linear(x, lw.ff1, lw.ff1_bias)), p), lw.ff2, lw.ff2_bias)  # via (B, T, F)
-            x = F.layer_norm(x + dropout(y, p), (C,), lw.norm2, lw.norm2_bias)
+            x = F.layer_norm(x + (F.dropout(y, p) if p else y), (C,), lw.norm1, lw.norm1_bias)
+            h = F.relu(F.linear(x, lw.ff1, lw.ff1_bias))  # (B, T, F)
+            y = F.linear(F.dropout(h, p) if p else h, lw.ff2, lw.ff2_bias)
+            x = F.layer_norm(x + (F.dropout(y, p) if p else y), (C,), lw.norm2, lw.norm2_bias)
         if isinstance(last, int):
             x = x[:, last]  # (B, C): the same column of every row (a decode step's one), no gather
         elif last is not None:
