@@ -107,8 +107,10 @@ def wait_for_replicas(n: int, seconds: float = 180) -> dict[str, int]:
         count = status.deployments[rayserve.DEPLOYMENT].replica_states.get("RUNNING", 0)
         return pids if status.status == "RUNNING" and count == n and len(pids := replica_pids()) == n else None
 
-    assert wait_for(running, seconds), f"Ray Serve did not get back to {n} running replicas in {seconds} s"
-    return running()
+    found: list[dict[str, int]] = []  # what `running` saw when it held: asking again can see a replica moving
+    assert wait_for(lambda: (pids := running()) is not None and not found.append(pids), seconds), (
+        f"Ray Serve did not get back to {n} running replicas in {seconds} s")
+    return found[0]
 
 
 def test_sixteen_clients_get_the_in_process_text_from_both_replicas(served):
