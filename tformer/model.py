@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn

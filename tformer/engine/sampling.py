@@ -111,4 +111,3 @@ class Sampler:
         if self.some_greedy is not None:
             picked = torch.where(self.some_greedy, logits.argmax(dim=-1), picked)
         return picked
-
