@@ -50,6 +50,17 @@ def sigint_default() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def stock_copy(model: TransformerLM) -> TransformerModel:
+    """The tutorial's own `TransformerModel` with `model`'s weights (dropout off): the reference."""
+    c = model.config
+    ref = TransformerModel(c.vocab_size, c.d_model, c.nhead, c.d_ff, c.n_layers, 0.0)
+    # The tutorial hard-codes a 5000-row table; its first max_len rows are this model's table.
+    assert torch.equal(ref.pos_encoder.pe[: c.max_len], model.pos_encoder.pe)
+    ref.pos_encoder.pe = ref.pos_encoder.pe[: c.max_len]
+    ref.load_state_dict(model.state_dict())
+    return ref.eval()
+
+
 def token_ids(runtime, prompts, **sampling) -> list[list[int]]:
     """The token ids `runtime.generate` gives each prompt: what most tests compare."""
     return [out.token_ids for out in runtime.generate(prompts, **sampling)]

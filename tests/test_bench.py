@@ -13,13 +13,17 @@ from rich.console import Console
 
 from tformer.backends.eager import EagerBackend
 from tformer.bench.cli import main as bench
+from tformer.bench.ct2 import ct2_generation
 from tformer.bench.harness import Clock, Record, benchmark_runtime, mark_noisy, run_benchmarks
 from tformer.bench.report import print_table
 from tformer.bench.stats import Spread, percentiles
 from tformer.checkpoint import save_checkpoint
 from tformer.config import ModelConfig
 from tformer.model import TransformerLM
+from tformer.reference import generate_full_recompute
 from tformer.runtime import Runtime
+
+from conftest import stock_copy
 
 SMALL = ModelConfig(vocab_size=64, d_model=32, nhead=4, d_ff=64, n_layers=1, max_len=128)
 FAST = dict(batch_sizes=(1, 2), prompt_len=4, new_tokens=5, repeats=2, warmup=1)
@@ -49,14 +53,16 @@ def test_percentiles_on_known_samples():
 def test_unavailable_backends_are_skipped_with_the_reason(model, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    monkeypatch.setitem(sys.modules, "ctranslate2", None)
     monkeypatch.setattr("tformer.kernels.launch.INTERPRET", False)  # as on a CPU without the interpreter
-    records = run_benchmarks(model, ["eager", "triton", "onnx", "hf"], **FAST, build=in_process(model))
+    records = run_benchmarks(model, ["eager", "triton", "onnx", "hf", "ct2"], **FAST, build=in_process(model))
     by_name = {(r.backend, r.batch_size): r for r in records}
     assert by_name["triton", 1].status == "skipped" and "needs a CUDA GPU" in by_name["triton", 1].reason
     assert "TRITON_INTERPRET=1" in by_name["triton", 1].reason
     assert by_name["onnx", 2].status == "skipped" and "onnxruntime is not installed" in by_name["onnx", 2].reason
     assert by_name["hf", 2].status == "skipped" and "transformers is not installed" in by_name["hf", 2].reason
     assert by_name["hf", 1].e2e_tok_s is None
+    assert by_name["ct2", 1].status == "skipped" and by_name["ct2", 1].reason == "ctranslate2 is not installed (pip install 'tformer[ct2]')"
     assert by_name["eager", 2].status == "ok" and by_name["eager", 2].e2e_tok_s.median > 0
 
 
@@ -100,6 +106,23 @@ def test_a_backend_that_disagrees_with_eager_is_flagged_and_never_ranked(model):
     assert "fastest is wrong" not in text and "batch 1: fastest is" in text
 
 
+def test_the_ct2_row_runs_the_tutorial_model_converted_exactly(trained):
+    """CTranslate2's greedy tokens from the converted weights are the tutorial loop's own, batched,
+    each step ticked once; its end token is never picked. (The row's prompts share one length, as
+    the benchmark's do: CTranslate2 steps through the tail of a longer prompt as generation.)"""
+    pytest.importorskip("ctranslate2")
+    model, tokenizer = trained
+    make_run, implementation, _ = ct2_generation(model, torch.device("cpu"), torch.float32)
+    prompts = [tokenizer.encode(t)[:5] for t in ("def main(", "import sys\nfrom os import path\n", "class Foo:\n")]
+    assert {len(p) for p in prompts} == {5}
+    ticks = []
+    ours = make_run(prompts, 48)(lambda: ticks.append(1))
+    reference = stock_copy(model)
+    assert ours == [generate_full_recompute(reference, [prompt], 48)[0] for prompt in prompts]
+    assert len(ticks) == 48 and "CTranslate2" in implementation
+    assert all(len(set(tokens)) >= 5 for tokens in ours), "degenerate output would make this comparison meaningless"
+
+
 def test_benchmark_runtime_is_a_library_call(model):
     runtime = Runtime.from_model(model, device="cpu")
     record = benchmark_runtime(runtime, batch_size=3, prompt_len=4, new_tokens=6, repeats=2, warmup=0)
@@ -113,7 +136,7 @@ RECORD_FIELDS = {
     "backend", "batch_size", "prompt_len", "new_tokens", "status", "reason", "device", "device_name", "dtype",
     "implementation", "notes", "versions", "repeats", "warmup", "setup_s", "warmup_s", "warm_setup_s", "ttft_ms", "itl_ms", "decode_tok_s",
     "e2e_tok_s", "e2e_samples", "peak_mem_mib", "mem_source", "cache_mib", "mem_base_mib", "matches_eager", "vs_naive", "vs_eager",
-    "vs_floor", "noisy", "flagged",
+    "vs_floor", "vs_ct2", "noisy", "flagged",
 }  # fmt: skip
 
 
@@ -128,7 +151,7 @@ def test_cli_json_csv_and_plot_schema_and_each_rows_memory_in_a_process_of_its_o
         here = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
     out = {ext: tmp_path / f"bench.{ext}" for ext in ("json", "csv", "png")}
     result = CliRunner().invoke(bench, [
-        str(tmp_path / "m.safetensors"), "--backends", "floor,eager,naive,triton", "--batch-sizes", "1,2", "--prompt-len", "4",
+        str(tmp_path / "m.safetensors"), "--backends", "floor,eager,naive,triton,ct2", "--batch-sizes", "1,2", "--prompt-len", "4",
         "--new-tokens", "5", "--repeats", "2", "--device", "cpu",
         "--json", str(out["json"]), "--csv", str(out["csv"]), "--plot", str(out["png"]),
     ])  # fmt: skip
@@ -136,15 +159,15 @@ def test_cli_json_csv_and_plot_schema_and_each_rows_memory_in_a_process_of_its_o
     assert "e2e tok/s" in result.output and "skipped triton" in result.output
     data = json.loads(out["json"].read_text())
     assert data["meta"]["batch_sizes"] == [1, 2] and data["meta"]["config"]["d_model"] == 32
-    assert len(data["records"]) == 8
+    assert len(data["records"]) == 10
     for record in data["records"]:
         assert set(record) == RECORD_FIELDS
-        assert set(record["versions"]) == {"torch", "triton", "onnxruntime", "transformers"}
+        assert set(record["versions"]) == {"torch", "triton", "onnxruntime", "transformers", "ctranslate2"}
         if record["status"] == "ok":
             assert set(record["ttft_ms"]) == set(record["e2e_tok_s"]) == {"median", "min", "max"}
             assert set(record["itl_ms"]) == {"p50", "p90", "p99"}
-            assert record["vs_naive"] > 0 and record["vs_eager"] > 0 and record["vs_floor"] > 0
-            assert record["matches_eager"] is True  # the floor's bare loop too
+            assert record["vs_naive"] > 0 and record["vs_eager"] > 0 and record["vs_floor"] > 0 and record["vs_ct2"] > 0
+            assert record["matches_eager"] is True  # the floor's bare loop and CTranslate2 too
             assert len(record["e2e_samples"]) == 2 and record["e2e_tok_s"]["max"] == max(record["e2e_samples"])
             assert "process that set up this row alone" in record["mem_source"]
             assert 0 < record["mem_base_mib"] < record["peak_mem_mib"] < here - 256, (record, here)
@@ -153,7 +176,7 @@ def test_cli_json_csv_and_plot_schema_and_each_rows_memory_in_a_process_of_its_o
     eager1 = next(r for r in data["records"] if r["backend"] == "eager" and r["batch_size"] == 1)
     assert eager1["vs_eager"] == pytest.approx(1.0)
     rows = list(csv.DictReader(out["csv"].open()))
-    assert len(rows) == 8 and "itl_ms.p99" in rows[0] and "versions.torch" in rows[0]
+    assert len(rows) == 10 and "itl_ms.p99" in rows[0] and "versions.torch" in rows[0]
     assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

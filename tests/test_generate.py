@@ -14,19 +14,9 @@ from tformer.engine import Engine, Output
 from tformer.engine.sampling import Sampler, SamplingParams
 from tformer.model import TransformerLM
 from tformer.runtime import Runtime
-from tformer.reference import TransformerModel, generate_full_recompute
+from tformer.reference import generate_full_recompute
 
-from conftest import DEVICES, token_ids
-
-
-def stock_copy(model) -> TransformerModel:
-    c = model.config
-    ref = TransformerModel(c.vocab_size, c.d_model, c.nhead, c.d_ff, c.n_layers, 0.0)
-    # The tutorial hard-codes a 5000-row table; its first max_len rows are this model's table.
-    assert torch.equal(ref.pos_encoder.pe[: c.max_len], model.pos_encoder.pe)
-    ref.pos_encoder.pe = ref.pos_encoder.pe[: c.max_len]
-    ref.load_state_dict(model.state_dict())
-    return ref.eval()
+from conftest import DEVICES, stock_copy, token_ids
 
 
 @pytest.mark.parametrize("device", DEVICES)

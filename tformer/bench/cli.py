@@ -76,7 +76,8 @@ def _name_list(text: str, known: tuple[str, ...], what: str) -> list[str]:
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("--nhead", type=click.IntRange(min=1), help="Head count; required for a tutorial state_dict (.pt).")
 @click.option("--backends", default=",".join(ALL_BACKENDS), show_default=True,
-              help="Comma-separated rows; 'naive' is the tutorial's full-recompute loop, 'hf' is HF generate.")
+              help="Comma-separated rows; 'naive' is the tutorial's full-recompute loop, 'floor' a bare decode loop of the "
+                   "same model, 'hf' HF generate, 'ct2' CTranslate2 running the same weights.")
 @click.option("--batch-sizes", default="1,8", show_default=True, help="Comma-separated batch sizes, one row each.")
 @click.option("--prompt-len", default=32, show_default=True, help="Prompt tokens per row.")
 @click.option("--new-tokens", default=64, show_default=True, help="Tokens generated per row.")

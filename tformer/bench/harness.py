@@ -37,8 +37,9 @@ import numpy as np
 import torch
 
 from tformer.backends import BACKENDS, BASELINE, REFERENCE
-from tformer.bench.hf import hf_generation
+from tformer.bench.ct2 import ct2_generation
 from tformer.bench.floor import floor_generation
+from tformer.bench.hf import hf_generation
 from tformer.bench.memory import PeakMemory
 from tformer.bench.stats import Spread, percentiles
 from tformer.checkpoint import save_checkpoint
@@ -49,8 +50,9 @@ from tformer.model import TransformerLM
 from tformer.runtime import Runtime
 
 HF_ROW = "hf"  # the peer row: HF transformers' generate, not a tformer backend
+CT2_ROW = "ct2"  # the anchor: CTranslate2 running the same weights, what users would pick for speed
 FLOOR_ROW = "floor"  # a bare decode loop of the same model: what the engine around it costs
-ALL_BACKENDS = (FLOOR_ROW, *BACKENDS, HF_ROW)  # the default rows: the floor, every backend, then the peer
+ALL_BACKENDS = (FLOOR_ROW, *BACKENDS, HF_ROW, CT2_ROW)  # the default rows: the floor, every backend, the peers
 CHECK_PROMPTS, CHECK_PROMPT_LEN, CHECK_NEW_TOKENS = 2, 8, 16
 # A pause before each timed run, so that thread pools a run leaves spinning have gone to sleep
 # before the next one starts: onnxruntime's workers spin for ~35 ms of CPU after a run (its default,
@@ -113,6 +115,7 @@ class Record:
     vs_naive: float | None = None  # e2e tokens/s ratios at the same batch size
     vs_eager: float | None = None
     vs_floor: float | None = None
+    vs_ct2: float | None = None
     noisy: str = ""  # why its speed cannot be ranked against the next row's at this batch size ("": it can)
 
     @property
@@ -124,7 +127,7 @@ def versions() -> dict[str, str | None]:
     """Installed versions of what the rows may run on, read without importing the packages."""
     found: dict[str, str | None] = {"torch": torch.__version__}
     for name, dists in {"triton": ("triton",), "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
-                        "transformers": ("transformers",)}.items():  # fmt: skip
+                        "transformers": ("transformers",), "ctranslate2": ("ctranslate2",)}.items():  # fmt: skip
         found[name] = next((v for d in dists if (v := _dist_version(d))), None)
     return found
 
@@ -422,8 +425,8 @@ def _set_up(
             if name == HF_ROW:
                 entrants.append(hf_entrant(model.config, prompt_len + new_tokens, device, dtype))
                 continue
-            if name == FLOOR_ROW:
-                entrants.append(floor_entrant(model, reference, seed))
+            if name in (FLOOR_ROW, CT2_ROW):
+                entrants.append((floor_entrant if name == FLOOR_ROW else ct2_entrant)(model, reference, seed))
                 continue
             runtime = reference if name == REFERENCE else build(name)
         except TformerError as exc:
@@ -449,13 +452,30 @@ def hf_entrant(config: ModelConfig, max_positions: int, device: torch.device, dt
 def floor_entrant(model: TransformerLM, reference: Runtime, seed: int = 0) -> Entrant:
     """The floor row over `model` on the reference's device and dtype, checked for eager's tokens."""
     began = time.perf_counter()
+    make_run, implementation = floor_generation(model, reference.backend.device, reference.backend.dtype)
+    return _checked_entrant(FLOOR_ROW, make_run, implementation, reference, seed, began)
+
+
+def ct2_entrant(model: TransformerLM, reference: Runtime, seed: int = 0) -> Entrant:
+    """The ct2 row: `model` converted to CTranslate2, on the reference's device and dtype, checked
+    for eager's tokens (raises TformerError without ctranslate2, which only this imports)."""
+    began = time.perf_counter()
+    make_run, implementation, _ = ct2_generation(model, reference.backend.device, reference.backend.dtype)
+    return _checked_entrant(CT2_ROW, make_run, implementation, reference, seed, began)
+
+
+def _checked_entrant(
+    name: str, make_run: Callable[[list[list[int]], int], Generation], implementation: str, reference: Runtime,
+    seed: int, began: float,
+) -> Entrant:  # fmt: skip
+    """A row that runs the same weights outside tformer's engine (its generation returns the
+    tokens), with the check's greedy tokens compared to the reference's."""
     device, dtype = reference.backend.device, reference.backend.dtype
-    make_run, implementation = floor_generation(model, device, dtype)
-    prompts = make_prompts(model.config.vocab_size, CHECK_PROMPTS, CHECK_PROMPT_LEN, seed + 1)
+    prompts = make_prompts(reference.config.vocab_size, CHECK_PROMPTS, CHECK_PROMPT_LEN, seed + 1)
     ours = make_run(prompts, CHECK_NEW_TOKENS)(lambda n=1: None)
     same = ours == check_generation(reference, seed)
     reason = "" if same else "greedy tokens differ from eager"
-    return Entrant(FLOOR_ROW, make_run, device, dtype, implementation, lambda: (), time.perf_counter() - began, same, reason)
+    return Entrant(name, make_run, device, dtype, implementation, lambda: (), time.perf_counter() - began, same, reason)
 
 
 def run_alone(
@@ -488,10 +508,11 @@ def _fill_ratios(records: list[Record]) -> None:
     for r in records:
         if r.e2e_tok_s is None:
             continue
-        naive, eager, floor = (e2e(name, r.batch_size) for name in (BASELINE, REFERENCE, FLOOR_ROW))
+        naive, eager, floor, ct2 = (e2e(name, r.batch_size) for name in (BASELINE, REFERENCE, FLOOR_ROW, CT2_ROW))
         r.vs_naive = r.e2e_tok_s.median / naive if naive else None
         r.vs_eager = r.e2e_tok_s.median / eager if eager else None
         r.vs_floor = r.e2e_tok_s.median / floor if floor else None
+        r.vs_ct2 = r.e2e_tok_s.median / ct2 if ct2 else None
 
 
 def mark_noisy(records: list[Record]) -> None:

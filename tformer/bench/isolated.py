@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from tformer.bench.harness import CHECK_NEW_TOKENS, CHECK_PROMPT_LEN, FLOOR_ROW, HF_ROW, Entrant, check_generation, floor_entrant, hf_entrant, make_prompts
+from tformer.bench.harness import (CHECK_NEW_TOKENS, CHECK_PROMPT_LEN, CT2_ROW, FLOOR_ROW, HF_ROW, Entrant, check_generation,
+                                   ct2_entrant, floor_entrant, hf_entrant, make_prompts)  # fmt: skip
 from tformer.bench.memory import PeakMemory
 from tformer.checkpoint import load_model
 from tformer.runtime import Runtime, resolve_dtype
@@ -37,8 +38,9 @@ def measure(spec: dict) -> dict:
                  max_len=max(spec["prompt_len"] + spec["new_tokens"], CHECK_PROMPT_LEN + CHECK_NEW_TOKENS))
     if spec["backend"] == HF_ROW:
         entrant = hf_entrant(model.config, spec["prompt_len"] + spec["new_tokens"], device, dtype)
-    elif spec["backend"] == FLOOR_ROW:
-        entrant = floor_entrant(model, Runtime.from_model(model, device=device, dtype=dtype, **sizes), spec["seed"])
+    elif spec["backend"] in (FLOOR_ROW, CT2_ROW):
+        outside = floor_entrant if spec["backend"] == FLOOR_ROW else ct2_entrant
+        entrant = outside(model, Runtime.from_model(model, device=device, dtype=dtype, **sizes), spec["seed"])
     else:
         runtime = Runtime.from_model(model, backend=spec["backend"], device=device, dtype=dtype, **sizes)
         check_generation(runtime, spec["seed"])

@@ -34,7 +34,7 @@ def print_table(records: Sequence[Record], title: str, console: Console | None =
     console = console or Console(width=max(Console().width, 170))
     table = Table(title=title, title_justify="left")
     headers = ("backend", "batch", "TTFT ms", "ITL p50 ms", "ITL p90 ms", "ITL p99 ms", "decode tok/s",
-               "e2e tok/s (min-max)", "x naive", "x eager", "x floor", "peak MiB", "warm-up s", "check")  # fmt: skip
+               "e2e tok/s (min-max)", "x naive", "x eager", "x floor", "x ct2", "peak MiB", "warm-up s", "check")  # fmt: skip
     for h in headers:
         table.add_column(h, justify="left" if h in ("backend", "check") else "right")
     timed = [r for r in records if r.status != "skipped"]
@@ -46,7 +46,8 @@ def print_table(records: Sequence[Record], title: str, console: Console | None =
             *(_num(r.itl_ms[p]) if r.itl_ms else "-" for p in ("p50", "p90", "p99")),
             _num(r.decode_tok_s.median) if r.decode_tok_s else "-",
             f"{_num(r.e2e_tok_s.median)} ({_num(r.e2e_tok_s.min)}-{_num(r.e2e_tok_s.max)})" + ("~" if r.noisy else ""),
-            _ratio(r.vs_naive) + mark, _ratio(r.vs_eager) + mark, _ratio(r.vs_floor) + mark, _num(r.peak_mem_mib),
+            _ratio(r.vs_naive) + mark, _ratio(r.vs_eager) + mark, _ratio(r.vs_floor) + mark,
+            _ratio(r.vs_ct2) + mark, _num(r.peak_mem_mib),
             _num((r.setup_s or 0) + (r.warmup_s or 0)), check, style="red" if r.flagged else None,
         )  # fmt: skip
     console.print(table)
