@@ -27,8 +27,8 @@ def test_package_is_validated(package):
     assert meta["format"] == "tformer-pt2" and meta["tokenizer"] is True
     assert all(r["ok"] for r in meta["validation"]["shapes"]) and meta["validation"]["greedy"]["identical"]
     assert {(r["batch"], r["prompt"]) for r in meta["validation"]["shapes"]} == {(1, 1), (1, 17), (3, 1), (3, 17)}
-    assert [(i["name"], i["shape"]) for i in meta["inputs"][:5]] == [
-        ("input_ids", ["B", "T"]), ("start", ["B"]), ("lengths", ["B"]), ("rows", ["B"]),
+    assert [(i["name"], i["shape"]) for i in meta["inputs"][:6]] == [
+        ("input_ids", ["B", "T"]), ("start", ["B"]), ("lengths", ["B"]), ("rows", ["B"]), ("span", ["P"]),
         ("k.0", ["R", meta["config"]["nhead"], "S", meta["config"]["d_model"] // meta["config"]["nhead"]])]  # fmt: skip
     assert meta["outputs"] == [{"name": "logits", "dtype": "float32", "shape": ["B", meta["config"]["vocab_size"]]}]
 
@@ -44,16 +44,16 @@ def test_aot_greedy_equals_eager_batched_and_padded(trained, package):
 
 
 def test_package_of_an_earlier_format_version_says_re_export(package, tmp_path):
-    """Format 2 packages ran the left-padded step of backend contract v1: refused in one line,
+    """Format 3 packages attended every slot of the cache (no `span` input): refused in one line,
     before any file is read or loaded."""
     from tformer.errors import TformerError
     from tformer.export.formats import FORMATS
     from tformer.export.integrity import verified_meta
 
     meta = json.loads((package / "tformer.json").read_text())
-    assert meta["format_version"] == FORMATS["pt2"].version == 3
-    (tmp_path / "tformer.json").write_text(json.dumps({**meta, "format_version": 2}))
-    message = "export format version 2 is older than this tformer's (3); re-export it (tformer-export --force)"
+    assert meta["format_version"] == FORMATS["pt2"].version == 4
+    (tmp_path / "tformer.json").write_text(json.dumps({**meta, "format_version": 3}))
+    message = "export format version 3 is older than this tformer's (4); re-export it (tformer-export --force)"
     with pytest.raises(TformerError, match=re.escape(message) + "$"):
         verified_meta(tmp_path)
 

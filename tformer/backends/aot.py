@@ -2,8 +2,8 @@
 
 The package (see `tformer.export.pt2`) takes the engine's cache of rows as inputs and updates it
 in place, so this backend is the eager one minus Python: `KVCache` buffers, one call per step.
-It attends over every slot of the cache rows it reads (masked past each row's length): the
-package's cache inputs are whole, contiguous buffers.
+Its cache inputs are whole, contiguous buffers; it reads the slots each step fills, `0..span-1`,
+told by the length of its `span` input (a slice of a tensor allocated once), not every slot.
 """
 
 from __future__ import annotations
@@ -34,8 +34,11 @@ class AotBackend(ExportBackend):
         check_embedded(self.meta, self.runner.get_metadata(), path)  # the compiled program is the one described
 
     def allocate_cache(self, rows: int, slots: int) -> KVCache:
+        if getattr(self, "_spans", torch.empty(0)).numel() < slots:  # its slices tell the package a span
+            self._spans = torch.zeros(slots, dtype=torch.long, device=self.device)
         return KVCache.allocate(self.config, rows, slots, self.device, self.dtype)
 
     def step(self, batch: Batch, cache: KVCache) -> torch.Tensor:
-        # A Batch's tensors are contiguous, as the compiled code assumes.
-        return self.runner(batch.input_ids, batch.start, batch.lengths, batch.rows, tuple(cache.k), tuple(cache.v))
+        # A Batch's tensors are contiguous, as the compiled code assumes (and so is a slice of `_spans`).
+        return self.runner(batch.input_ids, batch.start, batch.lengths, batch.rows, self._spans[: batch.span],
+                           tuple(cache.k), tuple(cache.v))  # fmt: skip

@@ -117,7 +117,7 @@ class Format:
 FORMATS = {
     "onnx": Format("onnx", "tformer-onnx", 3, "model.onnx", "onnx", "tformer.export.onnx",
                    {"opset": (lambda v: _is_int(v) and v > 0, "a positive integer")}, _onnx_cases(), ("opset",)),
-    "pt2": Format("pt2", "tformer-pt2", 3, "model.pt2", "aot", "tformer.export.pt2", {}, _pt2_cases()),
+    "pt2": Format("pt2", "tformer-pt2", 4, "model.pt2", "aot", "tformer.export.pt2", {}, _pt2_cases()),
 }  # fmt: skip
 
 

@@ -3,10 +3,11 @@ v3's `Batch`) compiled ahead of time by AOTInductor into a package.
 
 The package holds one compiled program for prefill and decode alike, the contract of
 `tformer.backends.base.Backend.step`: inputs `input_ids (B, T)` (right-padded), `start (B,)`,
-`lengths (B,)`, `rows (B,)` (all int64, contiguous) and the per-layer caches `k`, `v` (tuples of
-`(R, H, S, Dh)` tensors: R cache rows of S slots, updated in place: batch row b writes and reads
-cache row `rows[b]` only), output the logits of each row's last new token `(B, V)`; B, T, R and S
-are dynamic. `tformer.load(dir, backend="aot")` runs it without re-tracing, and a C++ app can load
+`lengths (B,)`, `rows (B,)` (all int64, contiguous), `span (P,)` (int64, any values: its length
+P is how many slots each row attends, `max(lengths) <= P <= S`, so that a step reads the filled
+slots only) and the per-layer caches `k`, `v` (tuples of `(R, H, S, Dh)` tensors: R cache rows of
+S slots, updated in place: batch row b writes and reads cache row `rows[b]` only), output the
+logits of each row's last new token `(B, V)`; B, T, P, R and S are dynamic. `tformer.load(dir, backend="aot")` runs it without re-tracing, and a C++ app can load
 it with `torch::inductor::AOTIModelPackageLoader`. The cache is an input rather than module state,
 so the caller owns it (the engine allocates it once). The fields that decide how it runs
 (`tformer.config`, ...) are compiled into it as AOTInductor metadata (`runner.get_metadata()`, and
@@ -33,8 +34,8 @@ from tformer.model import KVCache, TransformerLM
 class AotStep(Step):
     """The step as the package runs it: the cache passed in and written in place."""
 
-    def forward(self, input_ids, start, lengths, rows, k, v):
-        return self.model.step(input_ids, start, lengths, rows, KVCache(list(k), list(v)))
+    def forward(self, input_ids, start, lengths, rows, span, k, v):
+        return self.model.step(input_ids, start, lengths, rows, KVCache(list(k), list(v)), span=span.shape[0])
 
 
 def write_artifact(model: TransformerLM, path: Path, embedded: dict[str, str], log) -> dict:
@@ -58,6 +59,7 @@ def contract(config: ModelConfig, dtype: str) -> dict[str, list[dict]]:
     return {
         "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["B", "T"]},
                    *({"name": name, "dtype": "int64", "shape": ["B"]} for name in ("start", "lengths", "rows")),
+                   {"name": "span", "dtype": "int64", "shape": ["P"]},
                    *caches],
         "outputs": [{"name": "logits", "dtype": dtype, "shape": ["B", config.vocab_size]}],
     }  # fmt: skip
@@ -113,12 +115,13 @@ def _compile(model: TransformerLM, path: Path, metadata: dict[str, str]) -> None
     # `max_len` new tokens. Example sizes all different: the exporter would take equal ones for one size.
     batch, seq = Dim("batch", min=1, max=4096), Dim("seq", min=1, max=c.max_len)
     rows, slots = Dim("rows", min=1, max=4096), Dim("slots", min=2, max=2 * c.max_len)
+    span = Dim("span", min=1, max=2 * c.max_len)
     kv = tuple({0: rows, 2: slots} for _ in range(c.n_layers))
     dynamic = {"input_ids": {0: batch, 1: seq}, "start": {0: batch}, "lengths": {0: batch}, "rows": {0: batch},
-               "k": kv, "v": kv}  # fmt: skip
+               "span": {0: span}, "k": kv, "v": kv}  # fmt: skip
     cache = KVCache.allocate(c, 5, 16, "cpu", model.decoder.weight.dtype)
     example = (torch.zeros(2, 3, dtype=torch.long), torch.tensor([0, 4]), torch.tensor([3, 6]), torch.tensor([3, 1]),
-               tuple(cache.k), tuple(cache.v))  # fmt: skip
+               torch.zeros(7, dtype=torch.long), tuple(cache.k), tuple(cache.v))  # fmt: skip
     try:
         with torch.inference_mode():
             program = torch.export.export(AotStep(model).eval(), example, dynamic_shapes=dynamic)
