@@ -116,10 +116,10 @@ def test_the_ct2_row_runs_the_tutorial_model_converted_exactly(trained):
     prompts = [tokenizer.encode(t)[:5] for t in ("def main(", "import sys\nfrom os import path\n", "class Foo:\n")]
     assert {len(p) for p in prompts} == {5}
     ticks = []
-    ours = make_run(prompts, 48)(lambda: ticks.append(1))
+    ours = make_run(prompts, 48)(lambda at: ticks.append(at))
     reference = stock_copy(model)
     assert ours == [generate_full_recompute(reference, [prompt], 48)[0] for prompt in prompts]
-    assert len(ticks) == 48 and "CTranslate2" in implementation
+    assert len(ticks) == 48 and ticks == sorted(ticks) and "CTranslate2" in implementation
     assert all(len(set(tokens)) >= 5 for tokens in ours), "degenerate output would make this comparison meaningless"
 
 

@@ -17,13 +17,18 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import json
+import resource
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from tformer.errors import TformerError
+from tformer.errors import TformerError, one_line
 from tformer.export.writer import weights_sha256
 from tformer.files import atomic_directory, store_root
 from tformer.model import TransformerLM
@@ -95,43 +100,92 @@ def stored_ct2_model(model: TransformerLM) -> Path:
 
 
 def ct2_generation(model: TransformerLM, device: torch.device, dtype: torch.dtype):
-    """(make_run(prompts, new_tokens) -> timed generation, what runs it, ctranslate2 version) for
-    `model` converted, on `device` in `dtype`'s compute type, with torch's thread count. Raises
-    TformerError when ctranslate2 is missing or cannot run there."""
-    ct2 = ctranslate2_module()
+    """(make_run(prompts, new_tokens) -> timed generation, what runs it, notes() -> what it
+    reported) for `model` converted, on `device` in `dtype`'s compute type, with torch's thread
+    count. Raises TformerError when ctranslate2 is missing or cannot run there.
+
+    CTranslate2 generates in a process of its own, which each run asks for one generation: once
+    it has run in a process, that process's torch computes on one thread whatever its thread count
+    says (measured with 2: the worker thread's CPU time drops to a tenth), which would slow every
+    row timed after it. Its steps are stamped there, on the clock this process reads too."""
+    ctranslate2_module()
     if dtype not in COMPUTE_TYPES:
         raise TformerError(f"CTranslate2 has no compute type for {dtype}")
-    try:
-        generator = ct2.Generator(str(stored_ct2_model(model)), device=device.type, compute_type=COMPUTE_TYPES[dtype],
-                                  intra_threads=torch.get_num_threads())  # fmt: skip
-    except (RuntimeError, ValueError) as exc:
-        raise TformerError(f"CTranslate2 cannot run on {device.type} in {COMPUTE_TYPES[dtype]}: {exc}") from None
-    # A generator that ran a Python callback aborts the process if it is still alive when the
-    # interpreter shuts down (ctranslate2 4.8: "terminate called without an active exception").
-    held = [generator]
-    atexit.register(held.clear)
-    del generator
+    directory = stored_ct2_model(model)
+    spec = dict(directory=str(directory), device=device.type, compute_type=COMPUTE_TYPES[dtype],
+                threads=torch.get_num_threads())  # fmt: skip
+    child = subprocess.Popen([sys.executable, "-m", "tformer.bench.ct2", json.dumps(spec)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    atexit.register(child.kill)
+    implementation = _reply(child)
+    peak = [None]
 
     def make_run(prompts: list[list[int]], new_tokens: int):
         # CTranslate2 feeds a batch's prompts at once up to the shortest one's length, and steps
         # through the rest as generated tokens (returned with them): the benchmark's share one length.
         if len({len(p) for p in prompts}) != 1:
             raise TformerError("the ct2 row runs prompts of one length")
-        tokens = [[str(t) for t in prompt] for prompt in prompts]
 
-        def run(tick: Callable[[], None]) -> list[list[int]]:
-            steps = [0]
-
-            def step(result) -> bool:  # one call per row and step, on the generating thread
-                steps[0] += 1
-                if steps[0] % len(tokens) == 0:
-                    tick()
-                return False  # go on
-
-            results = held[0].generate_batch(tokens, max_length=new_tokens, sampling_topk=1, beam_size=1,
-                                               include_prompt_in_result=False, callback=step)  # fmt: skip
-            return [r.sequences_ids[0] for r in results]
+        def run(tick: Callable[..., None]) -> list[list[int]]:
+            child.stdin.write(json.dumps([prompts, new_tokens]) + "\n")
+            child.stdin.flush()
+            tokens, stamps, peak[0] = _reply(child)
+            for at in stamps:
+                tick(at=at)
+            return tokens
 
         return run
 
-    return make_run, f"CTranslate2 {ct2.__version__} Generator ({COMPUTE_TYPES[dtype]})", ct2.__version__
+    def notes() -> list[str]:
+        return [f"runs in a process of its own: its peak RSS there {peak[0]:.0f} MiB"] if peak[0] else []
+
+    return make_run, implementation, notes
+
+
+def _reply(child: subprocess.Popen):
+    """The child's answer (a JSON line), or TformerError with its error."""
+    line = child.stdout.readline()
+    if not line:
+        raise TformerError(f"the CTranslate2 process ended (exit status {child.wait()})")
+    status, value = json.loads(line)
+    if status != "ok":
+        raise TformerError(value)
+    return value
+
+
+def serve(spec: dict) -> None:
+    """The CTranslate2 process (`python -m tformer.bench.ct2 SPEC`): build the generator, then one
+    generation per line of stdin (`[prompts, new_tokens]`) until it closes, each answered with a
+    line on stdout; each step of a generation stamped with `time.perf_counter` (the monotonic
+    clock, the same in every process)."""
+    import ctranslate2
+
+    def send(status: str, value) -> None:
+        print(json.dumps([status, value]), flush=True)
+
+    device, compute_type = spec["device"], spec["compute_type"]
+    try:
+        generator = ctranslate2.Generator(spec["directory"], device=device, compute_type=compute_type,
+                                          intra_threads=spec["threads"])  # fmt: skip
+    except (RuntimeError, ValueError) as exc:
+        return send("error", f"CTranslate2 cannot run on {device} in {compute_type}: {one_line(exc)}")
+    send("ok", f"CTranslate2 {ctranslate2.__version__} Generator ({compute_type})")
+    for line in sys.stdin:
+        prompts, new_tokens = json.loads(line)
+        stamps: list[float] = []
+
+        def step(result) -> bool:  # once per row and step, rows in order
+            if result.batch_id == len(prompts) - 1:
+                stamps.append(time.perf_counter())
+            return False  # go on
+
+        results = generator.generate_batch([[str(t) for t in p] for p in prompts], max_length=new_tokens,
+                                           sampling_topk=1, beam_size=1, include_prompt_in_result=False,
+                                           callback=step)  # fmt: skip
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        send("ok", [[r.sequences_ids[0] for r in results], stamps, peak])
+    del generator  # before the interpreter ends: one that ran a callback aborts it otherwise (ctranslate2 4.8)
+
+
+if __name__ == "__main__":
+    serve(json.loads(sys.argv[1]))

@@ -62,7 +62,8 @@ SETTLE_S = 0.1
 
 # A generation to time: called with `tick`, which it must call once per step, after the step's
 # new tokens are on the host (`tick(n)` once for n steps whose tokens arrive together: a multi-step
-# decode's).
+# decode's; `tick(at=t)` for a step whose tokens arrived at `time.perf_counter()` t, read in the
+# process that generated them: the ct2 row's).
 Generation = Callable[[Callable[..., None]], None]
 Progress = Callable[[str], None]
 
@@ -254,7 +255,7 @@ def time_interleaved(
         began = clock.now()
         for w in range(warmup):
             note(i, f"warm-up {w + 1}/{warmup}")
-            run(lambda n=1: None)
+            run(lambda n=1, at=None: None)
         _sync(device)
         figures.append(dict(warmup_s=clock.now() - began))
     samples = [Samples() for _ in runs]
@@ -266,7 +267,7 @@ def time_interleaved(
             clock.sleep(SETTLE_S)
             memory.reset()
             start = clock.now()
-            runs[i](lambda n=1: stamps.extend([clock.now()] * n))
+            runs[i](lambda n=1, at=None: stamps.extend([clock.now() if at is None else at] * n))
             if len(stamps) != new_tokens:
                 raise RuntimeError(f"the generation made {len(stamps)} steps, expected {new_tokens}")
             samples[i].add(start, stamps, batch_size, memory.peak_mib())
@@ -453,29 +454,29 @@ def floor_entrant(model: TransformerLM, reference: Runtime, seed: int = 0) -> En
     """The floor row over `model` on the reference's device and dtype, checked for eager's tokens."""
     began = time.perf_counter()
     make_run, implementation = floor_generation(model, reference.backend.device, reference.backend.dtype)
-    return _checked_entrant(FLOOR_ROW, make_run, implementation, reference, seed, began)
+    return _checked_entrant(FLOOR_ROW, make_run, implementation, lambda: (), reference, seed, began)
 
 
 def ct2_entrant(model: TransformerLM, reference: Runtime, seed: int = 0) -> Entrant:
     """The ct2 row: `model` converted to CTranslate2, on the reference's device and dtype, checked
     for eager's tokens (raises TformerError without ctranslate2, which only this imports)."""
     began = time.perf_counter()
-    make_run, implementation, _ = ct2_generation(model, reference.backend.device, reference.backend.dtype)
-    return _checked_entrant(CT2_ROW, make_run, implementation, reference, seed, began)
+    make_run, implementation, notes = ct2_generation(model, reference.backend.device, reference.backend.dtype)
+    return _checked_entrant(CT2_ROW, make_run, implementation, notes, reference, seed, began)
 
 
 def _checked_entrant(
-    name: str, make_run: Callable[[list[list[int]], int], Generation], implementation: str, reference: Runtime,
-    seed: int, began: float,
+    name: str, make_run: Callable[[list[list[int]], int], Generation], implementation: str,
+    notes: Callable[[], Sequence[str]], reference: Runtime, seed: int, began: float,
 ) -> Entrant:  # fmt: skip
     """A row that runs the same weights outside tformer's engine (its generation returns the
     tokens), with the check's greedy tokens compared to the reference's."""
     device, dtype = reference.backend.device, reference.backend.dtype
     prompts = make_prompts(reference.config.vocab_size, CHECK_PROMPTS, CHECK_PROMPT_LEN, seed + 1)
-    ours = make_run(prompts, CHECK_NEW_TOKENS)(lambda n=1: None)
+    ours = make_run(prompts, CHECK_NEW_TOKENS)(lambda n=1, at=None: None)
     same = ours == check_generation(reference, seed)
     reason = "" if same else "greedy tokens differ from eager"
-    return Entrant(name, make_run, device, dtype, implementation, lambda: (), time.perf_counter() - began, same, reason)
+    return Entrant(name, make_run, device, dtype, implementation, notes, time.perf_counter() - began, same, reason)
 
 
 def run_alone(

@@ -50,7 +50,7 @@ def measure(spec: dict) -> dict:
     for batch in spec["batch_sizes"]:
         run = entrant.make_run(make_prompts(model.config.vocab_size, batch, spec["prompt_len"], spec["seed"]), spec["new_tokens"])
         memory.reset()
-        run(lambda n=1: None)
+        run(lambda n=1, at=None: None)
         peaks[str(batch)] = memory.peak_mib()
     source = f"{memory.source} of a process that set up this row alone (its first generation at each batch size, smallest first)"
     return dict(setup_s=setup_s, base_mib=base, peak_mib=peaks, source=source)
